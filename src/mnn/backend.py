@@ -1,0 +1,93 @@
+"""The array module behind mnn: NumPy on the CPU (the default), CuPy on an NVIDIA GPU.
+
+Layer math never imports NumPy for computation. It asks the data which module
+it lives in, ``xp = array_module(x)``, so the same lines run under either.
+This module holds the few global choices: which module new parameters are
+created in, the default floating dtype (float32), and the random generator.
+"""
+import numpy
+
+_state = {"xp": numpy, "dtype": numpy.float32, "rng": numpy.random.default_rng(0)}
+
+
+def use(name):
+    """Select the array module for new parameters and data: ``"numpy"`` or ``"cupy"``."""
+    if name == "numpy":
+        _state["xp"] = numpy
+    elif name == "cupy":
+        try:
+            import cupy
+        except ImportError as error:
+            raise RuntimeError("backend 'cupy' needs CuPy: pip install 'mnn[gpu]'") from error
+        _state["xp"] = cupy
+    else:
+        raise ValueError(f"unknown backend {name!r}; expected 'numpy' or 'cupy'")
+
+
+def xp():
+    """The array module selected with :func:`use`."""
+    return _state["xp"]
+
+
+def array_module(array):
+    """The array module that ``array`` belongs to (CuPy for a CuPy array, else NumPy)."""
+    module = type(array).__module__
+    if module.startswith("cupy"):
+        import cupy
+        return cupy
+    return numpy
+
+
+def default_dtype():
+    return _state["dtype"]
+
+
+def set_default_dtype(dtype):
+    """Set the dtype of new parameters: float32 (default) or float64 (gradient checks)."""
+    dtype = numpy.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"default dtype must be floating point, got {dtype}")
+    _state["dtype"] = dtype.type
+
+
+def seed(value):
+    """Seed mnn's random generator (initialisation, dropout, shuffling)."""
+    _state["rng"] = numpy.random.default_rng(value)
+
+
+def rng():
+    """mnn's NumPy random generator; state travels in checkpoints."""
+    return _state["rng"]
+
+
+def get_rng_state():
+    return _state["rng"].bit_generator.state
+
+
+def set_rng_state(state):
+    _state["rng"].bit_generator.state = state
+
+
+def to_device(array, dtype=None):
+    """Move a host array to the selected module, cast to ``dtype`` if given."""
+    array = xp().asarray(array)
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def to_numpy(array):
+    """A NumPy copy of any array (a CuPy array comes back to the host)."""
+    if hasattr(array, "get"):
+        return array.get()
+    return numpy.asarray(array)
+
+
+def uniform(low, high, shape, dtype=None):
+    """Parameters drawn from U(low, high) with mnn's generator, on the selected module."""
+    values = rng().uniform(low, high, size=shape)
+    return to_device(values, dtype or default_dtype())
+
+
+def random_mask(shape, keep, like):
+    """A boolean mask, True with probability ``keep``, in the module of ``like``."""
+    mask = rng().random(shape) < keep
+    return array_module(like).asarray(mask)

@@ -1,0 +1,108 @@
+r"""Element-wise activations.
+
+Every layer here applies a scalar function to each entry, $y_i = f(x_i)$, so its
+Jacobian is diagonal, $J = \operatorname{diag}(f'(x))$, and the vector-Jacobian
+product needs no matrix at all:
+
+$$\frac{\partial L}{\partial x} = J^\top g = g \odot f'(x). \tag{0}$$
+
+Each class derives its own $f'$, preferably in terms of the output it saved.
+"""
+import math
+
+from .. import backend
+from .base import Layer
+
+
+class ElementwiseLayer(Layer):
+    """Shared checks for the element-wise activations."""
+
+    def forward(self, x):
+        self.check_input(x)
+        return self.apply(x)
+
+
+class ReluLayer(ElementwiseLayer):
+    r"""Rectified linear unit, $y = \max(x, 0)$.
+
+    $$f'(x) = \mathbb{1}[x > 0], \tag{1}$$
+    $$\frac{\partial L}{\partial x} = g \odot \mathbb{1}[y > 0]. \tag{2}$$
+
+    (At $x = 0$ we take the subgradient 0, as PyTorch does.)
+    """
+
+    def apply(self, x):
+        y = backend.array_module(x).maximum(x, 0)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved()
+        return g * (y > 0)  # Eq. (2)
+
+
+class SigmoidLayer(ElementwiseLayer):
+    r"""Logistic sigmoid, $y = \sigma(x) = 1 / (1 + e^{-x})$.
+
+    Computed as $\tfrac12(1 + \tanh(x/2))$, which never overflows. Differentiating
+    $y (1 + e^{-x}) = 1$ gives
+
+    $$f'(x) = \sigma(x)\,(1 - \sigma(x)) = y (1 - y), \tag{1}$$
+    $$\frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{2}$$
+    """
+
+    def apply(self, x):
+        xp = backend.array_module(x)
+        y = 0.5 * (1 + xp.tanh(0.5 * x))
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved()
+        return g * y * (1 - y)  # Eq. (2)
+
+
+class TanhLayer(ElementwiseLayer):
+    r"""Hyperbolic tangent, $y = \tanh x$.
+
+    $$f'(x) = 1 - \tanh^2 x = 1 - y^2, \tag{1}$$
+    $$\frac{\partial L}{\partial x} = g \odot (1 - y^2). \tag{2}$$
+    """
+
+    def apply(self, x):
+        y = backend.array_module(x).tanh(x)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved()
+        return g * (1 - y * y)  # Eq. (2)
+
+
+class GeluLayer(ElementwiseLayer):
+    r"""GELU in the tanh approximation used by GPT-2.
+
+    With $c = \sqrt{2/\pi}$, $u(x) = c\,(x + 0.044715\,x^3)$ and $t = \tanh u$:
+
+    $$y = \tfrac12\, x\, (1 + t). \tag{1}$$
+
+    By the product rule and $\tanh' = 1 - \tanh^2$:
+
+    $$f'(x) = \tfrac12 (1 + t) + \tfrac12\, x\, (1 - t^2)\, c\,(1 + 3 \cdot 0.044715\, x^2), \tag{2}$$
+    $$\frac{\partial L}{\partial x} = g \odot f'(x). \tag{3}$$
+
+    This matches ``torch.nn.GELU(approximate="tanh")``.
+    """
+
+    C = math.sqrt(2 / math.pi)
+    K = 0.044715
+
+    def apply(self, x):
+        t = backend.array_module(x).tanh(self.C * (x + self.K * x * x * x))
+        self.save(x, t)
+        return 0.5 * x * (1 + t)  # Eq. (1)
+
+    def backward(self, g):
+        x, t = self.saved()
+        slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.K * x * x)  # Eq. (2)
+        return g * slope  # Eq. (3)

@@ -1,0 +1,87 @@
+r"""Softmax and log-softmax along one axis, numerically stable."""
+from .. import backend
+from .base import Layer
+
+
+def log_softmax(x, axis=-1):
+    r"""$x - \log\sum e^{x}$, computed after subtracting the max so nothing overflows."""
+    xp = backend.array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax(x, axis=-1):
+    xp = backend.array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+class SoftmaxLayer(Layer):
+    r"""Softmax, $y_i = e^{x_i} / \sum_k e^{x_k}$, along ``axis``.
+
+    **Stability.** $y$ is unchanged when a constant is subtracted from every $x_k$, so we
+    subtract $\max_k x_k$ first and no exponential overflows. (1)
+
+    **Jacobian.** $\partial y_i / \partial x_j = y_i \delta_{ij} - y_i y_j$, that is
+
+    $$J = \operatorname{diag}(y) - y y^\top. \tag{2}$$
+
+    **Backward.** $J$ is symmetric, so with $g = \partial L/\partial y$
+
+    $$\frac{\partial L}{\partial x} = J g = y \odot g - y\,(y^\top g)
+      = y \odot \Big(g - \sum_k g_k y_k\Big). \tag{3}$$
+
+    Eq. (3) costs $O(n)$ per row; the $n \times n$ Jacobian is never built.
+    """
+
+    def __init__(self, axis=-1):
+        super().__init__()
+        self.axis = axis
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def forward(self, x):
+        self.check_input(x, min_ndim=1)
+        y = softmax(x, self.axis)  # Eq. (1)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved()
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))  # Eq. (3)
+
+
+class LogSoftmaxLayer(Layer):
+    r"""Log-softmax, $y_i = x_i - \log \sum_k e^{x_k}$, along ``axis``.
+
+    **Stability.** With $m = \max_k x_k$, $y_i = (x_i - m) - \log\sum_k e^{x_k - m}$. (1)
+
+    **Jacobian.** $\partial \log\sum_k e^{x_k} / \partial x_j = e^{x_j}/\sum_k e^{x_k} = p_j$,
+    the softmax, so
+
+    $$\frac{\partial y_i}{\partial x_j} = \delta_{ij} - p_j, \qquad J = I - \mathbf{1} p^\top. \tag{2}$$
+
+    **Backward.**
+
+    $$\frac{\partial L}{\partial x} = J^\top g = g - p \sum_i g_i, \qquad p = e^{y}. \tag{3}$$
+    """
+
+    def __init__(self, axis=-1):
+        super().__init__()
+        self.axis = axis
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def forward(self, x):
+        self.check_input(x, min_ndim=1)
+        y = log_softmax(x, self.axis)  # Eq. (1)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved()
+        xp = backend.array_module(y)
+        return g - xp.exp(y) * g.sum(axis=self.axis, keepdims=True)  # Eq. (3)

@@ -1,0 +1,185 @@
+r"""Optimizers, learning-rate schedules and gradient clipping.
+
+An optimizer holds ``(name, parameter, gradient)`` triples, as returned by
+``net.named_parameters()``, and updates every parameter **in place**. Each rule is
+written as PyTorch's ``torch.optim`` counterpart computes it, so runs can be compared
+step by step. Below $g$ is the gradient, $\theta$ the parameter, $t$ the step (from 1).
+"""
+import math
+
+from . import backend
+
+
+class Optimizer:
+    """Shared plumbing: parameters, learning rate, step count and per-parameter buffers."""
+
+    def __init__(self, parameters, lr):
+        if hasattr(parameters, "named_parameters"):
+            parameters = parameters.named_parameters()
+        self.parameters = list(parameters)
+        if lr <= 0:
+            raise ValueError(f"{type(self).__name__}: learning rate must be positive, got {lr}")
+        self.lr = lr
+        self.steps = 0
+        self.buffers = {}
+
+    def buffer(self, name, like):
+        """A zero buffer shaped like ``like``, created on first use."""
+        if name not in self.buffers:
+            self.buffers[name] = backend.array_module(like).zeros_like(like)
+        return self.buffers[name]
+
+    def step(self):
+        self.steps += 1
+        for name, param, grad in self.parameters:
+            self.update(name, param, grad)
+
+    def zero_grads(self):
+        for _, _, grad in self.parameters:
+            grad[...] = 0
+
+    def state_dict(self):
+        """JSON-ready settings and the buffers (arrays) by name."""
+        settings = {key: value for key, value in vars(self).items() if isinstance(value, (int, float, bool))}
+        return {"settings": settings, "buffers": dict(self.buffers)}
+
+    def load_state_dict(self, state):
+        for key, value in state["settings"].items():
+            setattr(self, key, value)
+        names = {name for name, _, _ in self.parameters}
+        for key, value in state["buffers"].items():
+            if key.rsplit(".", 1)[0] not in names:
+                raise ValueError(f"{type(self).__name__}: buffer {key} names no parameter")
+            self.buffers[key] = backend.to_device(value)
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with optional momentum, Nesterov and weight decay.
+
+    $$g \leftarrow g + \lambda \theta \quad\text{(weight decay)} \tag{1}$$
+    $$b \leftarrow \mu b + (1 - \tau) g \quad (b = g \text{ at the first step}) \tag{2}$$
+    $$d = g + \mu b \ \text{(Nesterov)}, \qquad d = b \ \text{(otherwise)} \tag{3}$$
+    $$\theta \leftarrow \theta - \eta\, d \tag{4}$$
+
+    Without momentum ($\mu = 0$), $d = g$ and Eq. (4) is plain gradient descent.
+    """
+
+    def __init__(self, parameters, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(parameters, lr)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening 0")
+        self.momentum, self.dampening = momentum, dampening
+        self.nesterov, self.weight_decay = nesterov, weight_decay
+
+    def update(self, name, param, grad):
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param  # Eq. (1)
+        if self.momentum:
+            first = f"{name}.momentum" not in self.buffers
+            velocity = self.buffer(f"{name}.momentum", param)
+            if first:
+                velocity[...] = grad
+            else:
+                velocity *= self.momentum
+                velocity += (1 - self.dampening) * grad  # Eq. (2)
+            grad = grad + self.momentum * velocity if self.nesterov else velocity  # Eq. (3)
+        param -= self.lr * grad  # Eq. (4)
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma and Ba), with L2 weight decay added to the gradient as in ``torch.optim.Adam``.
+
+    $$g \leftarrow g + \lambda\theta \tag{1}$$
+    $$m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \tag{2}$$
+    $$\theta \leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
+      \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
+    """
+
+    decoupled = False
+
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(parameters, lr)
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+
+    def update(self, name, param, grad):
+        if self.weight_decay and not self.decoupled:
+            grad = grad + self.weight_decay * param  # Eq. (1)
+        m = self.buffer(f"{name}.m", param)
+        v = self.buffer(f"{name}.v", param)
+        m *= self.beta1
+        m += (1 - self.beta1) * grad  # Eq. (2)
+        v *= self.beta2
+        v += (1 - self.beta2) * grad * grad
+        xp = backend.array_module(param)
+        denominator = xp.sqrt(v) / math.sqrt(1 - self.beta2 ** self.steps) + self.eps
+        param -= (self.lr / (1 - self.beta1 ** self.steps)) * m / denominator  # Eq. (3)
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay (Loshchilov and Hutter), as ``torch.optim.AdamW``.
+
+    $$\theta \leftarrow \theta\,(1 - \eta\lambda), \tag{1}$$
+
+    then Adam's Eqs. (2)–(3) on the raw gradient (no $\lambda\theta$ added to $g$).
+    """
+
+    decoupled = True
+
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(parameters, lr, betas, eps, weight_decay)
+
+    def update(self, name, param, grad):
+        if self.weight_decay:
+            param *= 1 - self.lr * self.weight_decay  # Eq. (1)
+        super().update(name, param, grad)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def clip_grad_norm(parameters, max_norm):
+    r"""Scale all gradients together so their global norm is at most ``max_norm``.
+
+    $$n = \sqrt{\textstyle\sum_p \lVert g_p \rVert^2}, \qquad
+      g_p \leftarrow g_p \cdot \min\!\Big(1, \frac{c}{n + 10^{-6}}\Big). \tag{1}$$
+
+    Returns $n$, the norm before clipping (as ``torch.nn.utils.clip_grad_norm_``).
+    """
+    grads = [grad for _, _, grad in parameters]
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g *= scale  # Eq. (1)
+    return norm
+
+
+class StepSchedule:
+    r"""Multiply the learning rate by $\gamma$ every ``step_size`` steps: $\eta_t = \eta_0\,\gamma^{\lfloor t / s \rfloor}$."""
+
+    def __init__(self, base_lr, step_size, gamma=0.1):
+        self.base_lr, self.step_size, self.gamma = base_lr, step_size, gamma
+
+    def __call__(self, step):
+        return self.base_lr * self.gamma ** (step // self.step_size)
+
+
+class CosineSchedule:
+    r"""Linear warm-up for $w$ steps, then cosine decay to $\eta_{\min}$ at step $T$.
+
+    $$\eta_t = \eta_0 \frac{t + 1}{w} \quad (t < w), \qquad
+      \eta_t = \eta_{\min} + \tfrac12 (\eta_0 - \eta_{\min})\big(1 + \cos(\pi\, \tfrac{t - w}{T - w})\big)
+      \quad (w \le t \le T).$$
+    """
+
+    def __init__(self, base_lr, total_steps, warmup_steps=0, min_lr=0.0):
+        if total_steps <= warmup_steps:
+            raise ValueError(f"CosineSchedule: total_steps {total_steps} must exceed warmup_steps {warmup_steps}")
+        self.base_lr, self.total, self.warmup, self.min_lr = base_lr, total_steps, warmup_steps, min_lr
+
+    def __call__(self, step):
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))

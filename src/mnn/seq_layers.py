@@ -1,0 +1,172 @@
+r"""``SequentialLayers``: a network as a list of layers, and back-propagation through it."""
+from . import backend
+from .layers.base import Layer, LossLayer
+
+
+class SequentialLayers(Layer):
+    r"""A list of layers applied in order, trained by back-propagation and gradient descent.
+
+    **The chain rule.** If $z(t) = f(x(t), y(t))$, then
+
+    $$\frac{\partial z}{\partial t} = \frac{\partial f}{\partial x}\frac{\partial x}{\partial t}
+      + \frac{\partial f}{\partial y}\frac{\partial y}{\partial t}. \tag{1}$$
+
+    For vectors, write $\nabla_t z$ for the gradient (a column) and $J_t x$ for the Jacobian
+    $(\partial x_i / \partial t_j)$. Eq. (1) becomes a product of a row and Jacobians:
+
+    $$\nabla_t^\top z = \nabla_x^\top f \cdot J_t x + \nabla_y^\top f \cdot J_t y. \tag{2}$$
+
+    **Back-propagation.** A network is a chain $x_0 \to x_1 = f_1(x_0) \to \dots \to x_k \to L$.
+    Applying Eq. (2) once per link, from the loss back,
+
+    $$\nabla_{x_{i-1}}^\top L = \nabla_{x_i}^\top L \cdot J_{x_{i-1}} x_i, \qquad
+      \nabla_{\theta_i}^\top L = \nabla_{x_i}^\top L \cdot J_{\theta_i} x_i. \tag{3}$$
+
+    Each layer's ``backward`` computes exactly these two vector-Jacobian products for its
+    own $f_i$ and parameters $\theta_i$, never the Jacobian itself; ``backward`` here
+    just passes $\nabla_{x_i} L$ from layer to layer, last first.
+
+    **Gradient descent.** With learning rate $\eta$, every parameter moves against its gradient:
+
+    $$t \leftarrow t - \eta\, \nabla_t L. \tag{4}$$
+
+    ``step()`` applies the network's optimizer: Eq. (4) (``mnn.optim.SGD``, $\eta = 0.01$)
+    unless another was set with ``net.optimizer = ...``.
+
+    Usage::
+
+        net = SequentialLayers([LinearLayer(784, 128), ReluLayer(), LinearLayer(128, 10),
+                                CrossEntropyLossLayer()])
+        loss = net(images, labels)      # forward, returns the mean loss
+        net.zero_grads(); net.backward(); net.step()
+        scores = net(images)            # without targets: the output before the loss
+
+    A ``SequentialLayers`` is itself a layer: without a loss at the end, ``forward(x)`` and
+    ``backward(g)`` follow the layer contract, so it can sit inside another network.
+    """
+
+    def __init__(self, layers, optimizer=None):
+        self.training = True
+        self.layers = list(layers)
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"SequentialLayers: item {index} is {type(layer).__name__}, not a Layer")
+            if isinstance(layer, LossLayer) and index != len(self.layers) - 1:
+                raise ValueError(f"SequentialLayers: loss layer {layer!r} must be the last layer")
+        self.optimizer = optimizer
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"SequentialLayers({inner}\n)"
+
+    @property
+    def loss_layer(self):
+        last = self.layers[-1] if self.layers else None
+        return last if isinstance(last, LossLayer) else None
+
+    @property
+    def body(self):
+        """The layers before the loss."""
+        return self.layers[:-1] if self.loss_layer else self.layers
+
+    # -- forward ------------------------------------------------------------
+    def __call__(self, inputs, targets=None, debug=False):
+        """The mean loss when the last layer is a loss and targets are given, else the output."""
+        x = self.forward(inputs, debug=debug)
+        if targets is None or self.loss_layer is None:
+            return x
+        loss = self.loss_layer.forward(x, targets)
+        if debug:
+            print(f"{type(self.loss_layer).__name__}: {tuple(x.shape)} -> loss {float(loss):.6g}")
+        return loss
+
+    def forward(self, inputs, debug=False):
+        x = inputs
+        for layer in self.body:
+            y = layer.forward(x)
+            if debug:
+                print(f"{type(layer).__name__}: {tuple(x.shape)} -> {tuple(y.shape)}")
+            x = y
+        return x
+
+    # -- backward -----------------------------------------------------------
+    def backward(self, gradients=None, debug=False):
+        """Back-propagate, last layer first.
+
+        ``net.backward()`` starts at the loss layer and returns the list of gradients
+        passed between layers, last layer first (the loss's own gradient first, the
+        gradient w.r.t. the network's input last). Given an upstream gradient, as when
+        this network is a layer inside another, it returns the input gradient.
+        """
+        if isinstance(gradients, bool):
+            raise TypeError("SequentialLayers.backward: pass debug by keyword, backward(debug=True)")
+        start = gradients is None
+        if start:
+            if self.loss_layer is None:
+                raise RuntimeError("SequentialLayers.backward() without a gradient needs a loss layer last")
+            gradients = self.loss_layer.backward()
+            if debug:
+                print(f"{type(self.loss_layer).__name__}: grad {tuple(gradients.shape)}")
+        passed = [gradients]
+        for layer in reversed(self.body):
+            gradients = layer.backward(gradients)
+            passed.append(gradients)
+            if debug:
+                shapes = {name: tuple(g.shape) for name, g in layer.grads.items()}
+                print(f"{type(layer).__name__}: grad {tuple(gradients.shape)} params {shapes}")
+        return passed if start else gradients
+
+    # -- parameters ---------------------------------------------------------
+    def named_parameters(self, prefix=""):
+        """(name, parameter, gradient) for every parameter, each array once (tied weights)."""
+        seen, triples = set(), []
+        for index, layer in enumerate(self.layers):
+            for name, param, grad in layer.named_parameters(f"{prefix}{index}."):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    triples.append((name, param, grad))
+        return triples
+
+    @property
+    def params(self):
+        return {name: param for name, param, _ in self.named_parameters()}
+
+    @property
+    def grads(self):
+        return {name: grad for name, _, grad in self.named_parameters()}
+
+    def zero_grads(self):
+        for layer in self.layers:
+            layer.zero_grads()
+
+    def train(self, mode=True):
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    # -- optimisation -------------------------------------------------------
+    def step(self):
+        """One optimizer step on every parameter (Eq. (4) unless another optimizer was set)."""
+        if self.optimizer is None:
+            from .optim import SGD
+            self.optimizer = SGD(self.named_parameters(), lr=0.01)
+        self.optimizer.step()
+
+    # -- weights ------------------------------------------------------------
+    def state_dict(self):
+        """Parameter arrays by name (the arrays themselves, as in PyTorch)."""
+        return self.params
+
+    def load_weights(self, state_dict):
+        """Copy arrays into the parameters in place, after checking every name and shape."""
+        params = self.params
+        missing, unexpected = params.keys() - state_dict.keys(), state_dict.keys() - params.keys()
+        if missing or unexpected:
+            raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, param in params.items():
+            if tuple(state_dict[name].shape) != tuple(param.shape):
+                raise ValueError(f"load_weights: {name} has shape {tuple(state_dict[name].shape)}; "
+                                 f"expected {tuple(param.shape)}")
+        for name, param in params.items():
+            param[...] = backend.array_module(param).asarray(state_dict[name])

@@ -1,0 +1,152 @@
+"""SequentialLayers: the seed API, whole-MLP gradients and one SGD step against torch, toy training."""
+import numpy
+import pytest
+import torch
+
+import mnn
+from reference import max_relative_difference
+
+
+def make_mlp(loss):
+    return mnn.SequentialLayers([mnn.LinearLayer(6, 8), mnn.ReluLayer(), mnn.LinearLayer(8, 8), mnn.TanhLayer(),
+                                 mnn.LinearLayer(8, 4), loss])
+
+
+def torch_mlp(net):
+    layers = [net.layers[i] for i in (0, 2, 4)]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        for ours, theirs in zip(layers, [model[0], model[2], model[4]]):
+            theirs.weight.copy_(torch.tensor(ours.params["w"]))
+            theirs.bias.copy_(torch.tensor(ours.params["b"]))
+    return model
+
+
+def test_mlp_gradients_equal_torch(float64, rng):
+    net = make_mlp(mnn.CrossEntropyLossLayer())
+    model = torch_mlp(net)
+    x, labels = rng.standard_normal((16, 6)), rng.integers(0, 4, 16)
+    loss = net(x, labels)
+    passed = net.backward()
+    t_x = torch.tensor(x, requires_grad=True)
+    t_loss = torch.nn.functional.cross_entropy(model(t_x), torch.tensor(labels))
+    t_loss.backward()
+    assert abs(float(loss) - t_loss.item()) <= 1e-12
+    assert len(passed) == len(net.layers)
+    assert max_relative_difference(passed[-1], t_x.grad.numpy()) <= 1e-6
+    grads = net.grads
+    for index, t_layer in zip((0, 2, 4), (model[0], model[2], model[4])):
+        assert max_relative_difference(grads[f"{index}.w"], t_layer.weight.grad.numpy()) <= 1e-6
+        assert max_relative_difference(grads[f"{index}.b"], t_layer.bias.grad.numpy()) <= 1e-6
+
+
+def test_step_equals_torch_sgd(float64, rng):
+    net = make_mlp(mnn.MSELossLayer())
+    model = torch_mlp(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = rng.standard_normal((8, 6)), rng.standard_normal((8, 4))
+    for _ in range(3):
+        net.zero_grads()
+        net(x, y)
+        net.backward()
+        net.step()
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(torch.tensor(x)), torch.tensor(y)).backward()
+        optimizer.step()
+    params = net.params
+    for index, t_layer in zip((0, 2, 4), (model[0], model[2], model[4])):
+        assert max_relative_difference(params[f"{index}.w"], t_layer.weight.detach().numpy()) <= 1e-12
+
+
+def toy_classification(rng, n=256):
+    x = rng.standard_normal((n, 6)).astype(numpy.float32)
+    labels = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0).astype(int)
+    return x, labels
+
+
+def train(net, x, targets, steps=300):
+    losses = []
+    for _ in range(steps):
+        net.zero_grads()
+        losses.append(float(net(x, targets)))
+        net.backward()
+        net.step()
+    return losses
+
+
+def test_mlp_with_mse_learns(rng):
+    mnn.backend.seed(0)
+    x = rng.standard_normal((128, 6)).astype(numpy.float32)
+    y = numpy.stack([x[:, 0] * x[:, 1], numpy.sin(x[:, 2]), x[:, 3], -x[:, 4]], 1).astype(numpy.float32)
+    net = make_mlp(mnn.MSELossLayer())
+    net.optimizer = mnn.optim.SGD(net, lr=0.1, momentum=0.9)
+    losses = train(net, x, y)
+    assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize("head", ["cross-entropy", "log-softmax-nll"])
+def test_classifier_learns(head, rng):
+    mnn.backend.seed(0)
+    x, labels = toy_classification(rng)
+    layers = [mnn.LinearLayer(6, 16), mnn.ReluLayer(), mnn.LinearLayer(16, 4)]
+    layers += [mnn.CrossEntropyLossLayer()] if head == "cross-entropy" else [mnn.LogSoftmaxLayer(), mnn.NllLossLayer()]
+    net = mnn.SequentialLayers(layers)
+    net.optimizer = mnn.optim.SGD(net, lr=0.5)
+    losses = train(net, x, labels)
+    accuracy = (net(x).argmax(1) == labels).mean()
+    assert losses[-1] < 0.3 * losses[0] and accuracy > 0.9
+
+
+def test_default_step_is_plain_gradient_descent(rng):
+    net = mnn.SequentialLayers([mnn.LinearLayer(3, 2), mnn.MSELossLayer()])
+    x, y = rng.standard_normal((4, 3)).astype(numpy.float32), rng.standard_normal((4, 2)).astype(numpy.float32)
+    before = net.params["0.w"].copy()
+    net(x, y)
+    net.backward()
+    net.step()
+    assert numpy.allclose(net.params["0.w"], before - 0.01 * net.grads["0.w"])
+
+
+def test_call_without_targets_returns_the_output(rng):
+    net = make_mlp(mnn.CrossEntropyLossLayer())
+    out = net(rng.standard_normal((5, 6)).astype(numpy.float32))
+    assert out.shape == (5, 4)
+
+
+def test_nested_sequential_is_a_layer(float64, rng):
+    inner = mnn.SequentialLayers([mnn.LinearLayer(4, 5), mnn.TanhLayer()])
+    net = mnn.SequentialLayers([inner, mnn.LinearLayer(5, 2), mnn.MSELossLayer()])
+    assert set(net.params) == {"0.0.w", "0.0.b", "1.w", "1.b"}
+    errors = mnn.gradcheck.check_layer(inner, rng.standard_normal((3, 4)))
+    assert max(errors.values()) < 1e-6
+
+
+def test_debug_prints_shapes(rng, capsys):
+    net = make_mlp(mnn.CrossEntropyLossLayer())
+    net(rng.standard_normal((5, 6)).astype(numpy.float32), rng.integers(0, 4, 5), debug=True)
+    net.backward(debug=True)
+    out = capsys.readouterr().out
+    assert "LinearLayer: (5, 6) -> (5, 8)" in out and "grad (5, 6)" in out
+
+
+def test_state_dict_round_trip(rng):
+    net, other = make_mlp(mnn.MSELossLayer()), make_mlp(mnn.MSELossLayer())
+    other.load_weights({k: v.copy() for k, v in net.state_dict().items()})
+    x = rng.standard_normal((2, 6)).astype(numpy.float32)
+    assert numpy.array_equal(net(x), other(x))
+
+
+def test_load_weights_rejects_a_wrong_shape_and_changes_nothing():
+    net = make_mlp(mnn.MSELossLayer())
+    before = {k: v.copy() for k, v in net.params.items()}
+    state = {k: numpy.zeros_like(v) for k, v in before.items()}
+    state["4.w"] = numpy.zeros((3, 8), dtype=numpy.float32)
+    with pytest.raises(ValueError, match=r"4\.w has shape \(3, 8\); expected \(4, 8\)"):
+        net.load_weights(state)
+    assert all(numpy.array_equal(before[k], v) for k, v in net.params.items())
+
+
+def test_backward_debug_must_be_keyword():
+    with pytest.raises(TypeError, match="debug"):
+        make_mlp(mnn.MSELossLayer()).backward(True)
