@@ -1,0 +1,40 @@
+"""PNG figures of a run: loss and accuracy curves, the confusion matrix."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy  # noqa: E402
+
+
+def plot_curves(metrics, path):
+    """Training and validation loss (left) and validation accuracy (right) against step."""
+    steps = [m["step"] for m in metrics]
+    accuracy = [m.get("val_accuracy") for m in metrics]
+    has_accuracy = any(a is not None for a in accuracy)
+    figure, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(11 if has_accuracy else 6, 4), squeeze=False)
+    loss_axis = axes[0][0]
+    loss_axis.plot(steps, [m["train_loss"] for m in metrics], label="train")
+    loss_axis.plot(steps, [m["val_loss"] for m in metrics], label="validation")
+    loss_axis.set(xlabel="step", ylabel="loss", title="loss")
+    loss_axis.legend()
+    if has_accuracy:
+        axes[0][1].plot(steps, accuracy, color="C2")
+        axes[0][1].set(xlabel="step", ylabel="accuracy", title="validation accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusion(matrix, classes, path):
+    """Rows: true class; columns: predicted class; each cell its count."""
+    figure, axis = plt.subplots(figsize=(8, 7))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (test set)")
+    for (row, column), count in numpy.ndenumerate(matrix):
+        axis.text(column, row, int(count), ha="center", va="center",
+                  color="white" if count > matrix.max() / 2 else "black", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

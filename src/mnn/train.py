@@ -1,0 +1,149 @@
+"""The training loop behind ``mnn train``: batches, steps, evaluation, checkpoints, resume.
+
+It knows nothing of layer math: it calls ``net(x, y)``, ``net.backward()`` and the
+optimizer, and writes a run folder with ``checkpoint.safetensors``, ``metrics.json``
+and ``curves.png``.
+"""
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import backend, models, optim
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .plots import plot_curves
+from .tasks import ImageClassification
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in its checkpoint so ``--resume`` needs nothing else."""
+
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    epochs: float = 20
+    steps: int = 0  # total steps; 0 means epochs * steps per epoch
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_steps: int = 100
+    clip: float = 0.0
+    eval_every: int = 0  # 0 means once per epoch
+    seed: int = 0
+    data_dir: str = None
+    limit: int = 0  # use only this many training samples (quick runs, tests)
+
+
+def make_task(config):
+    if config.dataset in ("fashion-mnist", "mnist"):
+        return ImageClassification(config.dataset, config.batch_size, config.seed, config.data_dir, config.limit)
+    from .text_task import TextTask
+    return TextTask(config)
+
+
+def make_optimizer(config, net):
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; expected one of {sorted(optim.OPTIMIZERS)}")
+    if config.optimizer == "sgd":
+        return optim.SGD(net, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return optim.OPTIMIZERS[config.optimizer](net, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """One run: a task, a network, its optimizer and schedule, and where the run is written."""
+
+    def __init__(self, config, run_dir, quiet=False):
+        self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
+        backend.seed(config.seed)
+        self.task = make_task(config)
+        kwargs = {**self.task.model_defaults(), **config.model_kwargs}
+        self.architecture = {"name": config.model, "kwargs": kwargs}
+        self.net = models.build(self.architecture)
+        self.optimizer = make_optimizer(config, self.net)
+        self.net.optimizer = self.optimizer
+        self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.task.steps_per_epoch))
+        self.eval_every = config.eval_every or self.task.steps_per_epoch
+        warmup = min(config.warmup_steps, self.total_steps - 1)
+        self.schedule = optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)
+        self.step, self.metrics, self.running = 0, [], [0.0, 0]
+        self.stop_requested = False
+
+    @classmethod
+    def resume(cls, run_dir, quiet=False):
+        """Rebuild a run from its checkpoint and continue exactly where it stopped."""
+        _, document = read_checkpoint(Path(run_dir) / CHECKPOINT)
+        trainer = cls(TrainConfig(**document["config"]), run_dir, quiet)
+        load_checkpoint(Path(run_dir) / CHECKPOINT, trainer.net, trainer.optimizer)
+        trainer.step, trainer.metrics = document["step"], document["metrics"]
+        trainer.running = document["running_loss"]
+        backend.set_rng_state(document["rng_state"])
+        return trainer
+
+    # -- the loop -----------------------------------------------------------
+    def run(self):
+        """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
+                      dynamic_ncols=True) as bar:
+                while self.step < self.total_steps and not self.stop_requested:
+                    self.train_step(bar)
+                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                        self.evaluate(bar)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.stop_requested:
+            self.save()
+            print(f"interrupted: checkpoint saved at step {self.step}; continue with "
+                  f"`mnn train --resume {self.run_dir}`")
+        return self.metrics
+
+    def request_stop(self, signum, frame):
+        """Ctrl-C: finish the step in flight, save, and exit (never a half-updated network)."""
+        self.stop_requested = True
+
+    def train_step(self, bar):
+        started = time.perf_counter()
+        x, y = self.task.batch(self.step)
+        self.optimizer.lr = self.schedule(self.step)
+        self.net.zero_grads()
+        loss = float(self.net(x, y))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
+        self.net.backward()
+        if self.config.clip:
+            optim.clip_grad_norm(self.optimizer.parameters, self.config.clip)
+        self.net.step()
+        self.step += 1
+        self.running = [self.running[0] + loss, self.running[1] + 1]
+        rate = len(y) / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
+        bar.update()
+
+    def evaluate(self, bar):
+        record = {"step": self.step, "epoch": round(self.step / self.task.steps_per_epoch, 3),
+                  "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr,
+                  **self.task.evaluate(self.net)}
+        self.metrics.append(record)
+        self.running = [0.0, 0]
+        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.save()
+
+    def save(self):
+        save_checkpoint(self.run_dir / CHECKPOINT, self.net, self.architecture, self.optimizer,
+                        config=asdict(self.config), step=self.step, metrics=self.metrics,
+                        running_loss=self.running, rng_state=backend.get_rng_state(), **self.task.metadata())
+        (self.run_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        if self.metrics:
+            plot_curves(self.metrics, self.run_dir / "curves.png")
