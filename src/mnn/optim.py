@@ -50,7 +50,7 @@ class Optimizer:
         for key, value in state["buffers"].items():
             if key.rsplit(".", 1)[0] not in names:
                 raise ValueError(f"{type(self).__name__}: buffer {key} names no parameter")
-            self.buffers[key] = backend.to_device(value)
+            self.buffers[key] = backend.to_device(value).copy()
 
 
 class SGD(Optimizer):

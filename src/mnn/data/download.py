@@ -51,14 +51,15 @@ def download(url, path, sha256):
     path = Path(path)
 
     def fetch(handle):
+        digest = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}", leave=False) as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     handle.write(chunk)
+                    digest.update(chunk)
                     bar.update(len(chunk))
-        handle.flush()
-        actual = sha256_of(handle.name)
+        actual = digest.hexdigest()
         if actual != sha256:
             raise ChecksumError(f"{url}: sha256 {actual} does not match the expected {sha256}; file discarded")
 

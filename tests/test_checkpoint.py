@@ -1,0 +1,84 @@
+"""Checkpoints: round trip, atomic writes, and refusal of pickles, truncated files and wrong shapes."""
+import pickle
+
+import numpy
+import pytest
+
+from mnn import models, optim
+from mnn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+
+ARCHITECTURE = {"name": "mlp", "kwargs": {"in_features": 12, "hidden": [8], "classes": 3}}
+
+
+def trained_net(rng):
+    net = models.build(ARCHITECTURE)
+    net.optimizer = optim.Adam(net, lr=0.01)
+    for _ in range(3):
+        net.zero_grads()
+        net(rng.standard_normal((4, 12)).astype(numpy.float32), rng.integers(0, 3, 4))
+        net.backward()
+        net.step()
+    return net
+
+
+def test_round_trip_rebuilds_the_network_and_optimizer(tmp_path, rng):
+    net = trained_net(rng)
+    path = save_checkpoint(tmp_path / "c.safetensors", net, ARCHITECTURE, net.optimizer, step=3, note="hi")
+    fresh_optimizer_target = models.build(ARCHITECTURE)
+    optimizer = optim.Adam(fresh_optimizer_target, lr=0.5)
+    loaded, meta = load_checkpoint(path, fresh_optimizer_target, optimizer)
+    assert meta["step"] == 3 and meta["note"] == "hi" and meta["architecture"] == ARCHITECTURE
+    assert optimizer.steps == 3 and optimizer.lr == 0.01
+    for name, value in net.params.items():
+        assert numpy.array_equal(loaded.params[name], value)
+    for name, value in net.optimizer.buffers.items():
+        assert numpy.array_equal(optimizer.buffers[name], value)
+    rebuilt, _ = load_checkpoint(path)
+    x = rng.standard_normal((2, 12)).astype(numpy.float32)
+    assert numpy.array_equal(rebuilt.eval()(x), net.eval()(x))
+
+
+def test_pickle_is_refused_without_being_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(tmp_path / "evil.safetensors")
+    assert not marker.exists()
+
+
+def test_truncated_file_is_refused(tmp_path, rng):
+    path = save_checkpoint(tmp_path / "c.safetensors", trained_net(rng), ARCHITECTURE)
+    data = path.read_bytes()
+    for cut in (4, 100, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated|corrupt"):
+            read_checkpoint(path)
+
+
+def test_shape_mismatch_is_refused_and_changes_nothing(tmp_path, rng):
+    path = save_checkpoint(tmp_path / "c.safetensors", trained_net(rng), ARCHITECTURE)
+    other = models.build({"name": "mlp", "kwargs": {"in_features": 12, "hidden": [9], "classes": 3}})
+    before = {k: v.copy() for k, v in other.params.items()}
+    with pytest.raises(CheckpointError, match=r"shape \(8, 12\); expected \(9, 12\)"):
+        load_checkpoint(path, other)
+    assert all(numpy.array_equal(before[k], v) for k, v in other.params.items())
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, rng, monkeypatch):
+    net = trained_net(rng)
+    path = save_checkpoint(tmp_path / "c.safetensors", net, ARCHITECTURE, step=1)
+    import mnn.checkpoint as checkpoint
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", lambda tensors, metadata: b"partial" + broken())
+    with pytest.raises(OSError):
+        save_checkpoint(path, net, ARCHITECTURE, step=2)
+    assert read_checkpoint(path)[1]["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
