@@ -26,7 +26,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
     """Write ``net``'s parameters, the optimizer state and JSON metadata to ``path`` atomically."""
-    tensors = {f"param/{name}": backend.to_numpy(p) for name, p, _ in net.named_parameters()}
+    tensors = {f"param/{name}": backend.to_numpy(p) for name, p in net.state_dict().items()}
     document = {"mnn_version": __version__, "architecture": architecture, **metadata}
     if optimizer is not None:
         state = optimizer.state_dict()

@@ -3,7 +3,8 @@
 A model is described by ``{"name": ..., "kwargs": {...}}``; ``build`` turns that
 description back into a network, which is how a checkpoint rebuilds its own model.
 """
-from .layers import CrossEntropyLossLayer, DropoutLayer, FlattenLayer, LinearLayer, ReluLayer
+from .layers import (BatchNorm2dLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer, FlattenLayer,
+                     LinearLayer, MaxPool2dLayer, ReluLayer)
 from .seq_layers import SequentialLayers
 
 
@@ -18,7 +19,20 @@ def mlp(in_features=784, hidden=(512, 256), classes=10, dropout=0.2):
     return SequentialLayers(layers + [LinearLayer(width, classes), CrossEntropyLossLayer()])
 
 
-BUILDERS = {"mlp": mlp}
+def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10, dropout=0.3, batch_norm=True):
+    """Per channel count: conv 3x3 (padding 1), [BatchNorm], ReLU, max-pool 2; then Linear, ReLU, Dropout, Linear."""
+    layers, width, size = [], in_channels, image_size
+    for count in channels:
+        layers.append(Conv2dLayer(width, count, 3, padding=1, bias=not batch_norm))
+        layers += [BatchNorm2dLayer(count)] if batch_norm else []
+        layers += [ReluLayer(), MaxPool2dLayer(2)]
+        width, size = count, size // 2
+    layers += [FlattenLayer(), LinearLayer(width * size * size, hidden), ReluLayer()]
+    layers += [DropoutLayer(dropout)] if dropout else []
+    return SequentialLayers(layers + [LinearLayer(hidden, classes), CrossEntropyLossLayer()])
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn}
 
 
 def build(architecture):

@@ -127,6 +127,9 @@ class SequentialLayers(Layer):
                     triples.append((name, param, grad))
         return triples
 
+    def named_buffers(self, prefix=""):
+        return [item for index, layer in enumerate(self.layers) for item in layer.named_buffers(f"{prefix}{index}.")]
+
     @property
     def params(self):
         return {name: param for name, param, _ in self.named_parameters()}
@@ -155,12 +158,12 @@ class SequentialLayers(Layer):
 
     # -- weights ------------------------------------------------------------
     def state_dict(self):
-        """Parameter arrays by name (the arrays themselves, as in PyTorch)."""
-        return self.params
+        """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
+        return {**self.params, **dict(self.named_buffers())}
 
     def load_weights(self, state_dict):
-        """Copy arrays into the parameters in place, after checking every name and shape."""
-        params = self.params
+        """Copy arrays into the parameters and buffers in place, after checking every name and shape."""
+        params = self.state_dict()
         missing, unexpected = params.keys() - state_dict.keys(), state_dict.keys() - params.keys()
         if missing or unexpected:
             raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")

@@ -18,6 +18,7 @@ class Layer:
     def __init__(self):
         self.params = {}
         self.grads = {}
+        self.buffers = {}  # state that is not trained (batch norm's running statistics)
         self.training = True
         self._saved = None
 
@@ -36,6 +37,9 @@ class Layer:
     def named_parameters(self, prefix=""):
         """(name, parameter, gradient) triples, sub-layers included."""
         return [(prefix + name, self.params[name], self.grads[name]) for name in self.params]
+
+    def named_buffers(self, prefix=""):
+        return [(prefix + name, value) for name, value in self.buffers.items()]
 
     def zero_grads(self):
         for grad in self.grads.values():

@@ -1,0 +1,205 @@
+r"""Normalisation layers: batch norm (dense and 2-D) and layer norm.
+
+All three compute $\hat x = (x - \mu)/\sigma$ over some set of $N$ entries, then
+$y = \gamma \hat x + \beta$. They share one backward. With $\hat g = \gamma\, g$ and
+$\sigma = \sqrt{\operatorname{var} + \epsilon}$, differentiating through $\mu$ and $\sigma$
+(both functions of every entry in the set) gives, per set,
+
+$$\frac{\partial L}{\partial x} = \frac{1}{N \sigma}\Big(N \hat g - \sum \hat g - \hat x \sum \hat g\, \hat x\Big), \tag{N}$$
+
+using $\partial \mu/\partial x_k = 1/N$ and $\partial \sigma/\partial x_k = \hat x_k / N$:
+$\partial \hat x_i/\partial x_k = (\delta_{ik} - 1/N - \hat x_i \hat x_k / N)/\sigma$, and
+$\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
+"""
+from .. import backend
+from .base import Layer
+from .windows import channels_first, channels_last
+
+
+def normalize(x, axis, eps):
+    """(x_hat, 1/sigma, mean, biased variance) along ``axis``."""
+    xp = backend.array_module(x)
+    mean = x.mean(axis=axis, keepdims=True)
+    x_hat = x - mean
+    var = (x_hat * x_hat).mean(axis=axis, keepdims=True)
+    inv_std = 1 / xp.sqrt(var + eps)
+    x_hat *= inv_std
+    return x_hat, inv_std, mean, var
+
+
+def column_sums(rows):
+    """Sum over the rows of a (N, C) array, as one GEMV (BLAS: much faster than ``sum(axis=0)``)."""
+    return backend.array_module(rows).ones(rows.shape[0], dtype=rows.dtype) @ rows
+
+
+def column_dots(a, b):
+    """``(a * b).sum(axis=0)`` for (N, C) arrays, without the temporary product."""
+    return backend.array_module(a).einsum("nc,nc->c", a, b)
+
+
+def normalize_rows(rows, eps):
+    """``normalize`` along axis 0 of a (N, C) array, with BLAS sums: (x_hat, 1/sigma, mean, var)."""
+    xp = backend.array_module(rows)
+    mean = column_sums(rows) / rows.shape[0]
+    x_hat = rows - mean
+    var = column_dots(x_hat, x_hat) / rows.shape[0]
+    inv_std = 1 / xp.sqrt(var + eps)
+    x_hat *= inv_std
+    return x_hat, inv_std, mean, var
+
+
+def normalize_backward(g_hat, x_hat, inv_std, axis):
+    """Eq. (N): the input gradient of x_hat = (x - mu) / sigma, given g_hat = dL/dx_hat."""
+    xp = backend.array_module(g_hat)
+    mean_g = g_hat.mean(axis=axis, keepdims=True)
+    mean_gx = (g_hat * x_hat).mean(axis=axis, keepdims=True)
+    grad = x_hat * mean_gx
+    grad += mean_g
+    xp.subtract(g_hat, grad, out=grad)
+    grad *= inv_std
+    return grad
+
+
+class BatchNormLayer(Layer):
+    r"""Batch normalisation of $(B, n)$ features (``torch.nn.BatchNorm1d``).
+
+    **Training.** Per feature, over the $N = B$ samples of the batch:
+
+    $$\hat x = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}, \qquad y = \gamma \hat x + \beta. \tag{1}$$
+
+    $$\frac{\partial L}{\partial \gamma} = \sum g \odot \hat x, \qquad \frac{\partial L}{\partial \beta} = \sum g, \tag{2}$$
+
+    and the input gradient is Eq. (N) of the module with $\hat g = \gamma g$. As $\gamma$ is
+    constant over the sums, and those sums are Eq. (2)'s:
+
+    $$\frac{\partial L}{\partial x} = \frac{\gamma}{\sigma}\Big(g - \frac{1}{N}\frac{\partial L}{\partial \beta}
+      - \hat x\, \frac{1}{N}\frac{\partial L}{\partial \gamma}\Big). \tag{3}$$
+
+    **Running statistics** (used in eval mode), with momentum $m$ and the unbiased variance:
+
+    $$\bar\mu \leftarrow (1 - m)\bar\mu + m \mu_B, \qquad \bar\sigma^2 \leftarrow (1 - m)\bar\sigma^2 + m\, \tfrac{N}{N-1}\sigma_B^2. \tag{4}$$
+
+    **Eval.** $\hat x = (x - \bar\mu)/\sqrt{\bar\sigma^2 + \epsilon}$ is affine in $x$, so
+    $\partial L / \partial x = \gamma g / \sqrt{\bar\sigma^2 + \epsilon}$. (5)
+
+    The code works on rows: one row per sample here, one per pixel in ``BatchNorm2dLayer``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        xp, dtype = backend.xp(), backend.default_dtype()
+        self.add_param("weight", xp.ones(num_features, dtype=dtype))
+        self.add_param("bias", xp.zeros(num_features, dtype=dtype))
+        self.buffers = {"running_mean": xp.zeros(num_features, dtype=dtype),
+                        "running_var": xp.ones(num_features, dtype=dtype)}
+
+    def config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum}
+
+    ndim = 2
+
+    def to_rows(self, x):
+        """(N, features): the entries each feature's statistics are taken over, one per row."""
+        return x
+
+    def from_rows(self, rows, shape):
+        return rows
+
+    def check_shape(self, x):
+        self.check_input(x, ndim=self.ndim)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{self!r}: input of shape {tuple(x.shape)} has {x.shape[1]} features/channels; "
+                             f"expected {self.num_features}")
+
+    def forward(self, x):
+        self.check_shape(x)
+        rows = self.to_rows(x)
+        if self.training:
+            x_hat, inv_std, mean, var = normalize_rows(rows, self.eps)  # Eq. (1)
+            self.update_running_stats(mean, var, rows.shape[0])
+        else:
+            xp = backend.array_module(x)
+            inv_std = 1 / xp.sqrt(self.buffers["running_var"] + self.eps)
+            x_hat = (rows - self.buffers["running_mean"]) * inv_std
+        self.save(x_hat, inv_std, self.training, x.shape)
+        y = x_hat * self.params["weight"]
+        y += self.params["bias"]
+        return self.from_rows(y, x.shape)
+
+    def update_running_stats(self, mean, var, count):
+        m = self.momentum
+        self.buffers["running_mean"] *= 1 - m
+        self.buffers["running_mean"] += m * mean  # Eq. (4)
+        self.buffers["running_var"] *= 1 - m
+        self.buffers["running_var"] += (m * count / max(count - 1, 1)) * var
+
+    def backward(self, g):
+        x_hat, inv_std, training, shape = self.saved()
+        g = self.to_rows(g)
+        d_weight, d_bias = column_dots(g, x_hat), column_sums(g)
+        self.grads["weight"] += d_weight  # Eq. (2)
+        self.grads["bias"] += d_bias
+        scale = self.params["weight"] * inv_std
+        if not training:
+            return self.from_rows(g * scale, shape)  # Eq. (5)
+        count = g.shape[0]
+        grad = x_hat * (-scale * d_weight / count)  # Eq. (3), term by term
+        grad += scale * -d_bias / count
+        grad += g * scale
+        return self.from_rows(grad, shape)
+
+
+class BatchNorm2dLayer(BatchNormLayer):
+    r"""Batch normalisation of $(B, C, H, W)$ images per channel (``torch.nn.BatchNorm2d``).
+
+    Exactly ``BatchNormLayer`` with the statistics of each channel taken over
+    $N = B H W$ entries (batch and both spatial axes): the rows are the pixels of the
+    channels-last view, and Eqs. (1)-(5) there apply unchanged.
+    """
+
+    ndim = 4
+
+    def to_rows(self, x):
+        return channels_last(x).reshape(-1, x.shape[1])  # free when x is channels-last in memory
+
+    def from_rows(self, rows, shape):
+        batch, channels, height, width = shape
+        return channels_first(rows.reshape(batch, height, width, channels))
+
+
+class LayerNormLayer(Layer):
+    r"""Layer normalisation over the last dimension (``torch.nn.LayerNorm(dim)``).
+
+    Each row (a token's $D$ features) is normalised on its own, $N = D$:
+
+    $$\hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad y = \gamma \odot \hat x + \beta, \tag{1}$$
+    $$\frac{\partial L}{\partial \gamma} = \sum_{\text{rows}} g \odot \hat x, \qquad
+      \frac{\partial L}{\partial \beta} = \sum_{\text{rows}} g, \tag{2}$$
+
+    and the input gradient is Eq. (N) of the module with $\hat g = \gamma \odot g$, its sums taken
+    along the row. (3) Same in training and eval: no batch statistics.
+    """
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        xp, dtype = backend.xp(), backend.default_dtype()
+        self.add_param("weight", xp.ones(dim, dtype=dtype))
+        self.add_param("bias", xp.zeros(dim, dtype=dtype))
+
+    def config(self):
+        return {"dim": self.dim, "eps": self.eps}
+
+    def forward(self, x):
+        self.check_input(x, min_ndim=1, last_dim=self.dim)
+        x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
+        self.save(x_hat, inv_std)
+        return x_hat * self.params["weight"] + self.params["bias"]
+
+    def backward(self, g):
+        x_hat, inv_std = self.saved()
+        rows = (g * x_hat).reshape(-1, self.dim)
+        self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
+        self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
+        return normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)

@@ -1,0 +1,99 @@
+r"""Max and average pooling over $(B, C, H, W)$, one strided slice per kernel offset.
+
+For a $k \times k$ kernel with stride $s$, the slice ``x[..., p::s, q::s]`` (cut to
+$H_o \times W_o$) holds, for every output $(i, j)$ at once, the window entry at offset
+$(p, q)$. Pooling is then $k^2$ whole-array operations, never a loop over pixels, and it
+keeps the input's memory layout.
+"""
+from .. import backend
+from .base import Layer
+from .windows import offset_slices, output_size
+
+
+class PoolLayer(Layer):
+    """Shared checks and the per-offset slices of the pooling layers."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride or kernel_size
+
+    def config(self):
+        return {"kernel_size": self.kernel_size, "stride": self.stride}
+
+    def slices_for(self, x):
+        self.check_input(x, ndim=4)
+        k, s = self.kernel_size, self.stride
+        if x.shape[2] < k or x.shape[3] < k:
+            raise ValueError(f"{self!r}: kernel {k}x{k} is larger than the input {tuple(x.shape)}")
+        return offset_slices(k, s, output_size(x.shape[2], k, s), output_size(x.shape[3], k, s))
+
+
+class MaxPool2dLayer(PoolLayer):
+    r"""Max pooling: each output is the largest entry of its $k \times k$ window.
+
+    $$y_{b,c,i,j} = \max_{p,q}\ x_{b,c,\,si+p,\,sj+q} = x_{b,c,\,a(i,j)}. \tag{1}$$
+
+    **Backward.** Away from ties the max is locally the single entry $a(i,j)$ (its arg-max),
+    so $\partial y_{b,c,i,j} / \partial x = \mathbb{1}[\text{at } a(i,j)]$ and each gradient is
+    routed to the arg-max of its window; overlapping windows add:
+
+    $$\frac{\partial L}{\partial x_{b,c,u,v}} = \sum_{(i,j):\ a(i,j) = (u,v)} g_{b,c,i,j}. \tag{2}$$
+
+    Forward is $k^2 - 1$ element-wise maxima. Backward finds each window's arg-max as the
+    first offset whose entry equals the max (ties go to the first, as in PyTorch) and adds
+    $g$ into that offset's slice.
+    """
+
+    def forward(self, x):
+        slices = self.slices_for(x)
+        xp = backend.array_module(x)
+        y = x[slices[0]].copy()
+        for where in slices[1:]:
+            xp.maximum(y, x[where], out=y)  # Eq. (1)
+        self.save(x, y)
+        return y
+
+    def backward(self, g):
+        x, y = self.saved()
+        xp = backend.array_module(g)
+        grad = xp.zeros_like(x)
+        unclaimed = None  # outputs whose arg-max is not found yet
+        for where in self.slices_for(x):
+            is_max = x[where] == y
+            if unclaimed is None:
+                unclaimed = ~is_max
+            else:
+                is_max &= unclaimed
+                unclaimed ^= is_max
+            if self.stride < self.kernel_size:  # overlapping windows add up
+                grad[where] += g * is_max  # Eq. (2)
+            else:  # each pixel in one window at most: write in place
+                xp.multiply(g, is_max, out=grad[where])  # Eq. (2)
+        return grad
+
+
+class AvgPool2dLayer(PoolLayer):
+    r"""Average pooling over $k \times k$ windows.
+
+    $$y_{b,c,i,j} = \frac{1}{k^2} \sum_{p,q} x_{b,c,\,si+p,\,sj+q}, \tag{1}$$
+
+    so every pixel of a window receives $1/k^2$ of its gradient, and overlapping windows add:
+
+    $$\frac{\partial L}{\partial x_{b,c,u,v}} = \frac{1}{k^2} \sum_{(i,j) \text{ covering } (u,v)} g_{b,c,i,j}. \tag{2}$$
+    """
+
+    def forward(self, x):
+        slices = self.slices_for(x)
+        total = x[slices[0]].copy()
+        for where in slices[1:]:
+            total += x[where]
+        self.save(x)
+        return total * (1 / self.kernel_size ** 2)  # Eq. (1)
+
+    def backward(self, g):
+        (x,) = self.saved()
+        grad = backend.array_module(g).zeros_like(x)
+        share = g * (1 / self.kernel_size ** 2)
+        for where in self.slices_for(x):
+            grad[where] += share  # Eq. (2)
+        return grad

@@ -1,0 +1,116 @@
+"""Convolution, pooling and normalisation: finite differences and torch autograd over many shapes."""
+import numpy
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mnn
+from mnn.gradcheck import check_layer
+from reference import assert_matches_torch, max_relative_difference
+
+TOL = 1e-6
+
+CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
+    (2, 3, 4, 7, 7, 3, 1, 0),
+    (2, 3, 4, 7, 7, 3, 1, 1),
+    (1, 1, 2, 9, 6, 3, 2, 1),
+    (3, 2, 5, 8, 8, 5, 2, 2),
+    (2, 4, 3, 5, 7, (2, 3), 3, 0),
+    (1, 2, 2, 4, 4, 4, 1, 0),
+]
+
+
+def conv_torch(case):
+    _, _, _, _, _, _, stride, padding = case
+    return lambda x, params: F.conv2d(x, params["w"], params.get("b"), stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d(case, bias, float64, rng):
+    batch, cin, cout, h, w, k, stride, padding = case
+    layer = mnn.Conv2dLayer(cin, cout, k, stride=stride, padding=padding, bias=bias)
+    x = rng.standard_normal((batch, cin, h, w))
+    assert max(check_layer(layer, x).values()) <= TOL
+    assert_matches_torch(layer, conv_torch(case), x)
+
+
+POOL_CASES = [(2, 3, 6, 6, 2, None), (1, 2, 7, 5, 3, 2), (2, 1, 5, 5, 2, 1), (1, 2, 9, 9, 3, 3)]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_max_pool(case, float64, rng):
+    batch, channels, h, w, k, stride = case
+    layer = mnn.MaxPool2dLayer(k, stride)
+    x = rng.standard_normal((batch, channels, h, w))
+    assert max(check_layer(layer, x).values()) <= TOL
+    assert_matches_torch(layer, lambda x, params: F.max_pool2d(x, k, stride), x)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_avg_pool(case, float64, rng):
+    batch, channels, h, w, k, stride = case
+    layer = mnn.AvgPool2dLayer(k, stride)
+    x = rng.standard_normal((batch, channels, h, w))
+    assert max(check_layer(layer, x).values()) <= TOL
+    assert_matches_torch(layer, lambda x, params: F.avg_pool2d(x, k, stride), x)
+
+
+def randomize_affine(layer, rng):
+    for name in ("weight", "bias"):
+        layer.params[name][...] = rng.standard_normal(layer.params[name].shape)
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 4, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm(shape, training, float64, rng):
+    layer = mnn.BatchNormLayer(shape[1]) if len(shape) == 2 else mnn.BatchNorm2dLayer(shape[1])
+    randomize_affine(layer, rng).train(training)
+    if not training:
+        layer.buffers["running_mean"][...] = rng.standard_normal(shape[1])
+        layer.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
+    stats = {k: torch.tensor(v.copy()) for k, v in layer.buffers.items()}
+    x = rng.standard_normal(shape) * 3 + 1
+    assert max(check_layer(layer, x).values()) <= TOL
+    assert_matches_torch(layer, lambda x, params: F.batch_norm(
+        x, stats["running_mean"].clone(), stats["running_var"].clone(), params["weight"], params["bias"],
+        training=training, eps=1e-5), x)
+
+
+def test_batch_norm_running_statistics_equal_torch(float64, rng):
+    ours = mnn.BatchNorm2dLayer(3, momentum=0.2)
+    theirs = torch.nn.BatchNorm2d(3, momentum=0.2).double()
+    for _ in range(5):
+        x = rng.standard_normal((4, 3, 5, 5)) * rng.uniform(0.5, 3) + rng.uniform(-2, 2)
+        ours.forward(x)
+        theirs(torch.tensor(x))
+    assert max_relative_difference(ours.buffers["running_mean"], theirs.running_mean.numpy()) <= 1e-12
+    assert max_relative_difference(ours.buffers["running_var"], theirs.running_var.numpy()) <= 1e-12
+    x = rng.standard_normal((2, 3, 5, 5))
+    theirs.eval()
+    assert max_relative_difference(ours.eval().forward(x), theirs(torch.tensor(x)).detach().numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 6)])
+def test_layer_norm(shape, float64, rng):
+    layer = randomize_affine(mnn.LayerNormLayer(6), rng)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    assert max(check_layer(layer, x).values()) <= TOL
+    assert_matches_torch(layer, lambda x, params: F.layer_norm(x, (6,), params["weight"], params["bias"]), x)
+
+
+def test_kernel_larger_than_padded_input():
+    with pytest.raises(ValueError, match=r"kernel 5x5 is larger than the padded input 4x4"):
+        mnn.Conv2dLayer(1, 2, 5, padding=1).forward(numpy.zeros((1, 1, 2, 2), numpy.float32))
+    with pytest.raises(ValueError, match=r"MaxPool2dLayer.*larger than the input \(1, 1, 2, 2\)"):
+        mnn.MaxPool2dLayer(3).forward(numpy.zeros((1, 1, 2, 2), numpy.float32))
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"Conv2dLayer.*\(2, 3, 8, 8\) has 3 channels; expected 1"):
+        mnn.Conv2dLayer(1, 4, 3).forward(numpy.zeros((2, 3, 8, 8), numpy.float32))
+    with pytest.raises(ValueError, match=r"BatchNorm2dLayer.*has 3 features/channels; expected 4"):
+        mnn.BatchNorm2dLayer(4).forward(numpy.zeros((2, 3, 8, 8), numpy.float32))
+    with pytest.raises(ValueError, match=r"expected 4 dimensions"):
+        mnn.Conv2dLayer(1, 4, 3).forward(numpy.zeros((2, 8, 8), numpy.float32))
