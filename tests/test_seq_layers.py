@@ -150,3 +150,21 @@ def test_load_weights_rejects_a_wrong_shape_and_changes_nothing():
 def test_backward_debug_must_be_keyword():
     with pytest.raises(TypeError, match="debug"):
         make_mlp(mnn.MSELossLayer()).backward(True)
+
+
+def test_input_gradient_can_be_skipped(float64, rng):
+    net = mnn.SequentialLayers([mnn.FlattenLayer(), mnn.LinearLayer(6, 5), mnn.ReluLayer(), mnn.LinearLayer(5, 3),
+                                mnn.CrossEntropyLossLayer()])
+    x, labels = rng.standard_normal((4, 2, 3)), rng.integers(0, 3, 4)
+    net(x, labels)
+    full = net.backward()
+    expected = {k: v.copy() for k, v in net.grads.items()}
+    net.zero_grads()
+    net.input_grad = False
+    net(x, labels)
+    partial = net.backward()
+    assert len(full) == 5 and full[-1].shape == (4, 2, 3)
+    assert len(partial) == 3 and partial[-1].shape == (4, 5)
+    assert all(numpy.array_equal(expected[k], v) for k, v in net.grads.items())
+    net.input_grad = True
+    assert net(x, labels) and len(net.backward()) == 5

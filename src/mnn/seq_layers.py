@@ -43,6 +43,10 @@ class SequentialLayers(Layer):
 
     A ``SequentialLayers`` is itself a layer: without a loss at the end, ``forward(x)`` and
     ``backward(g)`` follow the layer contract, so it can sit inside another network.
+
+    ``net.input_grad = False`` says the gradient w.r.t. the network's input is not wanted
+    (training needs only parameter gradients): backward then stops at the first layer with
+    parameters, which skips its input gradient, and the list it returns ends there.
     """
 
     def __init__(self, layers, optimizer=None):
@@ -108,13 +112,34 @@ class SequentialLayers(Layer):
             if debug:
                 print(f"{type(self.loss_layer).__name__}: grad {tuple(gradients.shape)}")
         passed = [gradients]
-        for layer in reversed(self.body):
+        for layer in reversed(self.body[self.first_needed:]):
             gradients = layer.backward(gradients)
+            if gradients is None:  # the first trained layer, its input gradient not wanted
+                break
             passed.append(gradients)
             if debug:
                 shapes = {name: tuple(g.shape) for name, g in layer.grads.items()}
                 print(f"{type(layer).__name__}: grad {tuple(gradients.shape)} params {shapes}")
         return passed if start else gradients
+
+    @property
+    def input_grad(self):
+        return all(layer.input_grad for layer in self.body[:1])
+
+    @input_grad.setter
+    def input_grad(self, wanted):
+        for index, layer in enumerate(self.body):
+            layer.input_grad = wanted or index > self.first_trained
+
+    @property
+    def first_trained(self):
+        """Index of the first layer with parameters (0 if none)."""
+        return next((i for i, layer in enumerate(self.body) if layer.named_parameters()), 0)
+
+    @property
+    def first_needed(self):
+        """Where backward stops: 0, or the first trained layer when the input gradient is not wanted."""
+        return 0 if self.input_grad else self.first_trained
 
     # -- parameters ---------------------------------------------------------
     def named_parameters(self, prefix=""):

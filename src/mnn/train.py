@@ -69,6 +69,7 @@ class Trainer:
         kwargs = {**self.task.model_defaults(), **config.model_kwargs}
         self.architecture = {"name": config.model, "kwargs": kwargs}
         self.net = models.build(self.architecture)
+        self.net.input_grad = False  # training needs parameter gradients only
         self.optimizer = make_optimizer(config, self.net)
         self.net.optimizer = self.optimizer
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.task.steps_per_epoch))

@@ -13,7 +13,14 @@ from .. import backend
 
 
 class Layer:
-    """Base class: parameter and gradient dicts, modes, saved tensors, input checks."""
+    """Base class: parameter and gradient dicts, modes, saved tensors, input checks.
+
+    ``input_grad = False`` lets a layer skip its input gradient (backward returns None):
+    a network's first layer needs only its parameter gradients, as PyTorch knows when the
+    input does not require a gradient. ``SequentialLayers.input_grad`` sets it.
+    """
+
+    input_grad = True
 
     def __init__(self):
         self.params = {}

@@ -1,9 +1,16 @@
-r"""Two-dimensional convolution by im2col and one GEMM."""
+r"""Two-dimensional convolution by im2col and one GEMM per product."""
 import math
 
 from .. import backend
 from .base import Layer
-from .windows import channels_first, channels_last, fold, pad_channels_last, windows
+from .windows import channels_first, channels_last, pad_channels_last, windows
+
+
+def im2col(x, kh, kw, stride):
+    """Rows of windows: (B, H, W, C) -> (B*Ho*Wo, kh*kw*C), plus (B, Ho, Wo). The one copy."""
+    view = windows(x, kh, kw, stride)
+    batch, out_h, out_w = view.shape[:3]
+    return view.reshape(batch * out_h * out_w, -1), (batch, out_h, out_w)
 
 
 class Conv2dLayer(Layer):
@@ -14,18 +21,20 @@ class Conv2dLayer(Layer):
 
     $$y_{b,o,i,j} = b_o + \sum_{c,p,q} W_{o,c,p,q}\, \tilde x_{b,c,\,s i + p,\, s j + q}. \tag{1}$$
 
-    **Gradients.** Each weight multiplies one input pixel per output position, so
+    **Parameter gradients.** Each weight multiplies one input pixel per output position:
 
     $$\frac{\partial L}{\partial W_{o,c,p,q}} = \sum_{b,i,j} g_{b,o,i,j}\, \tilde x_{b,c,\,si+p,\,sj+q}, \qquad
-      \frac{\partial L}{\partial b_o} = \sum_{b,i,j} g_{b,o,i,j}, \tag{2}$$
+      \frac{\partial L}{\partial b_o} = \sum_{b,i,j} g_{b,o,i,j}. \tag{2}$$
 
-    and each padded input pixel receives from every output whose window covers it:
+    **Input gradient.** Each padded pixel receives from every output whose window covers it:
 
     $$\frac{\partial L}{\partial \tilde x_{b,c,u,v}} = \sum_{o}\ \sum_{\substack{i,p:\ si+p=u \\ j,q:\ sj+q=v}}
       g_{b,o,i,j}\, W_{o,c,p,q}. \tag{3}$$
 
-    For $s = 1$, Eq. (3) is the full correlation of $g$ with the kernel flipped in both
-    axes; $\partial L / \partial x$ is the centre of $\partial L/\partial \tilde x$ (padding removed).
+    (For $s = 1$ this is the full correlation of $g$ with the kernel flipped in both axes.)
+    $\partial L/\partial x$ is $\partial L/\partial \tilde x$ with the padding cut off. Grouping
+    Eq. (3) by kernel offset $(p, q)$: every output $(i, j)$ sends $\sum_o g_{b,o,i,j} W_{o,c,p,q}$
+    to pixel $(si + p, sj + q)$, a GEMM per offset added onto a strided slice.
 
     **As matrices (im2col).** Lay the windows out as rows,
     $X_{\text{col}}[(b,i,j),\,(p,q,c)] = \tilde x_{b,c,si+p,sj+q}$, flatten $W$ to
@@ -34,19 +43,20 @@ class Conv2dLayer(Layer):
     $$Y_{\text{col}} = X_{\text{col}} W_{\text{col}}^\top + b, \tag{4}$$
     $$\frac{\partial L}{\partial W_{\text{col}}} \mathrel{+}= G_{\text{col}}^\top X_{\text{col}}, \qquad
       \frac{\partial L}{\partial b} \mathrel{+}= \textstyle\sum_{\text{rows}} G_{\text{col}}, \tag{5}$$
-    $$\frac{\partial L}{\partial X_{\text{col}}} = G_{\text{col}} W_{\text{col}}, \tag{6}$$
+    $$\frac{\partial L}{\partial \tilde x_{[:,\ s i + p,\ s j + q]}} \mathrel{+}= G_{\text{col}}\, W_{[:,:,p,q]}
+      \quad \text{for each offset } (p, q). \tag{6}$$
 
-    and ``fold`` (col2im) adds each row of Eq. (6) back onto the pixels of its window,
-    which is exactly the sum in Eq. (3). One GEMM each for Eqs. (4), (5), (6).
-
-    The columns run over $(p, q, c)$ and the images are channels-last in memory (see
-    ``windows``), so im2col copies contiguous runs of $k_w C$ values; the GEMM writes
-    $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
+    Eqs. (4) and (5) are one GEMM each; Eq. (6) is $k_h k_w$ thin ones, with no col2im
+    buffer. The columns run over $(p, q, c)$ and images are channels-last in memory (see
+    ``windows``), so im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if not 0 <= padding < min(kh, kw) or stride < 1:
+            raise ValueError(f"Conv2dLayer: padding {padding} must lie in [0, kernel size {min(kh, kw)}) "
+                             f"and stride {stride} must be at least 1")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.bias = (kh, kw), stride, padding, bias
         bound = 1 / math.sqrt(in_channels * kh * kw)  # PyTorch's default initialisation
@@ -69,32 +79,37 @@ class Conv2dLayer(Layer):
             raise ValueError(f"{self!r}: kernel {kh}x{kw} is larger than the padded input "
                              f"{x.shape[2] + 2 * pad}x{x.shape[3] + 2 * pad} (input shape {tuple(x.shape)})")
 
-    def weight_cols(self):
-        """$W_{\text{col}}$: (O, C, kh, kw) -> (O, kh*kw*C), columns ordered like im2col's."""
-        return self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
-
     def forward(self, x):
         self.check_shape(x)
         (kh, kw), pad = self.kernel_size, self.padding
         padded = pad_channels_last(x, pad) if pad else channels_last(x)
-        view = windows(padded, kh, kw, self.stride)  # (B, Ho, Wo, kh, kw, C)
-        batch, out_h, out_w = view.shape[:3]
-        cols = view.reshape(batch * out_h * out_w, -1)  # X_col: the one copy (im2col)
-        y = cols @ self.weight_cols().T  # Eq. (4)
+        cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
+        w_col = self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+        y = cols @ w_col.T  # Eq. (4)
         if self.bias:
             y += self.params["b"]
-        self.save(cols, padded.shape, x.shape)
+        self.save(cols, x.shape)
         return channels_first(y.reshape(batch, out_h, out_w, self.out_channels))
 
     def backward(self, g):
-        cols, padded_shape, input_shape = self.saved()
-        batch, _, out_h, out_w = g.shape
-        g_col = channels_last(g).reshape(-1, self.out_channels)  # G_col; free when g is channels-last
+        cols, input_shape = self.saved()
+        g_col = channels_last(g).reshape(-1, self.out_channels)  # free when g is channels-last
         (kh, kw), cin = self.kernel_size, self.in_channels
-        self.grads["w"] += (g_col.T @ cols).reshape(self.out_channels, kh, kw, cin).transpose(0, 3, 1, 2)  # Eq. (5)
+        d_w_col = g_col.T @ cols  # Eq. (5)
+        self.grads["w"] += d_w_col.reshape(self.out_channels, kh, kw, cin).transpose(0, 3, 1, 2)
         if self.bias:
             self.grads["b"] += g_col.sum(axis=0)  # Eq. (5)
-        d_cols = g_col @ self.weight_cols()  # Eq. (6)
-        d_padded = fold(d_cols.reshape(batch, out_h, out_w, kh, kw, cin), padded_shape, self.stride)  # Eq. (3)
-        pad = self.padding
-        return channels_first(d_padded[:, pad:pad + input_shape[2], pad:pad + input_shape[3]])
+        return self.input_gradient(g_col, input_shape, g.shape[2:]) if self.input_grad else None
+
+    def input_gradient(self, g_col, input_shape, out_size):
+        """Eq. (6): per kernel offset, a GEMM added onto the strided pixels it reaches."""
+        xp = backend.array_module(g_col)
+        (kh, kw), s, pad = self.kernel_size, self.stride, self.padding
+        batch, channels, height, width = input_shape
+        out_h, out_w = out_size
+        grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=g_col.dtype)
+        for p in range(kh):
+            for q in range(kw):
+                pixels = grad[:, p:p + s * out_h:s, q:q + s * out_w:s]
+                xp.add(pixels, (g_col @ self.params["w"][:, :, p, q]).reshape(pixels.shape), out=pixels)
+        return channels_first(grad[:, pad:pad + height, pad:pad + width])

@@ -59,7 +59,7 @@ class LinearLayer(Layer):
         self.grads["w"] += rows_g.T @ rows_x  # Eq. (5)
         if self.bias:
             self.grads["b"] += rows_g.sum(axis=0)  # Eq. (6)
-        return g @ self.params["w"]  # Eq. (4)
+        return g @ self.params["w"] if self.input_grad else None  # Eq. (4)
 
 
 class MatrixProduct(Layer):

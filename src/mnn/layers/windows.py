@@ -1,4 +1,4 @@
-r"""Sliding windows over images: strided views (im2col without copying) and their adjoint.
+r"""Sliding windows over images, as strided views: im2col without copying.
 
 Images are $(B, C, H, W)$ as in PyTorch, but mnn keeps them **channels-last in memory**
 (a ``(B, H, W, C)`` array seen through a transposed view) wherever a layer writes them:
@@ -43,22 +43,6 @@ def windows(x, kh, kw, stride):
     shape = (batch, output_size(height, kh, stride), output_size(width, kw, stride), kh, kw, channels)
     strides = (sb, sh * stride, sw * stride, sh, sw, sc)
     return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides, writeable=False)
-
-
-def fold(window_grads, shape, stride):
-    r"""The adjoint of ``windows``: $\partial L/\partial x_{b,u,v,c} = \sum_{s i + p = u,\ s j + q = v} G_{b,i,j,p,q,c}$.
-
-    One strided add per kernel offset $(p, q)$: a loop over the $k_h k_w$ offsets, never over
-    samples or pixels.
-    """
-    xp = backend.array_module(window_grads)
-    grad = xp.zeros(shape, dtype=window_grads.dtype)
-    _, out_h, out_w, kh, kw, _ = window_grads.shape
-    for p in range(kh):
-        for q in range(kw):
-            pixels = grad[:, p:p + stride * out_h:stride, q:q + stride * out_w:stride]
-            xp.add(pixels, window_grads[:, :, :, p, q], out=pixels)
-    return grad
 
 
 def offset_slices(kernel, stride, out_h, out_w):
