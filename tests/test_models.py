@@ -10,8 +10,8 @@ def torch_cnn(net):
     """The same CNN in torch, weights copied from ``net`` (batch norm in training mode)."""
     conv1, bn1, conv2, bn2, linear1, linear2 = [net.layers[i] for i in (0, 1, 4, 5, 9, 11)]
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(6 * 7 * 7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).double()
     pairs = [(conv1, model[0], {"w": "weight"}), (bn1, model[1], {"weight": "weight", "bias": "bias"}),
              (conv2, model[4], {"w": "weight"}), (bn2, model[5], {"weight": "weight", "bias": "bias"}),

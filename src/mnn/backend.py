@@ -91,3 +91,25 @@ def random_mask(shape, keep, like):
     """A boolean mask, True with probability ``keep``, in the module of ``like``."""
     mask = rng().random(shape) < keep
     return array_module(like).asarray(mask)
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to reuse freed memory instead of returning it to the system.
+
+    A training step allocates the same large temporaries every time. By default glibc
+    hands blocks over 32 MiB straight back to the kernel (``mmap``/``munmap``) and trims
+    the heap, so each step pays page faults to get them again. Raising the thresholds
+    (the settings behind ``MALLOC_MMAP_THRESHOLD_`` and friends) keeps them. A no-op where
+    the C library is not glibc. Called by ``mnn train`` and the benchmark.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    trim_threshold, top_pad, mmap_threshold = -1, -2, -3
+    return all(mallopt(option, value) == 1 for option, value in
+               [(mmap_threshold, 1 << 30), (trim_threshold, 1 << 31), (top_pad, 1 << 28)])

@@ -4,6 +4,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import backend
 from .train import CHECKPOINT, TrainConfig, Trainer
 
 MODEL_DEFAULTS = {
@@ -60,6 +61,7 @@ def config_from(args):
 
 
 def command_train(args):
+    backend.keep_freed_memory()
     if args.resume:
         trainer = Trainer.resume(args.resume, quiet=args.quiet)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.total_steps}")

@@ -47,7 +47,7 @@ class MaxPool2dLayer(PoolLayer):
     def forward(self, x):
         slices = self.slices_for(x)
         xp = backend.array_module(x)
-        y = x[slices[0]].copy()
+        y = x[slices[0]].copy(order="K")  # keep the memory layout (channels-last)
         for where in slices[1:]:
             xp.maximum(y, x[where], out=y)  # Eq. (1)
         self.save(x, y)
@@ -56,14 +56,18 @@ class MaxPool2dLayer(PoolLayer):
     def backward(self, g):
         x, y = self.saved()
         xp = backend.array_module(g)
-        grad = xp.zeros_like(x)
+        slices = self.slices_for(x)
+        tiled = self.stride == self.kernel_size and all(n % self.stride == 0 for n in x.shape[2:])
+        grad = xp.empty_like(x) if tiled else xp.zeros_like(x)  # tiled: every pixel is written below
         unclaimed = None  # outputs whose arg-max is not found yet
-        for where in self.slices_for(x):
-            is_max = x[where] == y
+        for index, where in enumerate(slices):
             if unclaimed is None:
+                is_max = x[where] == y
                 unclaimed = ~is_max
+            elif index == len(slices) - 1:
+                is_max = unclaimed  # the last offset wins whatever is left
             else:
-                is_max &= unclaimed
+                is_max = (x[where] == y) & unclaimed
                 unclaimed ^= is_max
             if self.stride < self.kernel_size:  # overlapping windows add up
                 grad[where] += g * is_max  # Eq. (2)
@@ -84,7 +88,7 @@ class AvgPool2dLayer(PoolLayer):
 
     def forward(self, x):
         slices = self.slices_for(x)
-        total = x[slices[0]].copy()
+        total = x[slices[0]].copy(order="K")
         for where in slices[1:]:
             total += x[where]
         self.save(x)

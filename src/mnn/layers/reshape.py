@@ -1,4 +1,5 @@
 r"""Layers that move entries around without changing them."""
+from .. import backend
 from .base import Layer
 
 
@@ -9,13 +10,18 @@ class FlattenLayer(Layer):
     identity up to that relabelling, and the gradient is reshaped back:
 
     $$\frac{\partial L}{\partial x} = \operatorname{reshape}\Big(\frac{\partial L}{\partial y},\ \text{shape of } x\Big). \tag{1}$$
+
+    The gradient is written in the input's memory layout (channels-last images stay
+    channels-last), so the layers below it never mix layouts.
     """
 
     def forward(self, x):
         self.check_input(x, min_ndim=2)
-        self.save(x.shape)
+        self.save(x)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, g):
-        (shape,) = self.saved()
-        return g.reshape(shape)  # Eq. (1)
+        (x,) = self.saved()
+        grad = backend.array_module(g).empty_like(x)
+        grad[...] = g.reshape(x.shape)  # Eq. (1)
+        return grad

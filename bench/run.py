@@ -1,0 +1,238 @@
+"""Time training steps of mnn and of the same model in PyTorch, interleaved in one process.
+
+    python -m bench                      # MLP at batch 64 and 1024, the CNN (and the GPT once present)
+    python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
+
+Both run on the CPU in float32, on the same batch, with the same thread count and the
+same optimizer (AdamW). After warm-up, each repetition times one mnn step then one torch
+step; the table reports medians, the ratio mnn/torch, the GEMM FLOPs of a step and the
+GFLOP/s they imply, beside the machine's measured float32 GEMM rate. Peak memory of a
+training step is measured in a fresh subprocess per framework (peak RSS growth).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy
+import torch
+from threadpoolctl import threadpool_limits
+
+import mnn
+from mnn import backend, models, optim
+
+from .torch_mirror import mirror
+
+CASES = {
+    "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [256], "dropout": 0}}, "batch": 64, "input": (1, 28, 28)},
+    "mlp-1024": {"model": {"name": "mlp", "kwargs": {"hidden": [256], "dropout": 0}}, "batch": 1024,
+                 "input": (1, 28, 28)},
+    "cnn-128": {"model": {"name": "cnn", "kwargs": {}}, "batch": 128, "input": (1, 28, 28)},
+}
+TINY = {
+    "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0}}, "batch": 8, "input": (1, 28, 28)},
+    "cnn-128": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": 16}}, "batch": 4,
+                "input": (1, 28, 28)},
+}
+
+
+def register_case(name, case, tiny):
+    """Model issues add their rows here (the GPT registers itself when present)."""
+    CASES[name], TINY[name] = case, tiny
+
+
+def make_batch(case, rng):
+    if case.get("tokens"):
+        vocab, context = case["tokens"]
+        x = rng.integers(0, vocab, (case["batch"], context))
+        return x, rng.integers(0, vocab, (case["batch"], context))
+    x = rng.standard_normal((case["batch"], *case["input"])).astype(numpy.float32)
+    return x, rng.integers(0, 10, case["batch"])
+
+
+def step_functions(case, seed=0):
+    """(mnn step, torch step, mnn network) on the same weights and the same batch."""
+    backend.seed(seed)
+    net = models.build(case["model"])
+    net.input_grad = False
+    net.optimizer = optim.AdamW(net, lr=1e-4)
+    model, loss_fn, _ = mirror(net)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = make_batch(case, numpy.random.default_rng(seed))
+    tx, ty = torch.tensor(x), torch.tensor(y)
+
+    def mnn_step():
+        net.zero_grads()
+        net(x, y)
+        net.backward()
+        net.step()
+
+    def torch_step():
+        torch_optimizer.zero_grad(set_to_none=False)
+        loss_fn(model(tx), ty).backward()
+        torch_optimizer.step()
+
+    return mnn_step, torch_step, net, (x, y)
+
+
+def gemm_flops(net, batch):
+    """Multiply-add FLOPs of one training step: 3x the forward GEMMs (forward, input and weight gradients)."""
+    net(batch[0])
+    total = 0
+    for layer in iter_layers(net):
+        total += layer_flops(layer)
+    return 3 * total
+
+
+def iter_layers(net):
+    for layer in getattr(net, "layers", []):
+        yield layer
+        yield from iter_layers(layer)
+        for sub in getattr(layer, "sublayers", lambda: [])():
+            yield sub
+            yield from iter_layers(sub)
+
+
+def layer_flops(layer):
+    if isinstance(layer, mnn.LinearLayer):
+        (x,) = layer.saved()
+        return 2 * x.size * layer.out_features
+    if isinstance(layer, mnn.Conv2dLayer):
+        cols = layer.saved()[0]
+        return 2 * cols.size * layer.out_channels
+    if isinstance(layer, mnn.MatrixProduct):
+        a, b = layer.saved()
+        return 2 * a.size * b.shape[-1]
+    return 0
+
+
+def timed(function):
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def measure(case, repeats, warmup, block=3):
+    """Median step times, interleaved in blocks: each block first runs one untimed step, so
+    neither framework is timed while its thread pool wakes from the other's turn."""
+    mnn_step, torch_step, net, batch = step_functions(case)
+    for _ in range(warmup):
+        mnn_step()
+        torch_step()
+    mnn_times, torch_times = [], []
+    for _ in range(max(1, repeats // block)):
+        for step, times in ((mnn_step, mnn_times), (torch_step, torch_times)):
+            step()
+            times.extend(timed(step) for _ in range(block))
+    flops = gemm_flops(net, batch)
+    mnn_s, torch_s = statistics.median(mnn_times), statistics.median(torch_times)
+    return {"mnn_ms": mnn_s * 1e3, "torch_ms": torch_s * 1e3, "ratio": mnn_s / torch_s, "gflop_per_step": flops / 1e9,
+            "mnn_gflops": flops / mnn_s / 1e9, "torch_gflops": flops / torch_s / 1e9}
+
+
+def gemm_rate(size=2048, repeats=5):
+    """Float32 GEMM GFLOP/s of NumPy's BLAS and of torch: the practical limit of the machine."""
+    a = numpy.random.default_rng(0).standard_normal((size, size)).astype(numpy.float32)
+    ta = torch.tensor(a)
+    flops = 2 * size ** 3
+    numpy_s = min(timed(lambda: a @ a) for _ in range(repeats))
+    torch_s = min(timed(lambda: ta @ ta) for _ in range(repeats))
+    return {"numpy_gflops": flops / numpy_s / 1e9, "torch_gflops": flops / torch_s / 1e9}
+
+
+def peak_memory_mb(name, framework, threads, tiny):
+    """Peak RSS growth over three training steps, in a fresh process (MiB)."""
+    command = [sys.executable, "-m", "bench.run", "--memory-child", name, framework, "--threads", str(threads)]
+    command += ["--tiny"] if tiny else []
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=os.getcwd())
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def rss_kib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+def memory_child(name, framework, cases):
+    mnn_step, torch_step, _, _ = step_functions(cases[name])
+    step = mnn_step if framework == "mnn" else torch_step
+    before = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak (VmHWM) to the current RSS
+    for _ in range(3):
+        step()
+    print(max(rss_kib("VmHWM") - before, 0) / 1024)
+
+
+def machine():
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
+            "mnn": mnn.__version__}
+
+
+def table(results, rate, threads):
+    lines = [f"float32 GEMM: numpy {rate['numpy_gflops']:.0f} GFLOP/s, torch {rate['torch_gflops']:.0f} GFLOP/s; "
+             f"{threads} threads",
+             "| model | mnn ms/step | torch ms/step | mnn/torch | GFLOP/step | mnn GFLOP/s (% of GEMM) "
+             "| torch GFLOP/s | mnn peak MiB | torch peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    limit = max(rate.values())
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['mnn_ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f}x | "
+                     f"{r['gflop_per_step']:.3f} | {r['mnn_gflops']:.0f} ({100 * r['mnn_gflops'] / limit:.0f}%) | "
+                     f"{r['torch_gflops']:.0f} | {r.get('mnn_peak_mb', float('nan')):.0f} | "
+                     f"{r.get('torch_peak_mb', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    load_model_cases()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", default="bench/results.json", help="where to write the results")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    backend.keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    cases = TINY if args.tiny else CASES
+    with threadpool_limits(limits=args.threads):
+        if args.memory_child:
+            return memory_child(*args.memory_child, cases) or 0
+        names = [n for n in args.models.split(",") if n in cases]
+        rate = gemm_rate(256 if args.tiny else 2048)
+        results = {}
+        for name in names:
+            results[name] = measure(cases[name], args.repeats, args.warmup)
+            if not args.no_memory:
+                for framework in ("mnn", "torch"):
+                    results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args.threads, args.tiny)
+            print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
+    report = table(results, rate, args.threads)
+    print(report)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine(), "threads": args.threads, "gemm": rate, "results": results,
+                       "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
+    return 0
+
+
+def load_model_cases():
+    """Import the optional rows (the GPT) that register themselves."""
+    try:
+        from . import gpt_case  # noqa: F401
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
