@@ -32,6 +32,8 @@ PARAMETRIZED = {  # mnn layer -> (torch module factory, {mnn name: torch name})
     mnn.BatchNormLayer: (lambda l: torch.nn.BatchNorm1d(l.num_features, l.eps, l.momentum),
                          {"weight": "weight", "bias": "bias"}),
     mnn.LayerNormLayer: (lambda l: torch.nn.LayerNorm(l.dim, l.eps), {"weight": "weight", "bias": "bias"}),
+    mnn.EmbeddingLayer: (lambda l: torch.nn.Embedding(l.num_embeddings, l.dim), {"weight": "weight"}),
+    mnn.PositionalEmbeddingLayer: (lambda l: AddPositions(l.context, l.dim), {"weight": "weight"}),
 }
 
 LOSSES = {
@@ -40,38 +42,95 @@ LOSSES = {
     mnn.MSELossLayer: F.mse_loss,
 }
 
-EXTRA = {}  # mnn layer type -> converter(layer, pairs, prefix) -> module; registered by GPT support
+class AddPositions(torch.nn.Module):
+    def __init__(self, context, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(context, dim))
+
+    def forward(self, x):
+        return x + self.weight[: x.shape[1]]
+
+
+class Residual(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """nanoGPT's attention: fused c_attn, scaled dot-product attention, c_proj."""
+
+    def __init__(self, dim, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.c_attn, self.c_proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, length, dim = x.shape
+        q, k, v = (part.view(batch, length, self.heads, -1).transpose(1, 2)
+                   for part in self.c_attn(x).split(dim, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(batch, length, dim))
+
+
+def convert_attention(layer, pairs, prefix, dtype, shared):
+    module = CausalSelfAttention(layer.dim, layer.heads, layer.causal).to(dtype)
+    copy_params(layer.qkv, module.c_attn, {"w": "weight", "b": "bias"}, pairs, f"{prefix}qkv.", dtype, shared)
+    copy_params(layer.proj, module.c_proj, {"w": "weight", "b": "bias"}, pairs, f"{prefix}proj.", dtype, shared)
+    return module
+
+
+EXTRA = {
+    mnn.MultiHeadAttention: convert_attention,
+    mnn.ResidualBlock: lambda layer, pairs, prefix, dtype, shared: Residual(
+        convert(layer.body, pairs, prefix, dtype, shared)),
+}
 
 
 def as_tensor(array, dtype):
     return torch.tensor(numpy.array(backend.to_numpy(array)), dtype=dtype)
 
 
-def convert(layer, pairs, prefix, dtype):
+def copy_params(layer, module, names, pairs, prefix, dtype, shared):
+    """Copy mnn parameters into torch ones; an array seen before (tied weights) shares its Parameter."""
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            if ours not in layer.params:
+                continue
+            array = layer.params[ours]
+            if id(array) in shared:
+                setattr(module, theirs, shared[id(array)])
+                continue
+            getattr(module, theirs).copy_(as_tensor(array, dtype))
+            shared[id(array)] = getattr(module, theirs)
+            pairs.append((prefix + ours, getattr(module, theirs)))
+        for name, value in layer.buffers.items():
+            getattr(module, name).copy_(as_tensor(value, dtype))
+
+
+def convert(layer, pairs, prefix, dtype, shared):
     """A torch module for one mnn layer, its weights copied; pairs gets (mnn name, torch parameter)."""
     if isinstance(layer, mnn.SequentialLayers):
-        return torch.nn.Sequential(*[convert(sub, pairs, f"{prefix}{i}.", dtype) for i, sub in enumerate(layer.body)])
+        return torch.nn.Sequential(*[convert(sub, pairs, f"{prefix}{i}.", dtype, shared)
+                                     for i, sub in enumerate(layer.body)])
     for kind, factory in SIMPLE.items():
         if type(layer) is kind:
             return factory(layer)
     if type(layer) in PARAMETRIZED:
         factory, names = PARAMETRIZED[type(layer)]
         module = factory(layer).to(dtype)
-        with torch.no_grad():
-            for ours, theirs in names.items():
-                if ours in layer.params:
-                    getattr(module, theirs).copy_(as_tensor(layer.params[ours], dtype))
-                    pairs.append((prefix + ours, getattr(module, theirs)))
-            for name, value in layer.buffers.items():
-                getattr(module, name).copy_(as_tensor(value, dtype))
+        copy_params(layer, module, names, pairs, prefix, dtype, shared)
         return module
     if type(layer) in EXTRA:
-        return EXTRA[type(layer)](layer, pairs, prefix, dtype)
+        return EXTRA[type(layer)](layer, pairs, prefix, dtype, shared)
     raise TypeError(f"no torch mirror for {type(layer).__name__}")
 
 
 def mirror(net, dtype=torch.float32):
     """(torch model, loss function, [(mnn parameter name, torch parameter)]) for an mnn network."""
-    pairs = []
-    model = torch.nn.Sequential(*[convert(layer, pairs, f"{i}.", dtype) for i, layer in enumerate(net.body)])
-    return model, LOSSES[type(net.loss_layer)], pairs
+    pairs, shared = [], {}
+    model = torch.nn.Sequential(*[convert(layer, pairs, f"{i}.", dtype, shared) for i, layer in enumerate(net.body)])
+    return model, LOSSES.get(type(net.loss_layer)), pairs

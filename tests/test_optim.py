@@ -81,3 +81,20 @@ def test_optimizer_state_round_trip(rng):
 def test_bad_learning_rate():
     with pytest.raises(ValueError, match="learning rate"):
         optim.SGD([], lr=0)
+
+
+def test_weight_decay_can_skip_vectors_as_torch_param_groups(rng):
+    values = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    params = {k: v.copy() for k, v in values.items()}
+    grads = {k: rng.standard_normal(v.shape) for k, v in values.items()}
+    ours = optim.AdamW([(k, params[k], grads[k]) for k in params], lr=0.1, weight_decay=0.5, decay_vectors=False)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in values.items()}
+    theirs = torch.optim.AdamW([{"params": [tensors["w"]], "weight_decay": 0.5},
+                                {"params": [tensors["b"]], "weight_decay": 0.0}], lr=0.1)
+    for k in tensors:
+        tensors[k].grad = torch.tensor(grads[k])
+    for _ in range(3):
+        ours.step()
+        theirs.step()
+    for k in params:
+        assert max_relative_difference(params[k], tensors[k].detach().numpy()) <= 1e-12

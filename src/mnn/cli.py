@@ -11,7 +11,8 @@ MODEL_DEFAULTS = {
     "mlp": {},
     "cnn": {"epochs": 12, "batch_size": 128, "lr": 2e-3},
     "gpt": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 12, "lr": 1e-3, "min_lr": 1e-4,
-            "weight_decay": 0.1, "warmup_steps": 100, "clip": 1.0, "eval_every": 250},
+            "weight_decay": 0.1, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 100, "clip": 1.0,
+            "eval_every": 250},
 }
 
 

@@ -31,7 +31,7 @@ def _analytic(layer, inputs, targets, weights):
         layer.forward(*inputs)
         grads = layer.backward(weights)
     grads = grads if isinstance(grads, tuple) else (grads,)
-    return [g.copy() for g in grads], {name: g.copy() for name, g in layer.grads.items()}
+    return [None if g is None else g.copy() for g in grads], {name: g.copy() for name, g in layer.grads.items()}
 
 
 def relative_error(a, b):
@@ -41,14 +41,15 @@ def relative_error(a, b):
 def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_inputs=True):
     """Worst relative error of the layer's input and parameter gradients, by name.
 
-    ``inputs`` are float64 arrays; for a loss layer pass ``targets``. Returns a dict such
+    Floating ``inputs`` must be float64 (integer inputs, such as token indices, are passed
+    through unperturbed); for a loss layer pass ``targets``. Returns a dict such
     as ``{"input0": 3e-10, "w": 1e-9}``; values near 1e-8 or below mean backward is right.
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
     """
     rng = numpy.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     for x in inputs:
-        if x.dtype != numpy.float64:
+        if x.dtype.kind == "f" and x.dtype != numpy.float64:
             raise ValueError(f"check_layer: inputs must be float64 for finite differences, got {x.dtype}")
     sample = layer.forward(*inputs, targets) if isinstance(layer, LossLayer) else layer.forward(*inputs)
     shape = () if isinstance(layer, LossLayer) else sample.shape
@@ -56,7 +57,8 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
     for _ in range(probes):
         weights = rng.standard_normal(shape)
         input_grads, param_grads = _analytic(layer, inputs, targets, weights)
-        tensors = {f"input{i}": (x, g) for i, (x, g) in enumerate(zip(inputs, input_grads)) if check_inputs}
+        tensors = {f"input{i}": (x, g) for i, (x, g) in enumerate(zip(inputs, input_grads))
+                   if check_inputs and x.dtype.kind == "f"}
         tensors.update({name: (layer.params[name], param_grads[name]) for name in layer.params})
         for name, (tensor, grad) in tensors.items():
             direction = rng.standard_normal(tensor.shape)

@@ -3,8 +3,12 @@
 A model is described by ``{"name": ..., "kwargs": {...}}``; ``build`` turns that
 description back into a network, which is how a checkpoint rebuilds its own model.
 """
-from .layers import (BatchNorm2dLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer, FlattenLayer,
-                     LinearLayer, MaxPool2dLayer, ReluLayer)
+import math
+
+from . import backend
+from .layers import (BatchNorm2dLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer, EmbeddingLayer,
+                     FlattenLayer, GeluLayer, LayerNormLayer, LinearLayer, MaxPool2dLayer, MultiHeadAttention,
+                     PositionalEmbeddingLayer, ReluLayer, ResidualBlock)
 from .seq_layers import SequentialLayers
 
 
@@ -36,7 +40,48 @@ def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10,
     return SequentialLayers(layers + [LinearLayer(hidden, classes), CrossEntropyLossLayer()])
 
 
-BUILDERS = {"mlp": mlp, "cnn": cnn}
+def transformer_block(width, heads, dropout=0.0):
+    """Pre-norm GPT-2 block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))."""
+    drop = [DropoutLayer(dropout)] if dropout else []
+    attention = SequentialLayers([LayerNormLayer(width), MultiHeadAttention(width, heads), *drop])
+    mlp = SequentialLayers([LayerNormLayer(width), LinearLayer(width, 4 * width), GeluLayer(),
+                            LinearLayer(4 * width, width), *drop])
+    return SequentialLayers([ResidualBlock(attention), ResidualBlock(mlp)])
+
+
+def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_weights=True):
+    """A character-level GPT: token and position embeddings, pre-norm blocks, LayerNorm, linear head.
+
+    Initialised as GPT-2: weights N(0, 0.02), biases 0, and each residual branch's output
+    projection N(0, 0.02 / sqrt(2 * layers)). With ``tie_weights`` the head uses the token
+    embedding's table (one array, one gradient).
+    """
+    embedding = EmbeddingLayer(vocab_size, width)
+    head = LinearLayer(width, vocab_size, bias=False)
+    blocks = [transformer_block(width, heads, dropout) for _ in range(layers)]
+    net = SequentialLayers([embedding, PositionalEmbeddingLayer(context, width),
+                            *([DropoutLayer(dropout)] if dropout else []), *blocks,
+                            LayerNormLayer(width), head, CrossEntropyLossLayer()])
+    init_gpt2(net, blocks, layers)
+    if tie_weights:
+        head.params["w"], head.grads["w"] = embedding.params["weight"], embedding.grads["weight"]
+    return net
+
+
+def init_gpt2(net, blocks, depth):
+    for name, param, _ in net.named_parameters():
+        if name.endswith(".weight") and param.ndim == 2 or name.endswith(".w"):
+            param[...] = backend.to_device(backend.rng().normal(0, 0.02, param.shape), param.dtype)
+        elif name.endswith(".b"):
+            param[...] = 0
+    for block in blocks:
+        attention, mlp = block.layers[0].body, block.layers[1].body
+        for projection in (attention.layers[1].proj, mlp.layers[3]):
+            w = projection.params["w"]
+            w[...] = backend.to_device(backend.rng().normal(0, 0.02 / math.sqrt(2 * depth), w.shape), w.dtype)
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 
 def build(architecture):

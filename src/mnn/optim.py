@@ -1,7 +1,9 @@
 r"""Optimizers, learning-rate schedules and gradient clipping.
 
 An optimizer holds ``(name, parameter, gradient)`` triples, as returned by
-``net.named_parameters()``, and updates every parameter **in place**. Each rule is
+``net.named_parameters()``, and updates every parameter **in place**. With
+``decay_vectors=False`` weight decay skips biases and norm scales (parameters with fewer
+than two dimensions), as GPT-2 training does. Each rule is
 written as PyTorch's ``torch.optim`` counterpart computes it, so runs can be compared
 step by step. Below $g$ is the gradient, $\theta$ the parameter, $t$ the step (from 1).
 """
@@ -13,15 +15,19 @@ from . import backend
 class Optimizer:
     """Shared plumbing: parameters, learning rate, step count and per-parameter buffers."""
 
-    def __init__(self, parameters, lr):
+    def __init__(self, parameters, lr, decay_vectors=True):
         if hasattr(parameters, "named_parameters"):
             parameters = parameters.named_parameters()
         self.parameters = list(parameters)
         if lr <= 0:
             raise ValueError(f"{type(self).__name__}: learning rate must be positive, got {lr}")
-        self.lr = lr
+        self.lr, self.decay_vectors = lr, decay_vectors
         self.steps = 0
         self.buffers = {}
+
+    def decay_of(self, param):
+        """The weight-decay coefficient for this parameter."""
+        return self.weight_decay if param.ndim >= 2 or self.decay_vectors else 0.0
 
     def buffer(self, name, like):
         """A zero buffer shaped like ``like``, created on first use."""
@@ -64,16 +70,17 @@ class SGD(Optimizer):
     Without momentum ($\mu = 0$), $d = g$ and Eq. (4) is plain gradient descent.
     """
 
-    def __init__(self, parameters, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(parameters, lr)
+    def __init__(self, parameters, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 decay_vectors=True):
+        super().__init__(parameters, lr, decay_vectors)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening 0")
         self.momentum, self.dampening = momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
 
     def update(self, name, param, grad):
-        if self.weight_decay:
-            grad = grad + self.weight_decay * param  # Eq. (1)
+        if self.decay_of(param):
+            grad = grad + self.decay_of(param) * param  # Eq. (1)
         if self.momentum:
             first = f"{name}.momentum" not in self.buffers
             velocity = self.buffer(f"{name}.momentum", param)
@@ -97,14 +104,14 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(parameters, lr)
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_vectors=True):
+        super().__init__(parameters, lr, decay_vectors)
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
 
     def update(self, name, param, grad):
-        if self.weight_decay and not self.decoupled:
-            grad = grad + self.weight_decay * param  # Eq. (1)
+        if self.decay_of(param) and not self.decoupled:
+            grad = grad + self.decay_of(param) * param  # Eq. (1)
         m = self.buffer(f"{name}.m", param)
         v = self.buffer(f"{name}.v", param)
         m *= self.beta1
@@ -126,12 +133,12 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        super().__init__(parameters, lr, betas, eps, weight_decay)
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_vectors=True):
+        super().__init__(parameters, lr, betas, eps, weight_decay, decay_vectors)
 
     def update(self, name, param, grad):
-        if self.weight_decay:
-            param *= 1 - self.lr * self.weight_decay  # Eq. (1)
+        if self.decay_of(param):
+            param *= 1 - self.lr * self.decay_of(param)  # Eq. (1)
         super().update(name, param, grad)
 
 

@@ -1,9 +1,8 @@
 r"""``SequentialLayers``: a network as a list of layers, and back-propagation through it."""
-from . import backend
-from .layers.base import Layer, LossLayer
+from .layers.base import CompositeLayer, Layer, LossLayer
 
 
-class SequentialLayers(Layer):
+class SequentialLayers(CompositeLayer):
     r"""A list of layers applied in order, trained by back-propagation and gradient descent.
 
     **The chain rule.** If $z(t) = f(x(t), y(t))$, then
@@ -50,7 +49,7 @@ class SequentialLayers(Layer):
     """
 
     def __init__(self, layers, optimizer=None):
-        self.training = True
+        super().__init__()
         self.layers = list(layers)
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
@@ -142,36 +141,8 @@ class SequentialLayers(Layer):
         return 0 if self.input_grad else self.first_trained
 
     # -- parameters ---------------------------------------------------------
-    def named_parameters(self, prefix=""):
-        """(name, parameter, gradient) for every parameter, each array once (tied weights)."""
-        seen, triples = set(), []
-        for index, layer in enumerate(self.layers):
-            for name, param, grad in layer.named_parameters(f"{prefix}{index}."):
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    triples.append((name, param, grad))
-        return triples
-
-    def named_buffers(self, prefix=""):
-        return [item for index, layer in enumerate(self.layers) for item in layer.named_buffers(f"{prefix}{index}.")]
-
-    @property
-    def params(self):
-        return {name: param for name, param, _ in self.named_parameters()}
-
-    @property
-    def grads(self):
-        return {name: grad for name, _, grad in self.named_parameters()}
-
-    def zero_grads(self):
-        for layer in self.layers:
-            layer.zero_grads()
-
-    def train(self, mode=True):
-        self.training = mode
-        for layer in self.layers:
-            layer.train(mode)
-        return self
+    def sublayers(self):
+        return {str(index): layer for index, layer in enumerate(self.layers)}
 
     # -- optimisation -------------------------------------------------------
     def step(self):
@@ -180,21 +151,3 @@ class SequentialLayers(Layer):
             from .optim import SGD
             self.optimizer = SGD(self.named_parameters(), lr=0.01)
         self.optimizer.step()
-
-    # -- weights ------------------------------------------------------------
-    def state_dict(self):
-        """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
-        return {**self.params, **dict(self.named_buffers())}
-
-    def load_weights(self, state_dict):
-        """Copy arrays into the parameters and buffers in place, after checking every name and shape."""
-        params = self.state_dict()
-        missing, unexpected = params.keys() - state_dict.keys(), state_dict.keys() - params.keys()
-        if missing or unexpected:
-            raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        for name, param in params.items():
-            if tuple(state_dict[name].shape) != tuple(param.shape):
-                raise ValueError(f"load_weights: {name} has shape {tuple(state_dict[name].shape)}; "
-                                 f"expected {tuple(param.shape)}")
-        for name, param in params.items():
-            param[...] = backend.array_module(param).asarray(state_dict[name])

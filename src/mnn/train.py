@@ -35,6 +35,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    decay_vectors: bool = True  # False: no weight decay on biases and norm scales
+    beta2: float = 0.999
     momentum: float = 0.9
     warmup_steps: int = 100
     clip: float = 0.0
@@ -54,9 +56,10 @@ def make_task(config):
 def make_optimizer(config, net):
     if config.optimizer not in optim.OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; expected one of {sorted(optim.OPTIMIZERS)}")
+    decay = {"weight_decay": config.weight_decay, "decay_vectors": config.decay_vectors}
     if config.optimizer == "sgd":
-        return optim.SGD(net, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return optim.OPTIMIZERS[config.optimizer](net, lr=config.lr, weight_decay=config.weight_decay)
+        return optim.SGD(net, lr=config.lr, momentum=config.momentum, **decay)
+    return optim.OPTIMIZERS[config.optimizer](net, lr=config.lr, betas=(0.9, config.beta2), **decay)
 
 
 class Trainer:

@@ -90,6 +90,69 @@ class Layer:
         check_floating(self, x, name)
 
 
+class CompositeLayer(Layer):
+    """A layer built from sub-layers (attention, a residual block, a whole network).
+
+    Its parameters are its sub-layers' own arrays, named ``<sub-layer>.<parameter>``, so
+    optimizers and checkpoints see one flat dict; an array shared by two sub-layers
+    (tied weights) is listed once.
+    """
+
+    def __init__(self):  # params and grads are derived from the sub-layers, not stored
+        self.training, self._saved, self.buffers = True, None, {}
+
+    def sublayers(self):
+        """Sub-layers by name, in order."""
+        raise NotImplementedError
+
+    def named_parameters(self, prefix=""):
+        seen, triples = set(), []
+        for name, layer in self.sublayers().items():
+            for triple in layer.named_parameters(f"{prefix}{name}."):
+                if id(triple[1]) not in seen:
+                    seen.add(id(triple[1]))
+                    triples.append(triple)
+        return triples
+
+    def named_buffers(self, prefix=""):
+        return [item for name, layer in self.sublayers().items() for item in layer.named_buffers(f"{prefix}{name}.")]
+
+    def load_weights(self, state_dict):
+        """Copy arrays into the parameters and buffers in place, after checking every name and shape."""
+        targets = self.state_dict()
+        missing, unexpected = targets.keys() - state_dict.keys(), state_dict.keys() - targets.keys()
+        if missing or unexpected:
+            raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, target in targets.items():
+            if tuple(state_dict[name].shape) != tuple(target.shape):
+                raise ValueError(f"load_weights: {name} has shape {tuple(state_dict[name].shape)}; "
+                                 f"expected {tuple(target.shape)}")
+        for name, target in targets.items():
+            target[...] = backend.array_module(target).asarray(state_dict[name])
+
+    def state_dict(self):
+        """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
+        return {**self.params, **dict(self.named_buffers())}
+
+    @property
+    def params(self):
+        return {name: param for name, param, _ in self.named_parameters()}
+
+    @property
+    def grads(self):
+        return {name: grad for name, _, grad in self.named_parameters()}
+
+    def zero_grads(self):
+        for layer in self.sublayers().values():
+            layer.zero_grads()
+
+    def train(self, mode=True):
+        self.training = mode
+        for layer in self.sublayers().values():
+            layer.train(mode)
+        return self
+
+
 def check_floating(layer, x, name="input"):
     if getattr(x, "dtype", None) is None or x.dtype.kind != "f":
         raise ValueError(f"{layer!r}: {name} must be a floating-point array, got "

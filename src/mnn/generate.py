@@ -1,0 +1,39 @@
+"""``mnn generate``: sample text from a GPT checkpoint, one character at a time."""
+import numpy
+
+from . import backend
+from .checkpoint import load_checkpoint
+from .data.text import CharTokenizer
+from .layers.softmax import softmax
+
+
+def next_token_probabilities(logits, temperature, top_k):
+    """Softmax of logits / temperature, keeping only the top k (all when k is 0)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    logits = numpy.asarray(logits, dtype=numpy.float64) / temperature
+    if 0 < top_k < len(logits):
+        logits[logits < numpy.sort(logits)[-top_k]] = -numpy.inf
+    return softmax(logits)
+
+
+def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, seed=0):
+    """``prompt`` followed by ``tokens`` sampled characters; the same seed gives the same text."""
+    ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise ValueError("the prompt must hold at least one character")
+    rng = numpy.random.default_rng(seed)
+    net.eval()
+    for _ in range(tokens):
+        window = backend.to_device(numpy.array(ids[-context:])[None])
+        logits = backend.to_numpy(net(window)[0, -1])
+        ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
+    return tokenizer.decode(ids)
+
+
+def generate_from_checkpoint(path, prompt, tokens=500, temperature=0.8, top_k=0, seed=0):
+    net, document = load_checkpoint(path)
+    if "vocab" not in document:
+        raise ValueError(f"{path}: not a GPT checkpoint (no vocabulary stored)")
+    context = document["architecture"]["kwargs"]["context"]
+    return generate(net, CharTokenizer(document["vocab"]), prompt, tokens, context, temperature, top_k, seed)

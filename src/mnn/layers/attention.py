@@ -1,0 +1,90 @@
+r"""Multi-head self-attention, as in GPT-2: fused QKV projection, scaled dot products, causal mask."""
+import math
+
+from .. import backend
+from .base import CompositeLayer
+from .linear import LinearLayer, MatrixProduct
+from .softmax import SoftmaxLayer
+
+
+class MultiHeadAttention(CompositeLayer):
+    r"""Causal multi-head self-attention over sequences $(B, T, C)$ with $h$ heads of width $d = C/h$.
+
+    **Function.** One fused projection gives queries, keys and values, split into heads:
+
+    $$[Q \mid K \mid V] = X W_{qkv}^\top + b_{qkv}. \tag{1}$$
+
+    Per head, with the causal mask $M_{ts} = 0$ for $s \le t$ and $-\infty$ for $s > t$
+    (a position sees only itself and the past):
+
+    $$S = \frac{Q K^\top}{\sqrt d} + M, \qquad A = \operatorname{softmax}_{\text{rows}}(S), \qquad O = A V, \tag{2}$$
+
+    and the heads, concatenated back to width $C$, are projected: $Y = O W_o^\top + b_o$. (3)
+
+    **Backward**, from $G = \partial L/\partial Y$, each step one of the layers already derived:
+
+    $$\frac{\partial L}{\partial O} = G W_o \quad (\texttt{LinearLayer}, \text{which also accumulates } W_o, b_o), \tag{4}$$
+    $$\frac{\partial L}{\partial A} = \frac{\partial L}{\partial O} V^\top, \qquad
+      \frac{\partial L}{\partial V} = A^\top \frac{\partial L}{\partial O} \quad (\texttt{MatrixProduct}), \tag{5}$$
+    $$\frac{\partial L}{\partial S} = A \odot \Big(\frac{\partial L}{\partial A}
+      - \textstyle\sum_s \frac{\partial L}{\partial A} \odot A\Big) \quad (\texttt{SoftmaxLayer}), \tag{6}$$
+    $$\frac{\partial L}{\partial Q} = \frac{1}{\sqrt d} \frac{\partial L}{\partial S} K, \qquad
+      \frac{\partial L}{\partial K} = \frac{1}{\sqrt d} \Big(\frac{\partial L}{\partial S}\Big)^\top Q
+      \quad (\texttt{MatrixProduct}), \tag{7}$$
+
+    then $\partial L/\partial X$ from Eq. (1) through the QKV ``LinearLayer``. The mask is a
+    constant added to $S$: masked entries have $A = 0$, so Eq. (6) gives them zero
+    gradient with no special case. All heads and the whole batch go through each step as
+    one stacked product of shape $(B, h, T, \cdot)$.
+    """
+
+    def __init__(self, dim, heads, causal=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"MultiHeadAttention: width {dim} is not divisible by {heads} heads")
+        self.dim, self.heads, self.causal = dim, heads, causal
+        self.qkv, self.proj = LinearLayer(dim, 3 * dim), LinearLayer(dim, dim)
+        self.scores, self.softmax, self.mix = MatrixProduct(), SoftmaxLayer(), MatrixProduct()
+
+    def config(self):
+        return {"dim": self.dim, "heads": self.heads, "causal": self.causal}
+
+    def __repr__(self):
+        return f"MultiHeadAttention(dim={self.dim}, heads={self.heads}, causal={self.causal})"
+
+    def sublayers(self):
+        return {"qkv": self.qkv, "proj": self.proj}
+
+    def split_heads(self, x):
+        """(B, T, C) -> (B, h, T, d)."""
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def merge_heads(self, x):
+        """(B, h, T, d) -> (B, T, C)."""
+        batch, _, length, _ = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+
+    def forward(self, x):
+        self.check_input(x, ndim=3, last_dim=self.dim)
+        xp = backend.array_module(x)
+        q, k, v = (self.split_heads(part) for part in xp.split(self.qkv.forward(x), 3, axis=-1))  # Eq. (1)
+        scale = 1 / math.sqrt(self.dim // self.heads)
+        s = self.scores.forward(q * scale, k.swapaxes(-1, -2))  # Eq. (2)
+        if self.causal:
+            length = x.shape[1]
+            s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
+        a = self.softmax.forward(s)
+        self.save(scale)
+        return self.proj.forward(self.merge_heads(self.mix.forward(a, v)))  # Eqs. (2), (3)
+
+    def backward(self, g):
+        (scale,) = self.saved()
+        xp = backend.array_module(g)
+        d_o = self.split_heads(self.proj.backward(g))  # Eq. (4)
+        d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
+        d_s = self.softmax.backward(d_a)  # Eq. (6)
+        d_q, d_k_t = self.scores.backward(d_s)  # Eq. (7)
+        d_qkv = xp.concatenate([self.merge_heads(d_q * scale), self.merge_heads(d_k_t.swapaxes(-1, -2)),
+                                self.merge_heads(d_v)], axis=-1)
+        return self.qkv.backward(d_qkv)  # through Eq. (1)

@@ -1,0 +1,75 @@
+r"""Embeddings: a table lookup for tokens, and learned positions added to them."""
+from .. import backend
+from .base import Layer
+
+
+class EmbeddingLayer(Layer):
+    r"""Token embedding: row $i$ of a table $E \in \mathbb{R}^{V \times d}$ (``weight``) for token $i$.
+
+    $$y_{b,t} = E_{i_{b,t}}. \tag{1}$$
+
+    The indices are integers, so there is no input gradient; each table row receives the
+    gradients of every position that looked it up:
+
+    $$\frac{\partial L}{\partial E_v} = \sum_{(b,t):\ i_{b,t} = v} g_{b,t}. \tag{2}$$
+
+    Eq. (2) is a scatter-add (``add.at``), never a dense one-hot matrix, so it costs
+    $O(B T d)$ whatever the vocabulary size. Initialisation: $\mathcal N(0, 1)$, as PyTorch.
+    """
+
+    def __init__(self, num_embeddings, dim):
+        super().__init__()
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.add_param("weight", backend.to_device(backend.rng().standard_normal((num_embeddings, dim)),
+                                                   backend.default_dtype()))
+
+    def config(self):
+        return {"num_embeddings": self.num_embeddings, "dim": self.dim}
+
+    def forward(self, indices):
+        if indices.dtype.kind not in "iu":
+            raise ValueError(f"{self!r}: input must be integer token indices, got {indices.dtype}")
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
+            raise ValueError(f"{self!r}: token indices must lie in [0, {self.num_embeddings}), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        self.save(indices)
+        return self.params["weight"][indices]  # Eq. (1)
+
+    def backward(self, g):
+        (indices,) = self.saved()
+        xp = backend.array_module(g)
+        xp.add.at(self.grads["weight"], indices.reshape(-1), g.reshape(-1, self.dim))  # Eq. (2)
+        return None  # integer inputs have no gradient
+
+
+class PositionalEmbeddingLayer(Layer):
+    r"""Learned positions: adds row $t$ of $P \in \mathbb{R}^{T_{\max} \times d}$ (``weight``) at position $t$.
+
+    $$y_{b,t} = x_{b,t} + P_t. \tag{1}$$
+
+    $$\frac{\partial L}{\partial x} = g, \qquad \frac{\partial L}{\partial P_t} = \sum_b g_{b,t}. \tag{2}$$
+
+    Sequences shorter than $T_{\max}$ use the first rows. Initialisation: $\mathcal N(0, 1)$.
+    """
+
+    def __init__(self, context, dim):
+        super().__init__()
+        self.context, self.dim = context, dim
+        self.add_param("weight", backend.to_device(backend.rng().standard_normal((context, dim)),
+                                                   backend.default_dtype()))
+
+    def config(self):
+        return {"context": self.context, "dim": self.dim}
+
+    def forward(self, x):
+        self.check_input(x, ndim=3, last_dim=self.dim)
+        if x.shape[1] > self.context:
+            raise ValueError(f"{self!r}: sequence of length {x.shape[1]} (input {tuple(x.shape)}) exceeds "
+                             f"the context {self.context}")
+        self.save(x.shape[1])
+        return x + self.params["weight"][:x.shape[1]]  # Eq. (1)
+
+    def backward(self, g):
+        (length,) = self.saved()
+        self.grads["weight"][:length] += g.sum(axis=0)  # Eq. (2)
+        return g

@@ -1,0 +1,142 @@
+"""The GPT's layers and the whole model against finite differences and a PyTorch GPT with identical weights."""
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+import mnn
+from bench.torch_mirror import mirror
+from mnn import models, optim
+from mnn.data.text import CharTokenizer, locate_text
+from mnn.generate import generate
+from mnn.gradcheck import check_layer
+from reference import assert_matches_torch, max_relative_difference
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TOL = 1e-6
+
+
+def test_embedding(float64, rng):
+    layer = mnn.EmbeddingLayer(7, 5)
+    indices = rng.integers(0, 7, (3, 4))
+    indices[0, :2] = 2  # repeated tokens must add up
+    assert max(check_layer(layer, indices).values()) <= TOL
+    model, _, _ = mirror(mnn.SequentialLayers([layer]), torch.float64)
+    layer.zero_grads()
+    out = layer.forward(indices)
+    upstream = rng.standard_normal(out.shape)
+    assert layer.backward(upstream) is None
+    model(torch.tensor(indices)).backward(torch.tensor(upstream))
+    assert max_relative_difference(layer.grads["weight"], model[0].weight.grad.numpy()) <= TOL
+
+
+def test_positional_embedding(float64, rng):
+    layer = mnn.PositionalEmbeddingLayer(6, 4)
+    x = rng.standard_normal((2, 5, 4))
+    assert max(check_layer(layer, x).values()) <= TOL
+    model, _, _ = mirror(mnn.SequentialLayers([layer]), torch.float64)
+    assert_matches_torch(layer, lambda x, params: x + params["weight"][:5], x)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention(causal, float64, rng):
+    layer = mnn.MultiHeadAttention(8, 2, causal=causal)
+    x = rng.standard_normal((2, 5, 8))
+    assert max(check_layer(layer, x).values()) <= TOL
+    model, _, pairs = mirror(mnn.SequentialLayers([layer]), torch.float64)
+    compare_with_mirror(layer, model, pairs, x, rng)
+
+
+def test_attention_is_causal(float64, rng):
+    layer = mnn.MultiHeadAttention(8, 2)
+    x = rng.standard_normal((1, 6, 8))
+    changed = x.copy()
+    changed[0, 4:] += 1.0
+    assert numpy.allclose(layer.forward(x)[0, :4], layer.forward(changed)[0, :4])
+
+
+def test_residual_block(float64, rng):
+    body = mnn.SequentialLayers([mnn.LayerNormLayer(6), mnn.LinearLayer(6, 6), mnn.GeluLayer()])
+    block = mnn.ResidualBlock(body)
+    x = rng.standard_normal((3, 4, 6))
+    assert set(block.params) == {"0.weight", "0.bias", "1.w", "1.b"}
+    assert max(check_layer(block, x).values()) <= TOL
+    model, _, pairs = mirror(mnn.SequentialLayers([block]), torch.float64)
+    compare_with_mirror(block, model, pairs, x, rng)
+
+
+def compare_with_mirror(layer, model, pairs, x, rng):
+    layer.zero_grads()
+    out = layer.forward(x)
+    upstream = rng.standard_normal(out.shape)
+    dx = layer.backward(upstream)
+    tx = torch.tensor(x, requires_grad=True)
+    t_out = model(tx)
+    t_out.backward(torch.tensor(upstream))
+    assert max_relative_difference(out, t_out.detach().numpy()) <= TOL
+    assert max_relative_difference(dx, tx.grad.numpy()) <= TOL
+    grads = layer.grads
+    for name, parameter in pairs:
+        assert max_relative_difference(grads[name.removeprefix("0.")], parameter.grad.numpy()) <= TOL, name
+
+
+def small_gpt(tie_weights=True):
+    mnn.backend.seed(0)
+    return models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, tie_weights=tie_weights)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_whole_gpt_gradients_equal_torch(tie_weights, float64, rng):
+    net = small_gpt(tie_weights)
+    model, loss_fn, pairs = mirror(net, torch.float64)
+    x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+    loss = net(x, y)
+    net.backward()
+    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+    t_loss.backward()
+    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
+    grads = net.grads
+    assert len(pairs) == len(grads) == len(list(model.parameters()))
+    for name, parameter in pairs:
+        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= TOL, name
+
+
+def test_adamw_steps_of_the_whole_gpt_equal_torch(float64, rng):
+    net = small_gpt()
+    model, loss_fn, _ = mirror(net, torch.float64)
+    net.optimizer = optim.AdamW(net, lr=1e-2, weight_decay=0.1)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+        net.zero_grads()
+        loss = float(net(x, y))
+        net.backward()
+        net.step()
+        torch_optimizer.zero_grad()
+        t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+        t_loss.backward()
+        torch_optimizer.step()
+        assert abs(loss - t_loss.item()) <= 1e-10
+
+
+def test_generation_is_reproducible_and_checks_the_prompt():
+    net = small_gpt()
+    tokenizer = CharTokenizer("abcdefghij\n")
+    first = generate(net, tokenizer, "abc", 20, context=8, top_k=3, seed=5)
+    assert first == generate(net, tokenizer, "abc", 20, context=8, top_k=3, seed=5)
+    assert len(first) == 23 and first.startswith("abc") and set(first) <= set(tokenizer.chars)
+    with pytest.raises(ValueError, match=r"not in the vocabulary: 'XZ'"):
+        generate(net, tokenizer, "aXbZ", 5, context=8)
+
+
+def test_tinyshakespeare_from_the_shared_folder_and_a_checked_download(tmp_path, monkeypatch):
+    assert locate_text(SHAKESPEARE).stat().st_size == 1115394
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+    import mnn.data.text as text
+    found = locate_text(url=SHAKESPEARE.as_uri())
+    assert found == tmp_path / "tinyshakespeare" / "tinyshakespeare.txt"
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path / "other"))
+    with pytest.raises(mnn.data.ChecksumError):
+        locate_text(url=SHAKESPEARE.as_uri(), sha256="0" * 64)
+    assert text.TINY_SHAKESPEARE_SHA256.startswith("86c4e6aa")
