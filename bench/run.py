@@ -32,17 +32,15 @@ CASES = {
     "mlp-1024": {"model": {"name": "mlp", "kwargs": {"hidden": [256], "dropout": 0}}, "batch": 1024,
                  "input": (1, 28, 28)},
     "cnn-128": {"model": {"name": "cnn", "kwargs": {}}, "batch": 128, "input": (1, 28, 28)},
+    "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 65, "context": 64}}, "batch": 12, "tokens": (65, 64)},
 }
 TINY = {
     "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0}}, "batch": 8, "input": (1, 28, 28)},
     "cnn-128": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": 16}}, "batch": 4,
                 "input": (1, 28, 28)},
+    "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 11, "context": 8, "layers": 1, "width": 16}},
+               "batch": 2, "tokens": (11, 8)},
 }
-
-
-def register_case(name, case, tiny):
-    """Model issues add their rows here (the GPT registers itself when present)."""
-    CASES[name], TINY[name] = case, tiny
 
 
 def make_batch(case, rng):
@@ -88,19 +86,17 @@ def gemm_flops(net, batch):
     return 3 * total
 
 
-def iter_layers(net):
-    for layer in getattr(net, "layers", []):
-        yield layer
-        yield from iter_layers(layer)
-        for sub in getattr(layer, "sublayers", lambda: [])():
-            yield sub
+def iter_layers(layer):
+    yield layer
+    if isinstance(layer, mnn.CompositeLayer):
+        for sub in layer.sublayers().values():
             yield from iter_layers(sub)
 
 
 def layer_flops(layer):
     if isinstance(layer, mnn.LinearLayer):
-        (x,) = layer.saved()
-        return 2 * x.size * layer.out_features
+        rows = layer.saved()[0]
+        return 2 * rows.size * layer.out_features
     if isinstance(layer, mnn.Conv2dLayer):
         cols = layer.saved()[0]
         return 2 * cols.size * layer.out_channels
@@ -191,7 +187,6 @@ def table(results, rate, threads):
 
 
 def main(argv=None):
-    load_model_cases()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=30)
@@ -224,14 +219,6 @@ def main(argv=None):
             json.dump({"machine": machine(), "threads": args.threads, "gemm": rate, "results": results,
                        "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
     return 0
-
-
-def load_model_cases():
-    """Import the optional rows (the GPT) that register themselves."""
-    try:
-        from . import gpt_case  # noqa: F401
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

@@ -63,8 +63,11 @@ class SGD(Optimizer):
     r"""Stochastic gradient descent with optional momentum, Nesterov and weight decay.
 
     $$g \leftarrow g + \lambda \theta \quad\text{(weight decay)} \tag{1}$$
+
     $$b \leftarrow \mu b + (1 - \tau) g \quad (b = g \text{ at the first step}) \tag{2}$$
+
     $$d = g + \mu b \ \text{(Nesterov)}, \qquad d = b \ \text{(otherwise)} \tag{3}$$
+
     $$\theta \leftarrow \theta - \eta\, d \tag{4}$$
 
     Without momentum ($\mu = 0$), $d = g$ and Eq. (4) is plain gradient descent.
@@ -97,7 +100,9 @@ class Adam(Optimizer):
     r"""Adam (Kingma and Ba), with L2 weight decay added to the gradient as in ``torch.optim.Adam``.
 
     $$g \leftarrow g + \lambda\theta \tag{1}$$
+
     $$m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \tag{2}$$
+
     $$\theta \leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
       \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
     """

@@ -32,13 +32,15 @@ class SequentialLayers(CompositeLayer):
     ``step()`` applies the network's optimizer: Eq. (4) (``mnn.optim.SGD``, $\eta = 0.01$)
     unless another was set with ``net.optimizer = ...``.
 
-    Usage::
+    Usage:
 
-        net = SequentialLayers([LinearLayer(784, 128), ReluLayer(), LinearLayer(128, 10),
-                                CrossEntropyLossLayer()])
-        loss = net(images, labels)      # forward, returns the mean loss
-        net.zero_grads(); net.backward(); net.step()
-        scores = net(images)            # without targets: the output before the loss
+    ```python
+    net = SequentialLayers([LinearLayer(784, 128), ReluLayer(), LinearLayer(128, 10),
+                            CrossEntropyLossLayer()])
+    loss = net(images, labels)      # forward, returns the mean loss
+    net.zero_grads(); net.backward(); net.step()
+    scores = net(images)            # without targets: the output before the loss
+    ```
 
     A ``SequentialLayers`` is itself a layer: without a loss at the end, ``forward(x)`` and
     ``backward(g)`` follow the layer contract, so it can sit inside another network.

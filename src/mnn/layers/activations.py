@@ -26,6 +26,7 @@ class ReluLayer(ElementwiseLayer):
     r"""Rectified linear unit, $y = \max(x, 0)$.
 
     $$f'(x) = \mathbb{1}[x > 0], \tag{1}$$
+
     $$\frac{\partial L}{\partial x} = g \odot \mathbb{1}[y > 0]. \tag{2}$$
 
     (At $x = 0$ we take the subgradient 0, as PyTorch does.)
@@ -48,6 +49,7 @@ class SigmoidLayer(ElementwiseLayer):
     $y (1 + e^{-x}) = 1$ gives
 
     $$f'(x) = \sigma(x)\,(1 - \sigma(x)) = y (1 - y), \tag{1}$$
+
     $$\frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{2}$$
     """
 
@@ -66,6 +68,7 @@ class TanhLayer(ElementwiseLayer):
     r"""Hyperbolic tangent, $y = \tanh x$.
 
     $$f'(x) = 1 - \tanh^2 x = 1 - y^2, \tag{1}$$
+
     $$\frac{\partial L}{\partial x} = g \odot (1 - y^2). \tag{2}$$
     """
 
@@ -89,6 +92,7 @@ class GeluLayer(ElementwiseLayer):
     By the product rule and $\tanh' = 1 - \tanh^2$:
 
     $$f'(x) = \tfrac12 (1 + t) + \tfrac12\, x\, (1 - t^2)\, c\,(1 + 3 \cdot 0.044715\, x^2), \tag{2}$$
+
     $$\frac{\partial L}{\partial x} = g \odot f'(x). \tag{3}$$
 
     This matches ``torch.nn.GELU(approximate="tanh")``.

@@ -24,10 +24,13 @@ class MultiHeadAttention(CompositeLayer):
     **Backward**, from $G = \partial L/\partial Y$, each step one of the layers already derived:
 
     $$\frac{\partial L}{\partial O} = G W_o \quad (\texttt{LinearLayer}, \text{which also accumulates } W_o, b_o), \tag{4}$$
+
     $$\frac{\partial L}{\partial A} = \frac{\partial L}{\partial O} V^\top, \qquad
       \frac{\partial L}{\partial V} = A^\top \frac{\partial L}{\partial O} \quad (\texttt{MatrixProduct}), \tag{5}$$
-    $$\frac{\partial L}{\partial S} = A \odot \Big(\frac{\partial L}{\partial A}
-      - \textstyle\sum_s \frac{\partial L}{\partial A} \odot A\Big) \quad (\texttt{SoftmaxLayer}), \tag{6}$$
+
+    $$\frac{\partial L}{\partial S} = A \odot \Big(\frac{\partial L}{\partial A} -
+      \textstyle\sum_s \frac{\partial L}{\partial A} \odot A\Big) \quad (\texttt{SoftmaxLayer}), \tag{6}$$
+
     $$\frac{\partial L}{\partial Q} = \frac{1}{\sqrt d} \frac{\partial L}{\partial S} K, \qquad
       \frac{\partial L}{\partial K} = \frac{1}{\sqrt d} \Big(\frac{\partial L}{\partial S}\Big)^\top Q
       \quad (\texttt{MatrixProduct}), \tag{7}$$
@@ -53,7 +56,7 @@ class MultiHeadAttention(CompositeLayer):
         return f"MultiHeadAttention(dim={self.dim}, heads={self.heads}, causal={self.causal})"
 
     def sublayers(self):
-        return {"qkv": self.qkv, "proj": self.proj}
+        return {"qkv": self.qkv, "scores": self.scores, "softmax": self.softmax, "mix": self.mix, "proj": self.proj}
 
     def split_heads(self, x):
         """(B, T, C) -> (B, h, T, d)."""

@@ -41,8 +41,10 @@ class Conv2dLayer(Layer):
     $W_{\text{col}}[o, (p,q,c)] = W_{o,c,p,q}$ and $g$ to $G_{\text{col}}[(b,i,j), o]$. Then
 
     $$Y_{\text{col}} = X_{\text{col}} W_{\text{col}}^\top + b, \tag{4}$$
+
     $$\frac{\partial L}{\partial W_{\text{col}}} \mathrel{+}= G_{\text{col}}^\top X_{\text{col}}, \qquad
       \frac{\partial L}{\partial b} \mathrel{+}= \textstyle\sum_{\text{rows}} G_{\text{col}}, \tag{5}$$
+
     $$\frac{\partial L}{\partial \tilde x_{[:,\ s i + p,\ s j + q]}} \mathrel{+}= G_{\text{col}}\, W_{[:,:,p,q]}
       \quad \text{for each offset } (p, q). \tag{6}$$
 

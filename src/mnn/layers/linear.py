@@ -26,7 +26,9 @@ class LinearLayer(Layer):
     $Y = X W^\top + b$ (3) and Eq. (2), summed over the batch, becomes one GEMM each:
 
     $$\frac{\partial L}{\partial X} = G W, \tag{4}$$
+
     $$\frac{\partial L}{\partial W} \mathrel{+}= G^\top X, \tag{5}$$
+
     $$\frac{\partial L}{\partial b} \mathrel{+}= \textstyle\sum_{\text{rows}} G. \tag{6}$$
 
     Leading dimensions beyond the batch (a sequence ``(B, T, n)``) are folded into the rows.
@@ -46,20 +48,22 @@ class LinearLayer(Layer):
 
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.in_features)
-        self.save(x)
-        y = x @ self.params["w"].T  # Eq. (3)
+        rows = x.reshape(-1, self.in_features)  # one GEMM for all rows, not one per sequence
+        self.save(rows, x.shape)
+        y = rows @ self.params["w"].T  # Eq. (3)
         if self.bias:
             y += self.params["b"]
-        return y
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, g):
-        (x,) = self.saved()
+        rows_x, shape = self.saved()
         rows_g = g.reshape(-1, self.out_features)
-        rows_x = x.reshape(-1, self.in_features)
         self.grads["w"] += rows_g.T @ rows_x  # Eq. (5)
         if self.bias:
             self.grads["b"] += rows_g.sum(axis=0)  # Eq. (6)
-        return g @ self.params["w"] if self.input_grad else None  # Eq. (4)
+        if not self.input_grad:
+            return None
+        return (rows_g @ self.params["w"]).reshape(shape)  # Eq. (4)
 
 
 class MatrixProduct(Layer):
@@ -71,6 +75,7 @@ class MatrixProduct(Layer):
     $\partial C_{ik}/\partial B_{jk} = A_{ij}$, so with $G = \partial L/\partial C$
 
     $$\frac{\partial L}{\partial A} = G B^\top, \tag{2}$$
+
     $$\frac{\partial L}{\partial B} = A^\top G. \tag{3}$$
 
     Both are GEMMs; with leading batch dimensions ``matmul`` broadcasts them over the

@@ -12,6 +12,7 @@ class MSELossLayer(LossLayer):
     r"""Mean squared error over all $N$ entries, as ``torch.nn.MSELoss()``.
 
     $$L = \frac1N \sum_i (x_i - t_i)^2, \tag{1}$$
+
     $$\frac{\partial L}{\partial x_i} = \frac{2}{N} (x_i - t_i). \tag{2}$$
     """
 
@@ -56,6 +57,7 @@ class NllLossLayer(LossLayer):
     labels $t_n$ index the class axis for each of the $N$ rows.
 
     $$L = -\frac1N \sum_n x_{n, t_n}, \tag{1}$$
+
     $$\frac{\partial L}{\partial x_{n c}} = -\frac1N\, \mathbb{1}[c = t_n]. \tag{2}$$
 
     Eq. (2) is written by scattering $-1/N$ into a zero array; no one-hot is built.

@@ -72,8 +72,8 @@ class BatchNormLayer(Layer):
     and the input gradient is Eq. (N) of the module with $\hat g = \gamma g$. As $\gamma$ is
     constant over the sums, and those sums are Eq. (2)'s:
 
-    $$\frac{\partial L}{\partial x} = \frac{\gamma}{\sigma}\Big(g - \frac{1}{N}\frac{\partial L}{\partial \beta}
-      - \hat x\, \frac{1}{N}\frac{\partial L}{\partial \gamma}\Big). \tag{3}$$
+    $$\frac{\partial L}{\partial x} = \frac{\gamma}{\sigma}\Big(g - \frac{1}{N}\frac{\partial L}{\partial \beta} -
+      \hat x\, \frac{1}{N}\frac{\partial L}{\partial \gamma}\Big). \tag{3}$$
 
     **Running statistics** (used in eval mode), with momentum $m$ and the unbiased variance:
 
@@ -153,9 +153,13 @@ class BatchNormLayer(Layer):
 class BatchNorm2dLayer(BatchNormLayer):
     r"""Batch normalisation of $(B, C, H, W)$ images per channel (``torch.nn.BatchNorm2d``).
 
-    Exactly ``BatchNormLayer`` with the statistics of each channel taken over
-    $N = B H W$ entries (batch and both spatial axes): the rows are the pixels of the
-    channels-last view, and Eqs. (1)-(5) there apply unchanged.
+    Exactly ``BatchNormLayer`` with the statistics of each channel $c$ taken over
+    $N = B H W$ entries (batch and both spatial axes),
+
+    $$\mu_c = \frac{1}{BHW} \sum_{b,h,w} x_{b,c,h,w}, \qquad
+      \sigma_c^2 = \frac{1}{BHW} \sum_{b,h,w} (x_{b,c,h,w} - \mu_c)^2,$$
+
+    so the rows are the pixels of the channels-last view, and Eqs. (1)-(5) there apply unchanged.
     """
 
     ndim = 4
@@ -174,6 +178,7 @@ class LayerNormLayer(Layer):
     Each row (a token's $D$ features) is normalised on its own, $N = D$:
 
     $$\hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad y = \gamma \odot \hat x + \beta, \tag{1}$$
+
     $$\frac{\partial L}{\partial \gamma} = \sum_{\text{rows}} g \odot \hat x, \qquad
       \frac{\partial L}{\partial \beta} = \sum_{\text{rows}} g, \tag{2}$$
 
