@@ -31,7 +31,7 @@ PARAMETRIZED = {  # mnn layer -> (torch module factory, {mnn name: torch name})
                            {"weight": "weight", "bias": "bias"}),
     mnn.BatchNormLayer: (lambda l: torch.nn.BatchNorm1d(l.num_features, l.eps, l.momentum),
                          {"weight": "weight", "bias": "bias"}),
-    mnn.LayerNormLayer: (lambda l: torch.nn.LayerNorm(l.dim, l.eps), {"weight": "weight", "bias": "bias"}),
+    mnn.LayerNormLayer: (lambda l: torch.nn.LayerNorm(l.dim, l.eps, bias=l.bias), {"weight": "weight", "bias": "bias"}),
     mnn.EmbeddingLayer: (lambda l: torch.nn.Embedding(l.num_embeddings, l.dim), {"weight": "weight"}),
     mnn.PositionalEmbeddingLayer: (lambda l: AddPositions(l.context, l.dim), {"weight": "weight"}),
 }
@@ -63,10 +63,10 @@ class Residual(torch.nn.Module):
 class CausalSelfAttention(torch.nn.Module):
     """nanoGPT's attention: fused c_attn, scaled dot-product attention, c_proj."""
 
-    def __init__(self, dim, heads, causal):
+    def __init__(self, dim, heads, causal, bias):
         super().__init__()
         self.heads, self.causal = heads, causal
-        self.c_attn, self.c_proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.c_attn, self.c_proj = torch.nn.Linear(dim, 3 * dim, bias), torch.nn.Linear(dim, dim, bias)
 
     def forward(self, x):
         batch, length, dim = x.shape
@@ -77,7 +77,7 @@ class CausalSelfAttention(torch.nn.Module):
 
 
 def convert_attention(layer, pairs, prefix, dtype, shared):
-    module = CausalSelfAttention(layer.dim, layer.heads, layer.causal).to(dtype)
+    module = CausalSelfAttention(layer.dim, layer.heads, layer.causal, layer.bias).to(dtype)
     copy_params(layer.qkv, module.c_attn, {"w": "weight", "b": "bias"}, pairs, f"{prefix}qkv.", dtype, shared)
     copy_params(layer.proj, module.c_proj, {"w": "weight", "b": "bias"}, pairs, f"{prefix}proj.", dtype, shared)
     return module

@@ -81,14 +81,14 @@ def compare_with_mirror(layer, model, pairs, x, rng):
         assert max_relative_difference(grads[name.removeprefix("0.")], parameter.grad.numpy()) <= TOL, name
 
 
-def small_gpt(tie_weights=True):
+def small_gpt(tie_weights=True, bias=False):
     mnn.backend.seed(0)
-    return models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, tie_weights=tie_weights)
+    return models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, tie_weights=tie_weights, bias=bias)
 
 
-@pytest.mark.parametrize("tie_weights", [True, False])
-def test_whole_gpt_gradients_equal_torch(tie_weights, float64, rng):
-    net = small_gpt(tie_weights)
+@pytest.mark.parametrize("tie_weights,bias", [(True, False), (False, True)])
+def test_whole_gpt_gradients_equal_torch(tie_weights, bias, float64, rng):
+    net = small_gpt(tie_weights, bias)
     model, loss_fn, pairs = mirror(net, torch.float64)
     x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
     loss = net(x, y)

@@ -114,3 +114,13 @@ def test_wrong_channel_count():
         mnn.BatchNorm2dLayer(4).forward(numpy.zeros((2, 3, 8, 8), numpy.float32))
     with pytest.raises(ValueError, match=r"expected 4 dimensions"):
         mnn.Conv2dLayer(1, 4, 3).forward(numpy.zeros((2, 8, 8), numpy.float32))
+
+
+def test_layer_norm_without_bias(float64, rng):
+    layer = randomize_affine(mnn.LayerNormLayer(6), rng)
+    unbiased = mnn.LayerNormLayer(6, bias=False)
+    unbiased.params["weight"][...] = layer.params["weight"]
+    x = rng.standard_normal((3, 6))
+    assert set(unbiased.params) == {"weight"}
+    assert max(check_layer(unbiased, x).values()) <= TOL
+    assert_matches_torch(unbiased, lambda x, params: F.layer_norm(x, (6,), params["weight"]), x)

@@ -40,28 +40,29 @@ def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10,
     return SequentialLayers(layers + [LinearLayer(hidden, classes), CrossEntropyLossLayer()])
 
 
-def transformer_block(width, heads, dropout=0.0):
+def transformer_block(width, heads, dropout=0.0, bias=True):
     """Pre-norm GPT-2 block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))."""
     drop = [DropoutLayer(dropout)] if dropout else []
-    attention = SequentialLayers([LayerNormLayer(width), MultiHeadAttention(width, heads), *drop])
-    mlp = SequentialLayers([LayerNormLayer(width), LinearLayer(width, 4 * width), GeluLayer(),
-                            LinearLayer(4 * width, width), *drop])
+    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias), *drop])
+    mlp = SequentialLayers([LayerNormLayer(width, bias=bias), LinearLayer(width, 4 * width, bias), GeluLayer(),
+                            LinearLayer(4 * width, width, bias), *drop])
     return SequentialLayers([ResidualBlock(attention), ResidualBlock(mlp)])
 
 
-def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_weights=True):
+def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_weights=True, bias=False):
     """A character-level GPT: token and position embeddings, pre-norm blocks, LayerNorm, linear head.
 
     Initialised as GPT-2: weights N(0, 0.02), biases 0, and each residual branch's output
     projection N(0, 0.02 / sqrt(2 * layers)). With ``tie_weights`` the head uses the token
-    embedding's table (one array, one gradient).
+    embedding's table (one array, one gradient). ``bias=False`` (nanoGPT's default) leaves
+    the biases out of the linear and LayerNorm layers.
     """
     embedding = EmbeddingLayer(vocab_size, width)
     head = LinearLayer(width, vocab_size, bias=False)
-    blocks = [transformer_block(width, heads, dropout) for _ in range(layers)]
+    blocks = [transformer_block(width, heads, dropout, bias) for _ in range(layers)]
     net = SequentialLayers([embedding, PositionalEmbeddingLayer(context, width),
                             *([DropoutLayer(dropout)] if dropout else []), *blocks,
-                            LayerNormLayer(width), head, CrossEntropyLossLayer()])
+                            LayerNormLayer(width, bias=bias), head, CrossEntropyLossLayer()])
     init_gpt2(net, blocks, layers)
     if tie_weights:
         head.params["w"], head.grads["w"] = embedding.params["weight"], embedding.grads["weight"]

@@ -41,16 +41,16 @@ class MultiHeadAttention(CompositeLayer):
     one stacked product of shape $(B, h, T, \cdot)$.
     """
 
-    def __init__(self, dim, heads, causal=True):
+    def __init__(self, dim, heads, causal=True, bias=True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: width {dim} is not divisible by {heads} heads")
-        self.dim, self.heads, self.causal = dim, heads, causal
-        self.qkv, self.proj = LinearLayer(dim, 3 * dim), LinearLayer(dim, dim)
+        self.dim, self.heads, self.causal, self.bias = dim, heads, causal, bias
+        self.qkv, self.proj = LinearLayer(dim, 3 * dim, bias), LinearLayer(dim, dim, bias)
         self.scores, self.softmax, self.mix = MatrixProduct(), SoftmaxLayer(), MatrixProduct()
 
     def config(self):
-        return {"dim": self.dim, "heads": self.heads, "causal": self.causal}
+        return {"dim": self.dim, "heads": self.heads, "causal": self.causal, "bias": self.bias}
 
     def __repr__(self):
         return f"MultiHeadAttention(dim={self.dim}, heads={self.heads}, causal={self.causal})"

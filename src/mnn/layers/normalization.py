@@ -183,28 +183,34 @@ class LayerNormLayer(Layer):
       \frac{\partial L}{\partial \beta} = \sum_{\text{rows}} g, \tag{2}$$
 
     and the input gradient is Eq. (N) of the module with $\hat g = \gamma \odot g$, its sums taken
-    along the row. (3) Same in training and eval: no batch statistics.
+    along the row. (3) Same in training and eval: no batch statistics. With ``bias=False``
+    there is no $\beta$ (as ``torch.nn.LayerNorm(dim, bias=False)``).
     """
 
-    def __init__(self, dim, eps=1e-5):
+    def __init__(self, dim, eps=1e-5, bias=True):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim, self.eps, self.bias = dim, eps, bias
         xp, dtype = backend.xp(), backend.default_dtype()
         self.add_param("weight", xp.ones(dim, dtype=dtype))
-        self.add_param("bias", xp.zeros(dim, dtype=dtype))
+        if bias:
+            self.add_param("bias", xp.zeros(dim, dtype=dtype))
 
     def config(self):
-        return {"dim": self.dim, "eps": self.eps}
+        return {"dim": self.dim, "eps": self.eps, "bias": self.bias}
 
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
         self.save(x_hat, inv_std)
-        return x_hat * self.params["weight"] + self.params["bias"]
+        y = x_hat * self.params["weight"]
+        if self.bias:
+            y += self.params["bias"]
+        return y
 
     def backward(self, g):
         x_hat, inv_std = self.saved()
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
-        self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
+        if self.bias:
+            self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
         return normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)
