@@ -64,3 +64,25 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"\x80\x04junk")
     assert cli.main(["test", str(tmp_path / "x.safetensors")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_cli_gradcheck_covers_every_layer(capsys):
+    import mnn
+    assert cli.main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    for name in set(mnn.layers.__all__) - {"Layer", "LossLayer", "CompositeLayer"}:
+        assert name in out, name
+
+
+def test_cli_generate_from_a_tiny_gpt_run(tmp_path, capsys):
+    from test_gpt import SHAKESPEARE
+    run = tmp_path / "gpt"
+    assert cli.main(["train", "--model", "gpt", "--data-dir", str(SHAKESPEARE), "--steps", "3", "--eval-every", "3",
+                     "--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--out", str(run),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", str(run / CHECKPOINT), "--prompt", "ROMEO:", "--tokens", "30", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 36
+    assert cli.main(["generate", str(run / CHECKPOINT), "--prompt", "~@"]) == 2
+    assert "not in the vocabulary" in capsys.readouterr().err

@@ -44,6 +44,8 @@ def add_train_arguments(parser):
     size.add_argument("--heads", type=int, help="GPT attention heads")
     size.add_argument("--width", type=int, help="GPT embedding width")
     size.add_argument("--context", type=int, help="GPT context length")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="array module: numpy (CPU) or cupy (NVIDIA GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -63,6 +65,7 @@ def config_from(args):
 
 def command_train(args):
     backend.keep_freed_memory()
+    backend.use(args.backend)
     if args.resume:
         trainer = Trainer.resume(args.resume, quiet=args.quiet)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.total_steps}")

@@ -71,3 +71,57 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
             error = relative_error(float((grad * direction).sum()), numeric)
             errors[name] = max(errors.get(name, 0.0), error)
     return errors
+
+
+def standard_cases(rng):
+    """(name, layer, inputs, targets) for every mnn layer, sized for a quick check in float64."""
+    from . import layers as L
+    from .seq_layers import SequentialLayers
+
+    def normal(*shape):
+        return rng.standard_normal(shape)
+
+    def labels(*shape, classes=4):
+        return rng.integers(0, classes, shape)
+
+    log_probs = normal(5, 4)
+    log_probs -= numpy.log(numpy.exp(log_probs).sum(-1, keepdims=True))
+    return [
+        ("LinearLayer", L.LinearLayer(5, 3), [normal(4, 5)], None),
+        ("ReluLayer", L.ReluLayer(), [normal(4, 6)], None),
+        ("SigmoidLayer", L.SigmoidLayer(), [normal(4, 6)], None),
+        ("TanhLayer", L.TanhLayer(), [normal(4, 6)], None),
+        ("GeluLayer", L.GeluLayer(), [normal(4, 6)], None),
+        ("SoftmaxLayer", L.SoftmaxLayer(), [normal(4, 6)], None),
+        ("LogSoftmaxLayer", L.LogSoftmaxLayer(), [normal(4, 6)], None),
+        ("FlattenLayer", L.FlattenLayer(), [normal(2, 3, 4)], None),
+        ("DropoutLayer (eval)", L.DropoutLayer(0.5).eval(), [normal(3, 4)], None),
+        ("MatrixProduct", L.MatrixProduct(), [normal(2, 3, 4), normal(2, 4, 5)], None),
+        ("MSELossLayer", L.MSELossLayer(), [normal(4, 3)], normal(4, 3)),
+        ("NllLossLayer", L.NllLossLayer(), [log_probs], labels(5)),
+        ("CrossEntropyLossLayer", L.CrossEntropyLossLayer(), [normal(5, 4)], labels(5)),
+        ("Conv2dLayer", L.Conv2dLayer(2, 3, 3, stride=2, padding=1), [normal(2, 2, 7, 6)], None),
+        ("MaxPool2dLayer", L.MaxPool2dLayer(2), [normal(2, 3, 6, 6)], None),
+        ("AvgPool2dLayer", L.AvgPool2dLayer(3, 2), [normal(2, 3, 7, 7)], None),
+        ("BatchNormLayer", L.BatchNormLayer(4), [normal(6, 4)], None),
+        ("BatchNorm2dLayer", L.BatchNorm2dLayer(3), [normal(2, 3, 4, 4)], None),
+        ("LayerNormLayer", L.LayerNormLayer(6), [normal(3, 6)], None),
+        ("EmbeddingLayer", L.EmbeddingLayer(7, 5), [labels(3, 4, classes=7)], None),
+        ("PositionalEmbeddingLayer", L.PositionalEmbeddingLayer(6, 4), [normal(2, 5, 4)], None),
+        ("MultiHeadAttention", L.MultiHeadAttention(8, 2), [normal(2, 5, 8)], None),
+        ("ResidualBlock", L.ResidualBlock(SequentialLayers([L.LayerNormLayer(4), L.LinearLayer(4, 4)])),
+         [normal(3, 4)], None),
+    ]
+
+
+def check_all_layers(seed=0):
+    """Run ``check_layer`` on every mnn layer; yields (name, errors)."""
+    from . import backend
+
+    previous = backend.default_dtype()
+    backend.set_default_dtype(numpy.float64)
+    try:
+        for name, layer, inputs, targets in standard_cases(numpy.random.default_rng(seed)):
+            yield name, check_layer(layer, *inputs, targets=targets)
+    finally:
+        backend.set_default_dtype(previous)
