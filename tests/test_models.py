@@ -8,13 +8,13 @@ from reference import max_relative_difference
 
 def torch_cnn(net):
     """The same CNN in torch, weights copied from ``net`` (batch norm in training mode)."""
-    conv1, bn1, conv2, bn2, linear1, linear2 = [net.layers[i] for i in (0, 1, 4, 5, 9, 11)]
+    conv1, bn1, conv2, bn2, linear1, linear2 = [net.layers[i] for i in (0, 2, 4, 6, 9, 11)]
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(6 * 7 * 7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).double()
-    pairs = [(conv1, model[0], {"w": "weight"}), (bn1, model[1], {"weight": "weight", "bias": "bias"}),
-             (conv2, model[4], {"w": "weight"}), (bn2, model[5], {"weight": "weight", "bias": "bias"}),
+    pairs = [(conv1, model[0], {"w": "weight"}), (bn1, model[2], {"weight": "weight", "bias": "bias"}),
+             (conv2, model[4], {"w": "weight"}), (bn2, model[6], {"weight": "weight", "bias": "bias"}),
              (linear1, model[9], {"w": "weight", "b": "bias"}), (linear2, model[11], {"w": "weight", "b": "bias"})]
     with torch.no_grad():
         for ours, theirs, names in pairs:
@@ -37,5 +37,5 @@ def test_cnn_gradients_equal_torch(float64, rng):
     for ours, theirs, names in pairs:
         for our_name, their_name in names.items():
             assert max_relative_difference(ours.grads[our_name], getattr(theirs, their_name).grad.numpy()) <= 1e-6
-    for ours, theirs in [(pairs[1][0], model[1]), (pairs[3][0], model[5])]:
+    for ours, theirs in [(pairs[1][0], model[2]), (pairs[3][0], model[6])]:
         assert max_relative_difference(ours.buffers["running_var"], theirs.running_var.numpy()) <= 1e-10

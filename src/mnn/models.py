@@ -24,16 +24,17 @@ def mlp(in_features=784, hidden=(512, 256), classes=10, dropout=0.2):
 
 
 def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10, dropout=0.3, batch_norm=True):
-    """Per channel count: conv 3x3 (padding 1), [BatchNorm], max-pool 2, ReLU; then Linear, ReLU, Dropout, Linear.
+    """Per channel count: conv 3x3 (padding 1), max-pool 2, [BatchNorm], ReLU; then Linear, ReLU, Dropout, Linear.
 
-    Max-pooling before the ReLU computes the same function as after it (ReLU is monotonic,
-    so it commutes with max) on a quarter of the entries.
+    Pooling straight after the convolution lets batch norm and ReLU work on a quarter of
+    the entries. (ReLU commutes with max-pooling; batch norm after pooling normalises the
+    pooled maps.) Batch norm subtracts each channel's mean, so the convolutions need no bias.
     """
     layers, width, size = [], in_channels, image_size
     for count in channels:
-        layers.append(Conv2dLayer(width, count, 3, padding=1, bias=not batch_norm))
+        layers += [Conv2dLayer(width, count, 3, padding=1, bias=not batch_norm), MaxPool2dLayer(2)]
         layers += [BatchNorm2dLayer(count)] if batch_norm else []
-        layers += [MaxPool2dLayer(2), ReluLayer()]
+        layers.append(ReluLayer())
         width, size = count, size // 2
     layers += [FlattenLayer(), LinearLayer(width * size * size, hidden), ReluLayer()]
     layers += [DropoutLayer(dropout)] if dropout else []
