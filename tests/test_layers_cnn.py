@@ -38,22 +38,27 @@ def test_conv2d(case, bias, float64, rng):
 POOL_CASES = [(2, 3, 6, 6, 2, None), (1, 2, 7, 5, 3, 2), (2, 1, 5, 5, 2, 1), (1, 2, 9, 9, 3, 3)]
 
 
-@pytest.mark.parametrize("case", POOL_CASES, ids=str)
-def test_max_pool(case, float64, rng):
-    batch, channels, h, w, k, stride = case
-    layer = mnn.MaxPool2dLayer(k, stride)
-    x = rng.standard_normal((batch, channels, h, w))
-    assert max(check_layer(layer, x).values()) <= TOL
-    assert_matches_torch(layer, lambda x, params: F.max_pool2d(x, k, stride), x)
+POOLS = {"max": (mnn.MaxPool2dLayer, F.max_pool2d), "avg": (mnn.AvgPool2dLayer, F.avg_pool2d)}
 
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=str)
-def test_avg_pool(case, float64, rng):
+@pytest.mark.parametrize("kind", POOLS)
+def test_pooling(kind, case, float64, rng):
     batch, channels, h, w, k, stride = case
-    layer = mnn.AvgPool2dLayer(k, stride)
+    make, torch_pool = POOLS[kind]
+    layer = make(k, stride)
     x = rng.standard_normal((batch, channels, h, w))
     assert max(check_layer(layer, x).values()) <= TOL
-    assert_matches_torch(layer, lambda x, params: F.avg_pool2d(x, k, stride), x)
+    assert_matches_torch(layer, lambda x, params: torch_pool(x, k, stride), x)
+
+
+def test_max_pool_routes_ties_to_the_first_maximum(float64):
+    x = numpy.zeros((1, 1, 4, 4))
+    layer = mnn.MaxPool2dLayer(2)
+    layer.forward(x)
+    grad = layer.backward(numpy.ones((1, 1, 2, 2)))
+    assert_matches_torch(layer, lambda x, params: F.max_pool2d(x, 2), x)
+    assert grad[0, 0, ::2, ::2].sum() == 4 and grad.sum() == 4
 
 
 def randomize_affine(layer, rng):

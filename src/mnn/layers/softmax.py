@@ -17,7 +17,24 @@ def softmax(x, axis=-1):
     return e
 
 
-class SoftmaxLayer(Layer):
+class AlongAxisLayer(Layer):
+    """Shared plumbing of the two: an axis, and a forward that keeps its output."""
+
+    def __init__(self, axis=-1):
+        super().__init__()
+        self.axis = axis
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def forward(self, x):
+        self.check_input(x, min_ndim=1)
+        y = self.normalize(x, self.axis)
+        self.save(y)
+        return y
+
+
+class SoftmaxLayer(AlongAxisLayer):
     r"""Softmax, $y_i = e^{x_i} / \sum_k e^{x_k}$, along ``axis``.
 
     **Stability.** $y$ is unchanged when a constant is subtracted from every $x_k$, so we
@@ -35,25 +52,14 @@ class SoftmaxLayer(Layer):
     Eq. (3) costs $O(n)$ per row; the $n \times n$ Jacobian is never built.
     """
 
-    def __init__(self, axis=-1):
-        super().__init__()
-        self.axis = axis
-
-    def config(self):
-        return {"axis": self.axis}
-
-    def forward(self, x):
-        self.check_input(x, min_ndim=1)
-        y = softmax(x, self.axis)  # Eq. (1)
-        self.save(y)
-        return y
+    normalize = staticmethod(softmax)  # Eq. (1)
 
     def backward(self, g):
         (y,) = self.saved()
         return y * (g - (g * y).sum(axis=self.axis, keepdims=True))  # Eq. (3)
 
 
-class LogSoftmaxLayer(Layer):
+class LogSoftmaxLayer(AlongAxisLayer):
     r"""Log-softmax, $y_i = x_i - \log \sum_k e^{x_k}$, along ``axis``.
 
     **Stability.** With $m = \max_k x_k$, $y_i = (x_i - m) - \log\sum_k e^{x_k - m}$. (1)
@@ -68,18 +74,7 @@ class LogSoftmaxLayer(Layer):
     $$\frac{\partial L}{\partial x} = J^\top g = g - p \sum_i g_i, \qquad p = e^{y}. \tag{3}$$
     """
 
-    def __init__(self, axis=-1):
-        super().__init__()
-        self.axis = axis
-
-    def config(self):
-        return {"axis": self.axis}
-
-    def forward(self, x):
-        self.check_input(x, min_ndim=1)
-        y = log_softmax(x, self.axis)  # Eq. (1)
-        self.save(y)
-        return y
+    normalize = staticmethod(log_softmax)  # Eq. (1)
 
     def backward(self, g):
         (y,) = self.saved()
