@@ -82,3 +82,14 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, rng, monkeypatch)
         save_checkpoint(path, net, ARCHITECTURE, step=2)
     assert read_checkpoint(path)[1]["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path, rng):
+    """safetensors begins with the header length: 0x80 there must not be mistaken for a pickle."""
+    net = trained_net(rng)
+    for padding in range(300):
+        path = save_checkpoint(tmp_path / "c.safetensors", net, ARCHITECTURE, pad="x" * padding)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_checkpoint(path)[1]["pad"] == "x" * padding

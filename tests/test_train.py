@@ -86,3 +86,25 @@ def test_cli_generate_from_a_tiny_gpt_run(tmp_path, capsys):
     assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 36
     assert cli.main(["generate", str(run / CHECKPOINT), "--prompt", "~@"]) == 2
     assert "not in the vocabulary" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_the_command_line_saves_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "mnn.cli", "train", "--limit", "2000", "--epochs", "200", "--batch-size", "20",
+               "--hidden", "8", "--out", str(run), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("training mlp")
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted: checkpoint saved at step" in out
+    step = read_checkpoint(run / CHECKPOINT)[1]["step"]
+    assert 0 < step < 20000
+    resumed = Trainer.resume(run, quiet=True)
+    assert resumed.step == step

@@ -41,10 +41,11 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
 def read_checkpoint(path):
     """(tensors, metadata) from a checkpoint, refusing pickles and truncated files without running anything."""
     data = Path(path).read_bytes()
-    if data.startswith(PICKLE_SIGNATURES):
+    header_ok = len(data) >= 9 and data[8:9] == b"{"  # safetensors: u64 header length, then JSON
+    if not header_ok and data.startswith(PICKLE_SIGNATURES):
         raise CheckpointError(f"{path}: this is a pickle (or torch.save) file; mnn never unpickles. "
                               "Checkpoints are safetensors files written by mnn")
-    if len(data) < 8 or int.from_bytes(data[:8], "little") > len(data) - 8:
+    if not header_ok or int.from_bytes(data[:8], "little") > len(data) - 8:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
     try:
         tensors = load_safetensors(data)

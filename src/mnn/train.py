@@ -7,6 +7,7 @@ and ``curves.png``.
 import json
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,7 +98,8 @@ class Trainer:
     def run(self):
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        previous = signal.signal(signal.SIGINT, self.request_stop)
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
         try:
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
                       dynamic_ncols=True) as bar:
@@ -106,7 +108,8 @@ class Trainer:
                     if self.step % self.eval_every == 0 or self.step == self.total_steps:
                         self.evaluate(bar)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
         if self.stop_requested:
             self.save()
             print(f"interrupted: checkpoint saved at step {self.step}; continue with "
@@ -114,8 +117,13 @@ class Trainer:
         return self.metrics
 
     def request_stop(self, signum, frame):
-        """Ctrl-C: finish the step in flight, save, and exit (never a half-updated network)."""
+        """Ctrl-C: finish the step in flight, save, and exit (never a half-updated network).
+
+        A second Ctrl-C stops at once, without saving."""
         self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum is not None:
+            print("\nstopping after this step (Ctrl-C again to quit without saving)")
 
     def train_step(self, bar):
         started = time.perf_counter()
