@@ -4,7 +4,8 @@
     python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
 
 Both run on the CPU in float32, on the same batch, with the same thread count and the
-same optimizer (AdamW). After warm-up, each repetition times one mnn step then one torch
+same optimizer (AdamW); ``mnn.backend.tune_cpu`` sets NumPy's BLAS threads and
+``torch.set_num_threads`` torch's. After warm-up, each repetition times one mnn step then one torch
 step; the table reports medians, the ratio mnn/torch, the GEMM FLOPs of a step and the
 GFLOP/s they imply, beside the machine's measured float32 GEMM rate. Peak memory of a
 training step is measured in a fresh subprocess per framework (peak RSS growth).
@@ -20,7 +21,6 @@ import time
 
 import numpy
 import torch
-from threadpoolctl import threadpool_limits
 
 import mnn
 from mnn import backend, models, optim
@@ -112,17 +112,21 @@ def timed(function):
     return time.perf_counter() - started
 
 
-def measure(case, repeats, warmup, block=3):
-    """Median step times, interleaved in blocks: each block first runs one untimed step, so
-    neither framework is timed while its thread pool wakes from the other's turn."""
+def measure(case, repeats, warmup, block=5, settle_s=0.2):
+    """Median step times, interleaved in blocks of ``block`` steps per framework.
+
+    Both frameworks keep worker threads that spin for a while after their last operation
+    (OpenBLAS under NumPy, OpenMP under torch); timed next to the other's spinning threads,
+    either looks slower than it is when used alone. So each block starts after a pause
+    that lets those threads sleep, and with untimed warm-up steps.
+    """
     mnn_step, torch_step, net, batch = step_functions(case)
-    for _ in range(warmup):
-        mnn_step()
-        torch_step()
     mnn_times, torch_times = [], []
     for _ in range(max(1, repeats // block)):
         for step, times in ((mnn_step, mnn_times), (torch_step, torch_times)):
-            step()
+            time.sleep(settle_s)
+            for _ in range(warmup):
+                step()
             times.extend(timed(step) for _ in range(block))
     flops = gemm_flops(net, batch)
     mnn_s, torch_s = statistics.median(mnn_times), statistics.median(torch_times)
@@ -190,28 +194,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default="bench/results.json", help="where to write the results")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    backend.keep_freed_memory()
+    backend.tune_cpu(args.threads)
     torch.set_num_threads(args.threads)
     cases = TINY if args.tiny else CASES
-    with threadpool_limits(limits=args.threads):
-        if args.memory_child:
-            return memory_child(*args.memory_child, cases) or 0
-        names = [n for n in args.models.split(",") if n in cases]
-        rate = gemm_rate(256 if args.tiny else 2048)
-        results = {}
-        for name in names:
-            results[name] = measure(cases[name], args.repeats, args.warmup)
-            if not args.no_memory:
-                for framework in ("mnn", "torch"):
-                    results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args.threads, args.tiny)
-            print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
+    if args.memory_child:
+        return memory_child(*args.memory_child, cases) or 0
+    names = [n for n in args.models.split(",") if n in cases]
+    rate = gemm_rate(256 if args.tiny else 2048)
+    results = {}
+    for name in names:
+        results[name] = measure(cases[name], args.repeats, args.warmup)
+        if not args.no_memory:
+            for framework in ("mnn", "torch"):
+                results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args.threads, args.tiny)
+        print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
     report = table(results, rate, args.threads)
     print(report)
     if args.json:

@@ -108,3 +108,8 @@ def test_ctrl_c_on_the_command_line_saves_and_resumes(tmp_path):
     assert 0 < step < 20000
     resumed = Trainer.resume(run, quiet=True)
     assert resumed.step == step
+
+
+def test_a_model_and_a_dataset_that_do_not_fit(capsys):
+    assert cli.main(["train", "--model", "cnn", "--dataset", "tinyshakespeare"]) == 2
+    assert "model 'cnn' trains on fashion-mnist or mnist, not 'tinyshakespeare'" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def config_from(args):
 
 
 def command_train(args):
-    backend.keep_freed_memory()
+    backend.tune_cpu()
     backend.use(args.backend)
     if args.resume:
         trainer = Trainer.resume(args.resume, quiet=args.quiet)

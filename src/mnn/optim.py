@@ -23,17 +23,23 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: learning rate must be positive, got {lr}")
         self.lr, self.decay_vectors = lr, decay_vectors
         self.steps = 0
-        self.buffers = {}
+        self.buffers, self.scratch = {}, {}
 
     def decay_of(self, param):
         """The weight-decay coefficient for this parameter."""
         return self.weight_decay if param.ndim >= 2 or self.decay_vectors else 0.0
 
     def buffer(self, name, like):
-        """A zero buffer shaped like ``like``, created on first use."""
+        """A zero buffer shaped like ``like``, created on first use; saved in checkpoints."""
         if name not in self.buffers:
             self.buffers[name] = backend.array_module(like).zeros_like(like)
         return self.buffers[name]
+
+    def workspace(self, name, like):
+        """Scratch memory shaped like ``like``, reused every step (not state: never saved)."""
+        if name not in self.scratch:
+            self.scratch[name] = backend.array_module(like).empty_like(like)
+        return self.scratch[name]
 
     def step(self):
         self.steps += 1
@@ -119,13 +125,19 @@ class Adam(Optimizer):
             grad = grad + self.decay_of(param) * param  # Eq. (1)
         m = self.buffer(f"{name}.m", param)
         v = self.buffer(f"{name}.v", param)
+        xp, work = backend.array_module(param), self.workspace(name, param)  # no temporaries on the hot path
         m *= self.beta1
-        m += (1 - self.beta1) * grad  # Eq. (2)
+        m += xp.multiply(grad, 1 - self.beta1, out=work)  # Eq. (2)
         v *= self.beta2
-        v += (1 - self.beta2) * grad * grad
-        xp = backend.array_module(param)
-        denominator = xp.sqrt(v) / math.sqrt(1 - self.beta2 ** self.steps) + self.eps
-        param -= (self.lr / (1 - self.beta1 ** self.steps)) * m / denominator  # Eq. (3)
+        xp.multiply(grad, grad, out=work)
+        work *= 1 - self.beta2
+        v += work
+        xp.sqrt(v, out=work)  # Eq. (3), from the inside out
+        work *= 1 / math.sqrt(1 - self.beta2 ** self.steps)
+        work += self.eps
+        xp.divide(m, work, out=work)
+        work *= self.lr / (1 - self.beta1 ** self.steps)
+        param -= work
 
 
 class AdamW(Adam):

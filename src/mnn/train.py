@@ -47,11 +47,18 @@ class TrainConfig:
     limit: int = 0  # use only this many training samples (quick runs, tests)
 
 
+TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist")
+
+
 def make_task(config):
-    if config.dataset in ("fashion-mnist", "mnist"):
-        return ImageClassification(config.dataset, config.batch_size, config.seed, config.data_dir, config.limit)
-    from .text_task import TextTask
-    return TextTask(config)
+    text_model = config.model == "gpt"
+    if config.dataset not in (TEXT_DATASETS if text_model else IMAGE_DATASETS):
+        raise ValueError(f"model {config.model!r} trains on {' or '.join(TEXT_DATASETS if text_model else IMAGE_DATASETS)},"
+                         f" not {config.dataset!r}")
+    if text_model:
+        from .text_task import TextTask
+        return TextTask(config)
+    return ImageClassification(config.dataset, config.batch_size, config.seed, config.data_dir, config.limit)
 
 
 def make_optimizer(config, net):
