@@ -15,6 +15,8 @@ def locate_text(path=None, url=TINY_SHAKESPEARE_URL, sha256=TINY_SHAKESPEARE_SHA
     else mnn's cache, else downloaded into the cache and checked against ``sha256``."""
     if path is not None:
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
         candidates = [path] if path.is_file() else [path / name for name in FILE_NAMES]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
