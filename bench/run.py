@@ -78,12 +78,14 @@ def step_functions(case, seed=0):
 
 
 def gemm_flops(net, batch):
-    """Multiply-add FLOPs of one training step: 3x the forward GEMMs (forward, input and weight gradients)."""
+    """FLOPs of one training step's matrix products: each forward GEMM once more for the weight
+    (or second operand) gradient, and once more for the input gradient where it is computed."""
     net(batch[0])
     total = 0
     for layer in iter_layers(net):
-        total += layer_flops(layer)
-    return 3 * total
+        needs_input_grad = layer.input_grad or isinstance(layer, mnn.MatrixProduct)
+        total += (2 + needs_input_grad) * layer_flops(layer)
+    return total
 
 
 def iter_layers(layer):
@@ -148,7 +150,8 @@ def peak_memory_mb(name, framework, threads, tiny):
     """Peak RSS growth over three training steps, in a fresh process (MiB)."""
     command = [sys.executable, "-m", "bench.run", "--memory-child", name, framework, "--threads", str(threads)]
     command += ["--tiny"] if tiny else []
-    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=os.getcwd())
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=repository)
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -169,8 +172,16 @@ def memory_child(name, framework, cases):
     print(max(rss_kib("VmHWM") - before, 0) / 1024)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine():
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "mnn": mnn.__version__}
 

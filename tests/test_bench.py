@@ -1,0 +1,23 @@
+"""The benchmark runs end to end on tiny sizes (what it measures is not asserted: timing is for bench/)."""
+import json
+
+from bench.run import TINY, main
+
+
+def test_benchmark_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["--tiny", "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["results"]) == set(TINY)
+    for row in results["results"].values():
+        assert row["mnn_ms"] > 0 and row["torch_ms"] > 0 and row["gflop_per_step"] > 0
+        assert row["mnn_peak_mb"] >= 0 and row["torch_peak_mb"] >= 0
+    table = capsys.readouterr().out
+    assert "| mlp-64 |" in table and "| gpt-12 |" in table and "GEMM" in table
+
+
+def test_mnn_bench_command(tmp_path, capsys):
+    from mnn import cli
+    assert cli.main(["bench", "--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--models", "mlp-64",
+                     "--json", str(tmp_path / "r.json")]) == 0
+    assert "| mlp-64 |" in capsys.readouterr().out
