@@ -36,7 +36,7 @@ CASES = {
 }
 TINY = {
     "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0}}, "batch": 8, "input": (1, 28, 28)},
-    "cnn-128": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": 16}}, "batch": 4,
+    "cnn-128": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": [16]}}, "batch": 4,
                 "input": (1, 28, 28)},
     "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 11, "context": 8, "layers": 1, "width": 16}},
                "batch": 2, "tokens": (11, 8)},

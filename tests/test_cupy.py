@@ -18,7 +18,7 @@ def on_gpu():
 
 @pytest.mark.parametrize("builder,inputs,labels", [
     (lambda: models.mlp(hidden=[32]), (8, 1, 28, 28), 10),
-    (lambda: models.cnn(channels=[4, 8], hidden=16), (4, 1, 28, 28), 10),
+    (lambda: models.cnn(channels=[4, 8], hidden=[16]), (4, 1, 28, 28), 10),
 ])
 def test_models_give_the_same_gradients_on_gpu_and_cpu(builder, inputs, labels, on_gpu):
     gpu_net = builder()

@@ -24,7 +24,7 @@ def torch_cnn(net):
 
 
 def test_cnn_gradients_equal_torch(float64, rng):
-    net = models.cnn(channels=(4, 6), hidden=16, dropout=0.0)
+    net = models.cnn(channels=(4, 6), hidden=[16], dropout=0.0)
     model, pairs = torch_cnn(net)
     x, labels = rng.standard_normal((5, 1, 28, 28)), rng.integers(0, 10, 5)
     loss = net(x, labels)

@@ -27,6 +27,9 @@ def add_train_arguments(parser):
     parser.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate (cosine decay after warm-up)")
+    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    parser.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
+    parser.add_argument("--beta2", type=float, help="Adam's second-moment decay")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--clip", type=float, help="global gradient-norm clip (0: off)")
@@ -37,7 +40,7 @@ def add_train_arguments(parser):
     parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     size = parser.add_argument_group("model size")
-    size.add_argument("--hidden", type=integers, help="MLP hidden widths, e.g. 512,256")
+    size.add_argument("--hidden", type=integers, help="hidden widths of the dense layers, e.g. 512,256")
     size.add_argument("--channels", type=integers, help="CNN channels, e.g. 32,64")
     size.add_argument("--dropout", type=float)
     size.add_argument("--layers", type=int, help="GPT blocks")
@@ -49,17 +52,16 @@ def add_train_arguments(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-MODEL_FLAGS = {"hidden": "hidden", "channels": "channels", "dropout": "dropout", "layers": "layers",
-               "heads": "heads", "width": "width", "context": "context"}
+MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width", "context")
 
 
 def config_from(args):
     values = dict(MODEL_DEFAULTS[args.model])
-    for name in ("dataset", "epochs", "steps", "batch_size", "lr", "optimizer", "weight_decay", "clip",
-                 "eval_every", "seed", "data_dir", "limit"):
+    for name in ("dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2", "optimizer",
+                 "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    kwargs = {key: getattr(args, flag) for flag, key in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    kwargs = {flag: getattr(args, flag) for flag in MODEL_SIZE_FLAGS if getattr(args, flag) is not None}
     return TrainConfig(model=args.model, model_kwargs=kwargs, **values)
 
 

@@ -3,6 +3,7 @@
 A model is described by ``{"name": ..., "kwargs": {...}}``; ``build`` turns that
 description back into a network, which is how a checkpoint rebuilds its own model.
 """
+import inspect
 import math
 
 from . import backend
@@ -14,17 +15,12 @@ from .seq_layers import SequentialLayers
 
 def mlp(in_features=784, hidden=(512, 256), classes=10, dropout=0.2):
     """Flatten, then [Linear, ReLU, Dropout] per hidden width, a Linear head and cross-entropy."""
-    layers, width = [FlattenLayer()], in_features
-    for size in hidden:
-        layers += [LinearLayer(width, size), ReluLayer()]
-        if dropout:
-            layers.append(DropoutLayer(dropout))
-        width = size
-    return SequentialLayers(layers + [LinearLayer(width, classes), CrossEntropyLossLayer()])
+    return SequentialLayers([FlattenLayer(), *dense_head(in_features, hidden, classes, dropout)])
 
 
-def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10, dropout=0.3, batch_norm=True):
-    """Per channel count: conv 3x3 (padding 1), max-pool 2, [BatchNorm], ReLU; then Linear, ReLU, Dropout, Linear.
+def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=(128,), classes=10, dropout=0.3, batch_norm=True):
+    """Per channel count: conv 3x3 (padding 1), max-pool 2, [BatchNorm], ReLU; then per hidden width
+    Linear, ReLU, Dropout; then a Linear head and cross-entropy.
 
     Pooling straight after the convolution lets batch norm and ReLU work on a quarter of
     the entries. (ReLU commutes with max-pooling; batch norm after pooling normalises the
@@ -36,9 +32,18 @@ def cnn(in_channels=1, image_size=28, channels=(32, 64), hidden=128, classes=10,
         layers += [BatchNorm2dLayer(count)] if batch_norm else []
         layers.append(ReluLayer())
         width, size = count, size // 2
-    layers += [FlattenLayer(), LinearLayer(width * size * size, hidden), ReluLayer()]
-    layers += [DropoutLayer(dropout)] if dropout else []
-    return SequentialLayers(layers + [LinearLayer(hidden, classes), CrossEntropyLossLayer()])
+    layers.append(FlattenLayer())
+    return SequentialLayers(layers + dense_head(width * size * size, hidden, classes, dropout))
+
+
+def dense_head(width, hidden, classes, dropout):
+    """[Linear, ReLU, Dropout] per hidden width, then a Linear to the classes and cross-entropy."""
+    layers = []
+    for size in hidden:
+        layers += [LinearLayer(width, size), ReluLayer()]
+        layers += [DropoutLayer(dropout)] if dropout else []
+        width = size
+    return layers + [LinearLayer(width, classes), CrossEntropyLossLayer()]
 
 
 def transformer_block(width, heads, dropout=0.0, bias=True):
@@ -88,7 +93,11 @@ BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 def build(architecture):
     """A network from ``{"name": "mlp", "kwargs": {...}}``."""
-    name = architecture.get("name")
+    name, kwargs = architecture.get("name"), architecture.get("kwargs", {})
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUILDERS)}")
-    return BUILDERS[name](**architecture.get("kwargs", {}))
+    accepted = inspect.signature(BUILDERS[name]).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} has no setting {', '.join(unknown)}; it takes {', '.join(accepted)}")
+    return BUILDERS[name](**kwargs)

@@ -125,7 +125,7 @@ class SequentialLayers(CompositeLayer):
 
     @property
     def input_grad(self):
-        return all(layer.input_grad for layer in self.body[:1])
+        return self.body[0].input_grad if self.body else True
 
     @input_grad.setter
     def input_grad(self, wanted):
