@@ -52,3 +52,15 @@ def test_the_writing_a_layer_guide_runs():
     assert len(blocks) == 4
     namespace = {}
     exec(compile("\n".join(blocks), "writing-a-layer.md", "exec"), namespace)
+
+
+def test_readme_links_reach_pages_and_sections():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs|src)/[^)#]+)(?:#([^)]+))?\)", readme)
+    assert len(links) > 20
+    for path, anchor in links:
+        assert (ROOT / path).exists(), path
+        if anchor:
+            kind, name = anchor.split("-", 1)
+            headings = re.findall(rf"## <kbd>{kind}</kbd> `(\w+)`", (ROOT / path).read_text())
+            assert name in [h.lower() for h in headings], f"{path}#{anchor}"
