@@ -22,15 +22,27 @@ def interrupt_at(trainer, step):
     return trainer
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    straight = Trainer(TrainConfig(**TINY), tmp_path / "straight", quiet=True)
+TINY_CNN = dict(limit=400, batch_size=50, epochs=2, model="cnn", model_kwargs={"channels": [2, 3], "hidden": [8]})
+
+
+def tiny_gpt():
+    from test_gpt import SHAKESPEARE
+    return dict(model="gpt", dataset="tinyshakespeare", data_dir=str(SHAKESPEARE), steps=40, eval_every=20,
+                batch_size=4, clip=1.0, model_kwargs={"layers": 1, "heads": 2, "width": 16, "context": 8,
+                                                      "dropout": 0.1})
+
+
+@pytest.mark.parametrize("settings", [TINY, TINY_CNN, "gpt"], ids=["mlp", "cnn", "gpt"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, settings):
+    settings = tiny_gpt() if settings == "gpt" else settings
+    straight = Trainer(TrainConfig(**settings), tmp_path / "straight", quiet=True)
     straight.run()
-    interrupt_at(Trainer(TrainConfig(**TINY), tmp_path / "split", quiet=True), 25).run()
+    interrupt_at(Trainer(TrainConfig(**settings), tmp_path / "split", quiet=True), 13).run()
     resumed = Trainer.resume(tmp_path / "split", quiet=True)
-    assert resumed.step == 25 and resumed.total_steps == straight.total_steps
+    assert resumed.step == 13 and resumed.total_steps == straight.total_steps
     resumed.run()
-    for name, value in straight.net.params.items():
-        assert numpy.array_equal(resumed.net.params[name], value), name
+    for name, value in straight.net.state_dict().items():
+        assert numpy.array_equal(resumed.net.state_dict()[name], value), name
     assert resumed.metrics == straight.metrics
 
 

@@ -62,7 +62,7 @@ class Layer:
 
     # -- description, for checkpoints that rebuild their own network -----
     def config(self):
-        """Constructor arguments that rebuild this layer (see mnn.models.build_layer)."""
+        """Constructor arguments, shown by repr (whole models are rebuilt by mnn.models.build)."""
         return {}
 
     # -- what backward needs ----------------------------------------------
