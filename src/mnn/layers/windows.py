@@ -42,7 +42,7 @@ def windows(x, kh, kw, stride):
     sb, sh, sw, sc = x.strides
     shape = (batch, output_size(height, kh, stride), output_size(width, kw, stride), kh, kw, channels)
     strides = (sb, sh * stride, sw * stride, sh, sw, sc)
-    return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides, writeable=False)
+    return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)  # read only: never written through
 
 
 def offset_slices(kernel, stride, out_h, out_w):
