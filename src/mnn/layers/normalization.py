@@ -85,6 +85,8 @@ class BatchNormLayer(Layer):
     The code works on rows: one row per sample here, one per pixel in ``BatchNorm2dLayer``.
     """
 
+    ndim = 2  # of the input
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -96,8 +98,6 @@ class BatchNormLayer(Layer):
 
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum}
-
-    ndim = 2
 
     def to_rows(self, x):
         """(N, features): the entries each feature's statistics are taken over, one per row."""
