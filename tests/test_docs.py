@@ -64,3 +64,10 @@ def test_readme_links_reach_pages_and_sections():
             kind, name = anchor.split("-", 1)
             headings = re.findall(rf"## <kbd>{kind}</kbd> `(\w+)`", (ROOT / path).read_text())
             assert name in [h.lower() for h in headings], f"{path}#{anchor}"
+
+
+def test_the_readme_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"## Ten lines\n\n```python\n(.*?)```", readme, flags=re.S).group(1)
+    assert len(example.strip().splitlines()) <= 12
+    exec(compile(example, "README.md", "exec"), {})
