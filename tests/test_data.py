@@ -107,3 +107,13 @@ def test_real_fashion_mnist_is_installed():
     """CI installs Debian's dataset-fashion-mnist; the real-data tests depend on it."""
     data = load_images("fashion-mnist", "test")
     assert data.images.shape == (10000, 1, 28, 28) and numpy.bincount(data.labels).tolist() == [1000] * 10
+
+
+def test_unreachable_mirrors_give_a_clear_error(tmp_path, monkeypatch):
+    from mnn.data import images
+    spec = {**images.DATASETS["mnist"], "mirrors": [(tmp_path / "nowhere").as_uri() + "/"],
+            "system_dir": str(tmp_path / "absent")}
+    monkeypatch.setitem(images.DATASETS, "mnist", spec)
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConnectionError, match=r"train-images-idx3-ubyte.gz is in none of .*could not be downloaded"):
+        load_images("mnist", "train", tmp_path / "mine")

@@ -149,7 +149,7 @@ def main(argv=None):
                 "gradcheck": command_gradcheck}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, missing or unreachable files: no traceback
         print(f"mnn {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -53,13 +53,14 @@ def locate(name, data_dir=None, mirrors=None):
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     spec = DATASETS[name]
     cache = cache_dir() / name
-    for folder in [data_dir, cache, spec["system_dir"]]:
-        if folder and all((Path(folder) / f).is_file() for f in FILES.values()):
+    folders = [folder for folder in [data_dir, cache, spec["system_dir"]] if folder]
+    for folder in folders:
+        if all((Path(folder) / f).is_file() for f in FILES.values()):
             return {key: Path(folder) / f for key, f in FILES.items()}
-    return {key: fetch(spec, key, cache, mirrors) for key in FILES}
+    return {key: fetch(spec, key, cache, mirrors, folders) for key in FILES}
 
 
-def fetch(spec, key, cache, mirrors=None):
+def fetch(spec, key, cache, mirrors, searched):
     path = cache / FILES[key]
     if path.is_file():
         return path
@@ -69,7 +70,8 @@ def fetch(spec, key, cache, mirrors=None):
             return download(mirror + FILES[key], path, spec["sha256"][key])
         except OSError as error:
             errors.append(f"{mirror}: {error}")
-    raise RuntimeError(f"could not download {FILES[key]}:\n  " + "\n  ".join(errors))
+    raise ConnectionError(f"{FILES[key]} is in none of {', '.join(map(str, searched))} and could not be "
+                          "downloaded (on Debian: apt-get install dataset-fashion-mnist):\n  " + "\n  ".join(errors))
 
 
 @dataclass
@@ -82,9 +84,6 @@ class ImageDataset:
 
     def __len__(self):
         return len(self.labels)
-
-    def subset(self, indices):
-        return ImageDataset(self.images[indices], self.labels[indices], self.classes)
 
 
 def load_images(name="fashion-mnist", split="train", data_dir=None):
