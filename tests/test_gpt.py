@@ -140,3 +140,9 @@ def test_tinyshakespeare_from_the_shared_folder_and_a_checked_download(tmp_path,
     with pytest.raises(mnn.data.ChecksumError):
         locate_text(url=SHAKESPEARE.as_uri(), sha256="0" * 64)
     assert text.TINY_SHAKESPEARE_SHA256.startswith("86c4e6aa")
+
+
+def test_unreachable_text_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="not in .* and could not be downloaded .* --data-dir"):
+        locate_text(url=(tmp_path / "nowhere.txt").as_uri())

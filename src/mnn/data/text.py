@@ -25,7 +25,11 @@ def locate_text(path=None, url=TINY_SHAKESPEARE_URL, sha256=TINY_SHAKESPEARE_SHA
     cached = cache_dir() / "tinyshakespeare" / FILE_NAMES[0]
     if cached.is_file() and sha256_of(cached) == sha256:
         return cached
-    return download(url, cached, sha256)
+    try:
+        return download(url, cached, sha256)
+    except OSError as error:
+        raise ConnectionError(f"Tiny Shakespeare is not in {cached.parent} and could not be downloaded from "
+                              f"{url} ({error}); give its path with --data-dir") from error
 
 
 class CharTokenizer:
