@@ -22,18 +22,18 @@ SIMPLE = {
     mnn.LogSoftmaxLayer: lambda layer: torch.nn.LogSoftmax(layer.axis),
 }
 
+AFFINE = {"weight": "weight", "bias": "bias"}
 PARAMETRIZED = {  # mnn layer -> (torch module factory, {mnn name: torch name})
-    mnn.LinearLayer: (lambda l: torch.nn.Linear(l.in_features, l.out_features, l.bias),
+    mnn.LinearLayer: (lambda layer: torch.nn.Linear(layer.in_features, layer.out_features, layer.bias),
                       {"w": "weight", "b": "bias"}),
-    mnn.Conv2dLayer: (lambda l: torch.nn.Conv2d(l.in_channels, l.out_channels, l.kernel_size, l.stride, l.padding,
-                                                bias=l.bias), {"w": "weight", "b": "bias"}),
-    mnn.BatchNorm2dLayer: (lambda l: torch.nn.BatchNorm2d(l.num_features, l.eps, l.momentum),
-                           {"weight": "weight", "bias": "bias"}),
-    mnn.BatchNormLayer: (lambda l: torch.nn.BatchNorm1d(l.num_features, l.eps, l.momentum),
-                         {"weight": "weight", "bias": "bias"}),
-    mnn.LayerNormLayer: (lambda l: torch.nn.LayerNorm(l.dim, l.eps, bias=l.bias), {"weight": "weight", "bias": "bias"}),
-    mnn.EmbeddingLayer: (lambda l: torch.nn.Embedding(l.num_embeddings, l.dim), {"weight": "weight"}),
-    mnn.PositionalEmbeddingLayer: (lambda l: AddPositions(l.context, l.dim), {"weight": "weight"}),
+    mnn.Conv2dLayer: (lambda layer: torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                                    layer.stride, layer.padding, bias=layer.bias),
+                      {"w": "weight", "b": "bias"}),
+    mnn.BatchNorm2dLayer: (lambda layer: torch.nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum), AFFINE),
+    mnn.BatchNormLayer: (lambda layer: torch.nn.BatchNorm1d(layer.num_features, layer.eps, layer.momentum), AFFINE),
+    mnn.LayerNormLayer: (lambda layer: torch.nn.LayerNorm(layer.dim, layer.eps, bias=layer.bias), AFFINE),
+    mnn.EmbeddingLayer: (lambda layer: torch.nn.Embedding(layer.num_embeddings, layer.dim), {"weight": "weight"}),
+    mnn.PositionalEmbeddingLayer: (lambda layer: AddPositions(layer.context, layer.dim), {"weight": "weight"}),
 }
 
 LOSSES = {

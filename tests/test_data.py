@@ -1,5 +1,4 @@
 """IDX reading, dataset lookup and checked downloads, on files the tests write."""
-import gzip
 
 import numpy
 import pytest

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from reference import assert_matches_torch, max_relative_difference
 
 import mnn
 from bench.torch_mirror import mirror
@@ -11,7 +12,6 @@ from mnn import models, optim
 from mnn.data.text import CharTokenizer, locate_text
 from mnn.generate import generate
 from mnn.gradcheck import check_layer
-from reference import assert_matches_torch, max_relative_difference
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TOL = 1e-6

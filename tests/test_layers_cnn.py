@@ -3,10 +3,10 @@ import numpy
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_matches_torch, max_relative_difference
 
 import mnn
 from mnn.gradcheck import check_layer
-from reference import assert_matches_torch, max_relative_difference
 
 TOL = 1e-6
 

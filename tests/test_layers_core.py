@@ -3,10 +3,10 @@ import numpy
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_matches_torch
 
 import mnn
 from mnn.gradcheck import check_layer
-from reference import assert_matches_torch
 
 TOL = 1e-6
 

@@ -1,18 +1,18 @@
 """Whole models: mnn's loss and every parameter's gradient equal a PyTorch model's with identical weights."""
-import numpy
 import torch
+from reference import max_relative_difference
 
 from mnn import models
-from reference import max_relative_difference
 
 
 def torch_cnn(net):
     """The same CNN in torch, weights copied from ``net`` (batch norm in training mode)."""
     conv1, bn1, conv2, bn2, linear1, linear2 = [net.layers[i] for i in (0, 2, 4, 6, 9, 11)]
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(6 * 7 * 7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).double()
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 10)).double()
     pairs = [(conv1, model[0], {"w": "weight"}), (bn1, model[2], {"weight": "weight", "bias": "bias"}),
              (conv2, model[4], {"w": "weight"}), (bn2, model[6], {"weight": "weight", "bias": "bias"}),
              (linear1, model[9], {"w": "weight", "b": "bias"}), (linear2, model[11], {"w": "weight", "b": "bias"})]

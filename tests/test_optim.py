@@ -2,9 +2,9 @@
 import numpy
 import pytest
 import torch
+from reference import max_relative_difference
 
 from mnn import optim
-from reference import max_relative_difference
 
 CASES = {
     "sgd": (lambda p: optim.SGD(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),

@@ -3,10 +3,10 @@ import numpy
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import assert_matches_torch
 
 import mnn
 from mnn.data import read_idx, write_idx
-from reference import assert_matches_torch
 
 
 @st.composite

@@ -2,9 +2,9 @@
 import numpy
 import pytest
 import torch
+from reference import max_relative_difference
 
 import mnn
-from reference import max_relative_difference
 
 
 def make_mlp(loss):

@@ -1,8 +1,7 @@
 """mnn — Manual Neural Networks: every backward pass derived by hand, no autograd."""
-from . import backend
+from . import backend, gradcheck, optim
 from .layers import *  # noqa: F401,F403
 from .layers import __all__ as _layer_names
-from . import gradcheck, optim
 from .seq_layers import SequentialLayers
 
 __version__ = "0.1.0"

@@ -7,9 +7,22 @@ import inspect
 import math
 
 from . import backend
-from .layers import (BatchNorm2dLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer, EmbeddingLayer,
-                     FlattenLayer, GeluLayer, LayerNormLayer, LinearLayer, MaxPool2dLayer, MultiHeadAttention,
-                     PositionalEmbeddingLayer, ReluLayer, ResidualBlock)
+from .layers import (
+    BatchNorm2dLayer,
+    Conv2dLayer,
+    CrossEntropyLossLayer,
+    DropoutLayer,
+    EmbeddingLayer,
+    FlattenLayer,
+    GeluLayer,
+    LayerNormLayer,
+    LinearLayer,
+    MaxPool2dLayer,
+    MultiHeadAttention,
+    PositionalEmbeddingLayer,
+    ReluLayer,
+    ResidualBlock,
+)
 from .seq_layers import SequentialLayers
 
 

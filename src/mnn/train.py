@@ -52,9 +52,9 @@ TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist")
 
 def make_task(config):
     text_model = config.model == "gpt"
-    if config.dataset not in (TEXT_DATASETS if text_model else IMAGE_DATASETS):
-        raise ValueError(f"model {config.model!r} trains on {' or '.join(TEXT_DATASETS if text_model else IMAGE_DATASETS)},"
-                         f" not {config.dataset!r}")
+    fitting = TEXT_DATASETS if text_model else IMAGE_DATASETS
+    if config.dataset not in fitting:
+        raise ValueError(f"model {config.model!r} trains on {' or '.join(fitting)}, not {config.dataset!r}")
     if text_model:
         from .text_task import TextTask
         return TextTask(config)

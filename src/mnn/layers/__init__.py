@@ -1,14 +1,14 @@
 """mnn's layers: each file holds one family, each class its forward, backward and derivation."""
-from .attention import MultiHeadAttention
 from .activations import GeluLayer, ReluLayer, SigmoidLayer, TanhLayer
+from .attention import MultiHeadAttention
 from .base import CompositeLayer, Layer, LossLayer
 from .conv import Conv2dLayer
 from .dropout import DropoutLayer
 from .embedding import EmbeddingLayer, PositionalEmbeddingLayer
 from .linear import LinearLayer, MatrixProduct
+from .losses import CrossEntropyLossLayer, MSELossLayer, NllLossLayer
 from .normalization import BatchNorm2dLayer, BatchNormLayer, LayerNormLayer
 from .pooling import AvgPool2dLayer, MaxPool2dLayer
-from .losses import CrossEntropyLossLayer, MSELossLayer, NllLossLayer
 from .reshape import FlattenLayer
 from .residual import ResidualBlock
 from .softmax import LogSoftmaxLayer, SoftmaxLayer
