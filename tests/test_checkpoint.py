@@ -93,3 +93,13 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path, rng):
             break
     assert path.read_bytes()[0] == 0x80
     assert read_checkpoint(path)[1]["pad"] == "x" * padding
+
+
+def test_checkpoints_record_every_model_setting(tmp_path):
+    from mnn.train import TrainConfig, Trainer
+    trainer = Trainer(TrainConfig(limit=200, batch_size=50, steps=1, model_kwargs={"hidden": [8]}), tmp_path,
+                      quiet=True)
+    trainer.run()
+    architecture = read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["architecture"]
+    assert architecture == {"name": "mlp", "kwargs": {"in_features": 784, "hidden": [8], "classes": 10,
+                                                      "dropout": 0.2}}

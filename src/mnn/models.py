@@ -104,13 +104,30 @@ def init_gpt2(net, blocks, depth):
 BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 
-def build(architecture):
-    """A network from ``{"name": "mlp", "kwargs": {...}}``."""
+def resolve(architecture):
+    """The architecture with every setting spelled out, defaults included.
+
+    Checkpoints store this form, so a later change of a builder's defaults cannot change
+    the network an old checkpoint rebuilds.
+    """
     name, kwargs = architecture.get("name"), architecture.get("kwargs", {})
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUILDERS)}")
-    accepted = inspect.signature(BUILDERS[name]).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
+    signature = inspect.signature(BUILDERS[name])
+    unknown = sorted(set(kwargs) - set(signature.parameters))
     if unknown:
-        raise ValueError(f"model {name!r} has no setting {', '.join(unknown)}; it takes {', '.join(accepted)}")
-    return BUILDERS[name](**kwargs)
+        raise ValueError(f"model {name!r} has no setting {', '.join(unknown)}; "
+                         f"it takes {', '.join(signature.parameters)}")
+    try:
+        bound = signature.bind(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"model {name!r}: {error}") from error
+    bound.apply_defaults()
+    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in bound.arguments.items()}
+    return {"name": name, "kwargs": settings}
+
+
+def build(architecture):
+    """A network from ``{"name": "mlp", "kwargs": {...}}``."""
+    architecture = resolve(architecture)
+    return BUILDERS[architecture["name"]](**architecture["kwargs"])

@@ -78,7 +78,7 @@ class Trainer:
         backend.seed(config.seed)
         self.task = make_task(config)
         kwargs = {**self.task.model_defaults(), **config.model_kwargs}
-        self.architecture = {"name": config.model, "kwargs": kwargs}
+        self.architecture = models.resolve({"name": config.model, "kwargs": kwargs})
         self.net = models.build(self.architecture)
         self.net.input_grad = False  # training needs parameter gradients only
         self.optimizer = make_optimizer(config, self.net)
