@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import backend
+from . import __version__, backend
 from .train import CHECKPOINT, TrainConfig, Trainer
 
 MODEL_DEFAULTS = {
@@ -130,6 +130,7 @@ def main(argv=None):
     if argv[:1] == ["bench"]:  # its options belong to bench/run.py
         return command_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
+    parser.add_argument("--version", action="version", version=f"mnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)"))
     test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
