@@ -188,7 +188,7 @@ def machine():
 
 def table(results, rate, threads):
     lines = [f"float32 GEMM: numpy {rate['numpy_gflops']:.0f} GFLOP/s, torch {rate['torch_gflops']:.0f} GFLOP/s; "
-             f"{threads} threads",
+             f"{threads} threads", "",
              "| model | mnn ms/step | torch ms/step | mnn/torch | GFLOP/step | mnn GFLOP/s (% of GEMM) "
              "| torch GFLOP/s | mnn peak MiB | torch peak MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
