@@ -89,6 +89,11 @@ def uniform(low, high, shape, dtype=None):
     return to_device(values, dtype or default_dtype())
 
 
+def normal(std, shape, dtype=None):
+    """Parameters drawn from N(0, std^2) with mnn's generator, on the selected module."""
+    return to_device(rng().normal(0, std, size=shape), dtype or default_dtype())
+
+
 def random_mask(shape, keep, like):
     """A boolean mask, True with probability ``keep``, in the module of ``like``."""
     mask = rng().random(shape) < keep

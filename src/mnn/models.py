@@ -91,14 +91,14 @@ def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_w
 def init_gpt2(net, blocks, depth):
     for name, param, _ in net.named_parameters():
         if name.endswith(".weight") and param.ndim == 2 or name.endswith(".w"):
-            param[...] = backend.to_device(backend.rng().normal(0, 0.02, param.shape), param.dtype)
+            param[...] = backend.normal(0.02, param.shape, param.dtype)
         elif name.endswith(".b"):
             param[...] = 0
     for block in blocks:
         attention, mlp = block.layers[0].body, block.layers[1].body
         for projection in (attention.layers[1].proj, mlp.layers[3]):
             w = projection.params["w"]
-            w[...] = backend.to_device(backend.rng().normal(0, 0.02 / math.sqrt(2 * depth), w.shape), w.dtype)
+            w[...] = backend.normal(0.02 / math.sqrt(2 * depth), w.shape, w.dtype)
 
 
 BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}

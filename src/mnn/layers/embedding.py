@@ -20,8 +20,7 @@ class EmbeddingLayer(Layer):
     def __init__(self, num_embeddings, dim):
         super().__init__()
         self.num_embeddings, self.dim = num_embeddings, dim
-        self.add_param("weight", backend.to_device(backend.rng().standard_normal((num_embeddings, dim)),
-                                                   backend.default_dtype()))
+        self.add_param("weight", backend.normal(1.0, (num_embeddings, dim)))
 
     def config(self):
         return {"num_embeddings": self.num_embeddings, "dim": self.dim}
@@ -55,8 +54,7 @@ class PositionalEmbeddingLayer(Layer):
     def __init__(self, context, dim):
         super().__init__()
         self.context, self.dim = context, dim
-        self.add_param("weight", backend.to_device(backend.rng().standard_normal((context, dim)),
-                                                   backend.default_dtype()))
+        self.add_param("weight", backend.normal(1.0, (context, dim)))
 
     def config(self):
         return {"context": self.context, "dim": self.dim}

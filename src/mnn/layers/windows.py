@@ -12,8 +12,8 @@ $s i, \dots, s i + k_h - 1$ and columns $s j, \dots, s j + k_w - 1$.
 from .. import backend
 
 
-def output_size(size, kernel, stride, padding=0):
-    return (size + 2 * padding - kernel) // stride + 1
+def output_size(size, kernel, stride):
+    return (size - kernel) // stride + 1
 
 
 def channels_last(x):
