@@ -2,13 +2,16 @@
 
     python -m bench                      # MLP at batch 64 and 1024, the CNN (and the GPT once present)
     python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
+    python -m bench --device cuda        # CuPy against torch CUDA, on an NVIDIA GPU
 
-Both run on the CPU in float32, on the same batch, with the same thread count and the
-same optimizer (AdamW); ``mnn.backend.tune_cpu`` sets NumPy's BLAS threads and
-``torch.set_num_threads`` torch's. After warm-up, each repetition times one mnn step then one torch
+Both run in float32, on the same batch and the same optimizer (AdamW). On the CPU (the
+default) they use the same thread count: ``mnn.backend.tune_cpu`` sets NumPy's BLAS
+threads and ``torch.set_num_threads`` torch's. On a GPU mnn runs on CuPy and torch on
+CUDA, with TF32 turned off in torch so that both multiply in float32. After warm-up, each repetition times one mnn step then one torch
 step; the table reports medians, the ratio mnn/torch, the GEMM FLOPs of a step and the
 GFLOP/s they imply, beside the machine's measured float32 GEMM rate. Peak memory of a
-training step is measured in a fresh subprocess per framework (peak RSS growth).
+training step is measured in a fresh subprocess per framework: peak RSS growth on the CPU,
+the bytes its memory pool holds on a GPU (CuPy's pool, torch's peak reserved memory).
 """
 import argparse
 import json
@@ -25,6 +28,7 @@ import torch
 import mnn
 from mnn import backend, models, optim
 
+from .device import Device, timed
 from .torch_mirror import mirror
 
 CASES = {
@@ -52,16 +56,17 @@ def make_batch(case, rng):
     return x, rng.integers(0, 10, case["batch"])
 
 
-def step_functions(case, seed=0):
-    """(mnn step, torch step, mnn network) on the same weights and the same batch."""
+def step_functions(case, device, seed=0):
+    """(mnn step, torch step, mnn network, batch) on the same weights and the same batch."""
     backend.seed(seed)
     net = models.build(case["model"])
     net.input_grad = False
     net.optimizer = optim.AdamW(net, lr=1e-4)
     model, loss_fn, _ = mirror(net)
+    model = device.torch_model(model)
     torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = make_batch(case, numpy.random.default_rng(seed))
-    tx, ty = torch.tensor(x), torch.tensor(y)
+    batch = make_batch(case, numpy.random.default_rng(seed))
+    (x, y), (tx, ty) = map(device.mnn_array, batch), map(device.torch_tensor, batch)
 
     def mnn_step():
         net.zero_grads()
@@ -108,13 +113,7 @@ def layer_flops(layer):
     return 0
 
 
-def timed(function):
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
-
-
-def measure(case, repeats, warmup, block=5, settle_s=0.2):
+def measure(case, repeats, warmup, device, block=5, settle_s=0.2):
     """Median step times, interleaved in blocks of ``block`` steps per framework.
 
     Both frameworks keep worker threads that spin for a while after their last operation
@@ -122,34 +121,25 @@ def measure(case, repeats, warmup, block=5, settle_s=0.2):
     either looks slower than it is when used alone. So each block starts after a pause
     that lets those threads sleep, and with untimed warm-up steps.
     """
-    mnn_step, torch_step, net, batch = step_functions(case)
+    mnn_step, torch_step, net, batch = step_functions(case, device)
     mnn_times, torch_times = [], []
     for _ in range(max(1, repeats // block)):
-        for step, times in ((mnn_step, mnn_times), (torch_step, torch_times)):
+        for step, sync, times in ((mnn_step, device.sync_mnn, mnn_times), (torch_step, device.sync_torch, torch_times)):
             time.sleep(settle_s)
             for _ in range(warmup):
                 step()
-            times.extend(timed(step) for _ in range(block))
+            times.extend(timed(step, sync) for _ in range(block))
     flops = gemm_flops(net, batch)
     mnn_s, torch_s = statistics.median(mnn_times), statistics.median(torch_times)
     return {"mnn_ms": mnn_s * 1e3, "torch_ms": torch_s * 1e3, "ratio": mnn_s / torch_s, "gflop_per_step": flops / 1e9,
             "mnn_gflops": flops / mnn_s / 1e9, "torch_gflops": flops / torch_s / 1e9}
 
 
-def gemm_rate(size=2048, repeats=5):
-    """Float32 GEMM GFLOP/s of NumPy's BLAS and of torch: the practical limit of the machine."""
-    a = numpy.random.default_rng(0).standard_normal((size, size)).astype(numpy.float32)
-    ta = torch.tensor(a)
-    flops = 2 * size ** 3
-    numpy_s = min(timed(lambda: a @ a) for _ in range(repeats))
-    torch_s = min(timed(lambda: ta @ ta) for _ in range(repeats))
-    return {"numpy_gflops": flops / numpy_s / 1e9, "torch_gflops": flops / torch_s / 1e9}
-
-
-def peak_memory_mb(name, framework, threads, tiny):
-    """Peak RSS growth over three training steps, in a fresh process (MiB)."""
-    command = [sys.executable, "-m", "bench.run", "--memory-child", name, framework, "--threads", str(threads)]
-    command += ["--tiny"] if tiny else []
+def peak_memory_mb(name, framework, args):
+    """Peak memory growth over three training steps, in a fresh process (MiB)."""
+    command = [sys.executable, "-m", "bench.run", "--memory-child", name, framework, "--threads", str(args.threads),
+               "--device", args.device]
+    command += ["--tiny"] if args.tiny else []
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=repository)
     return float(result.stdout.strip().splitlines()[-1])
@@ -161,9 +151,15 @@ def rss_kib(field):
         return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
 
 
-def memory_child(name, framework, cases):
-    mnn_step, torch_step, _, _ = step_functions(cases[name])
+def memory_child(name, framework, cases, device):
+    mnn_step, torch_step, _, _ = step_functions(cases[name], device)
     step = mnn_step if framework == "mnn" else torch_step
+    if device.name == "cuda":
+        device.reset_peak()
+        before = device.pool_bytes(framework)
+        for _ in range(3):
+            step()
+        return print(max(device.pool_bytes(framework) - before, 0) / 2 ** 20)
     before = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak (VmHWM) to the current RSS
@@ -180,15 +176,15 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def machine():
-    return {"cpu": cpu_name(), "cores": os.cpu_count(),
+def machine(device):
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), **device.describe(),
             "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "mnn": mnn.__version__}
 
 
-def table(results, rate, threads):
-    lines = [f"float32 GEMM: numpy {rate['numpy_gflops']:.0f} GFLOP/s, torch {rate['torch_gflops']:.0f} GFLOP/s; "
-             f"{threads} threads", "",
+def table(results, rate, where):
+    rates = ", ".join(f"{key.removesuffix('_gflops')} {value:.0f} GFLOP/s" for key, value in rate.items())
+    lines = [f"float32 GEMM: {rates}; {where}", "",
              "| model | mnn ms/step | torch ms/step | mnn/torch | GFLOP/step | mnn GFLOP/s (% of GEMM) "
              "| torch GFLOP/s | mnn peak MiB | torch peak MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -207,31 +203,40 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--json", default="bench/results.json", help="where to write the results")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
+    parser.add_argument("--json", help="where to write the results (default bench/results[-cuda].json)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    device = Device(args.device)
+    try:
+        return run(args, device, argv)
+    finally:
+        device.close()
+
+
+def run(args, device, argv):
     backend.tune_cpu(args.threads)
     torch.set_num_threads(args.threads)
     cases = TINY if args.tiny else CASES
     if args.memory_child:
-        return memory_child(*args.memory_child, cases) or 0
+        return memory_child(*args.memory_child, cases, device) or 0
     names = [n for n in args.models.split(",") if n in cases]
-    rate = gemm_rate(256 if args.tiny else 2048)
+    rate = device.gemm_rate(256 if args.tiny else 2048 if device.name == "cpu" else 8192)
     results = {}
     for name in names:
-        results[name] = measure(cases[name], args.repeats, args.warmup)
+        results[name] = measure(cases[name], args.repeats, args.warmup, device)
         if not args.no_memory:
             for framework in ("mnn", "torch"):
-                results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args.threads, args.tiny)
+                results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args)
         print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
-    report = table(results, rate, args.threads)
-    print(report)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": machine(), "threads": args.threads, "gemm": rate, "results": results,
-                       "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
+    where = f"{args.threads} threads" if device.name == "cpu" else device.describe()["gpu"]
+    print(table(results, rate, where))
+    path = args.json or ("bench/results.json" if device.name == "cpu" else "bench/results-cuda.json")
+    with open(path, "w") as handle:
+        json.dump({"machine": machine(device), "threads": args.threads, "gemm": rate, "results": results,
+                   "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
     return 0
 
 

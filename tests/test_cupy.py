@@ -2,7 +2,7 @@
 import numpy
 import pytest
 
-from mnn import backend, models
+from mnn import backend, models, optim
 
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (no GPU here)")
 pytestmark = pytest.mark.cupy
@@ -16,17 +16,36 @@ def on_gpu():
     backend.use("numpy")
 
 
-@pytest.mark.parametrize("builder,inputs,labels", [
-    (lambda: models.mlp(hidden=[32]), (8, 1, 28, 28), 10),
-    (lambda: models.cnn(channels=[4, 8], hidden=[16]), (4, 1, 28, 28), 10),
-])
-def test_models_give_the_same_gradients_on_gpu_and_cpu(builder, inputs, labels, on_gpu):
-    gpu_net = builder()
+def images(rng, batch):
+    return rng.standard_normal((batch, 1, 28, 28)).astype(numpy.float32), rng.integers(0, 10, batch)
+
+
+def tokens(rng, batch):
+    ids = rng.integers(0, 11, (batch, 9))
+    return ids[:, :-1], ids[:, 1:]
+
+
+CASES = {
+    "mlp": (lambda: models.mlp(hidden=[32]), lambda rng: images(rng, 8)),
+    "cnn": (lambda: models.cnn(channels=[4, 8], hidden=[16]), lambda rng: images(rng, 4)),
+    "gpt": (lambda: models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16), lambda rng: tokens(rng, 3)),
+}
+
+
+def cpu_copy(builder, gpu_net):
     backend.use("numpy")
     cpu_net = builder()
     cpu_net.load_weights({k: backend.to_numpy(v) for k, v in gpu_net.state_dict().items()})
-    rng = numpy.random.default_rng(0)
-    x, y = rng.standard_normal(inputs).astype(numpy.float32), rng.integers(0, labels, inputs[0])
+    backend.use("cupy")
+    return cpu_net
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_models_give_the_same_gradients_on_gpu_and_cpu(name, on_gpu):
+    builder, make_batch = CASES[name]
+    gpu_net = builder()
+    cpu_net = cpu_copy(builder, gpu_net)
+    x, y = make_batch(numpy.random.default_rng(0))
     for net in (gpu_net, cpu_net):
         net.eval()
     cpu_loss = float(cpu_net(x, y))
@@ -34,13 +53,27 @@ def test_models_give_the_same_gradients_on_gpu_and_cpu(builder, inputs, labels, 
     gpu_loss = float(gpu_net(cupy.asarray(x), cupy.asarray(y)))
     gpu_net.backward()
     assert abs(cpu_loss - gpu_loss) < 1e-4
-    for name, grad in cpu_net.grads.items():
-        assert numpy.allclose(backend.to_numpy(gpu_net.grads[name]), grad, rtol=1e-3, atol=1e-5), name
+    for param_name, grad in cpu_net.grads.items():
+        gpu_grad = gpu_net.grads[param_name]
+        assert isinstance(gpu_grad, cupy.ndarray), param_name
+        assert numpy.allclose(backend.to_numpy(gpu_grad), grad, rtol=1e-3, atol=1e-5), param_name
 
 
-def test_gpt_runs_on_gpu(on_gpu):
-    net = models.gpt(vocab_size=11, context=8, layers=1, heads=2, width=16)
-    x = cupy.asarray(numpy.random.default_rng(0).integers(0, 11, (2, 8)))
-    loss = net(x, x)
-    net.backward()
-    assert numpy.isfinite(float(loss)) and isinstance(net.grads["0.weight"], cupy.ndarray)
+def test_adamw_steps_on_gpu_follow_the_cpu(on_gpu):
+    builder, make_batch = CASES["gpt"]
+    gpu_net = builder()
+    cpu_net = cpu_copy(builder, gpu_net)
+    gpu_net.optimizer = optim.AdamW(gpu_net, lr=1e-2, weight_decay=0.1)
+    cpu_net.optimizer = optim.AdamW(cpu_net, lr=1e-2, weight_decay=0.1)
+    rng = numpy.random.default_rng(1)
+    for _ in range(5):
+        x, y = make_batch(rng)
+        losses = []
+        for net, move in ((cpu_net, numpy.asarray), (gpu_net, cupy.asarray)):
+            net.zero_grads()
+            losses.append(float(net(move(x), move(y))))
+            net.backward()
+            net.step()
+        assert abs(losses[0] - losses[1]) < 1e-4
+    for param_name, value in cpu_net.state_dict().items():
+        assert numpy.allclose(backend.to_numpy(gpu_net.state_dict()[param_name]), value, atol=1e-4), param_name

@@ -1,0 +1,159 @@
+"""nanoGPT's small CPU run, rebuilt in plain PyTorch, as an independent yardstick for the GPT.
+
+    python -m bench.nanogpt_reference --seeds 1337 1338 1339
+
+nanoGPT's README trains Tiny Shakespeare on a CPU with
+``config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``. This file follows that run as
+nanoGPT's ``train.py`` and ``model.py`` do it, written independently of mnn and of
+``bench/torch_mirror.py``: torch's own RNG for weights and batches, exact GELU, nanoGPT's
+warm-up formula, its weight-decay groups, and its noisy 20-batch ``estimate_loss``.
+It also reports the loss over the whole validation split, so the two estimates can be
+compared. mnn never imports this file; only torch does the work here.
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CONFIG = {"layers": 4, "heads": 4, "width": 128, "context": 64, "batch": 12, "iters": 2000,
+          "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "beta2": 0.99, "weight_decay": 0.1, "clip": 1.0,
+          "eval_interval": 250, "eval_iters": 20}
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width, bias=False)
+        self.c_attn = nn.Linear(width, 3 * width, bias=False)
+        self.attn_proj = nn.Linear(width, width, bias=False)
+        self.ln_2 = nn.LayerNorm(width, bias=False)
+        self.c_fc = nn.Linear(width, 4 * width, bias=False)
+        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+
+    def attention(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.c_attn(x).split(width, dim=2)
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.attn_proj(y.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab, config):
+        super().__init__()
+        width = config["width"]
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(config["context"], width)
+        self.blocks = nn.ModuleList(Block(width, config["heads"]) for _ in range(config["layers"]))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config["layers"]))
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def learning_rate(it, c):
+    if it < c["warmup"]:
+        return c["lr"] * (it + 1) / (c["warmup"] + 1)
+    ratio = (it - c["warmup"]) / (c["iters"] - c["warmup"])
+    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["lr"] - c["min_lr"])
+
+
+def get_batch(data, c):
+    ix = torch.randint(len(data) - c["context"], (c["batch"],))
+    x = torch.stack([torch.from_numpy(data[i:i + c["context"]].astype(numpy.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + c["context"]].astype(numpy.int64)) for i in ix])
+    return x, y
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, c):
+    model.eval()
+    out = {name: float(torch.stack([model(*get_batch(data, c)) for _ in range(c["eval_iters"])]).mean())
+           for name, data in splits.items()}
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def whole_split_loss(model, data, context):
+    """Mean loss over every non-overlapping window of the split."""
+    model.eval()
+    count = (len(data) - 1) // context
+    x = torch.from_numpy(data[:count * context].astype(numpy.int64)).view(count, context)
+    y = torch.from_numpy(data[1:count * context + 1].astype(numpy.int64)).view(count, context)
+    losses = [float(model(x[i:i + 256], y[i:i + 256])) * len(x[i:i + 256]) for i in range(0, count, 256)]
+    return sum(losses) / count
+
+
+def optimizer_for(model, c):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, c["beta2"]))
+
+
+def train(text, seed, c=CONFIG):
+    chars = sorted(set(text))
+    index = {ch: i for i, ch in enumerate(chars)}
+    data = numpy.array([index[ch] for ch in text], dtype=numpy.uint16)
+    split = int(0.9 * len(data))
+    splits = {"train": data[:split], "val": data[split:]}
+    torch.manual_seed(seed)
+    model = GPT(len(chars), c)
+    optimizer = optimizer_for(model, c)
+    x, y = get_batch(splits["train"], c)
+    for it in range(c["iters"] + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(it, c)
+        if it % c["eval_interval"] == 0:
+            losses = estimate_loss(model, splits, c)
+            print(f"seed {seed} step {it}: train {losses['train']:.4f}, val {losses['val']:.4f}", flush=True)
+        if it == c["iters"]:
+            break
+        loss = model(x, y)
+        x, y = get_batch(splits["train"], c)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses["val"], whole_split_loss(model, splits["val"], c["context"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default=str(Path(__file__).parents[1] / "../shared/data/tinyshakespeare.txt"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    args = parser.parse_args()
+    text = Path(args.text).read_text(encoding="utf-8")
+    for seed in args.seeds:
+        start = time.perf_counter()
+        estimate, whole = train(text, seed)
+        print(f"seed {seed}: val loss {estimate:.4f} (nanoGPT's 20-batch estimate), "
+              f"{whole:.4f} (whole validation split), {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
