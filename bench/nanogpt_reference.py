@@ -1,6 +1,7 @@
 """nanoGPT's small CPU run, rebuilt in plain PyTorch, as an independent yardstick for the GPT.
 
     python -m bench.nanogpt_reference --seeds 1337 1338 1339
+    python -m bench.nanogpt_reference --set bias=1 weight_decay=0 --device cuda   # a variant, on a GPU
 
 nanoGPT's README trains Tiny Shakespeare on a CPU with
 ``config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
@@ -10,7 +11,9 @@ nanoGPT's ``train.py`` and ``model.py`` do it, written independently of mnn and 
 ``bench/torch_mirror.py``: torch's own RNG for weights and batches, exact GELU, nanoGPT's
 warm-up formula, its weight-decay groups, and its noisy 20-batch ``estimate_loss``.
 It also reports the loss over the whole validation split, so the two estimates can be
-compared. mnn never imports this file; only torch does the work here.
+compared. ``--set`` changes one setting of CONFIG (the settings the issue leaves open:
+warm-up, final learning rate, betas, weight decay, clipping, biases, weight tying).
+mnn never imports this file; only torch does the work here.
 """
 import argparse
 import math
@@ -24,19 +27,19 @@ from torch.nn import functional as F
 
 CONFIG = {"layers": 4, "heads": 4, "width": 128, "context": 64, "batch": 12, "iters": 2000,
           "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "beta2": 0.99, "weight_decay": 0.1, "clip": 1.0,
-          "eval_interval": 250, "eval_iters": 20}
+          "eval_interval": 250, "eval_iters": 20, "bias": 0, "tie": 1}
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, bias):
         super().__init__()
         self.heads = heads
-        self.ln_1 = nn.LayerNorm(width, bias=False)
-        self.c_attn = nn.Linear(width, 3 * width, bias=False)
-        self.attn_proj = nn.Linear(width, width, bias=False)
-        self.ln_2 = nn.LayerNorm(width, bias=False)
-        self.c_fc = nn.Linear(width, 4 * width, bias=False)
-        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+        self.ln_1 = nn.LayerNorm(width, bias=bias)
+        self.c_attn = nn.Linear(width, 3 * width, bias=bias)
+        self.attn_proj = nn.Linear(width, width, bias=bias)
+        self.ln_2 = nn.LayerNorm(width, bias=bias)
+        self.c_fc = nn.Linear(width, 4 * width, bias=bias)
+        self.mlp_proj = nn.Linear(4 * width, width, bias=bias)
 
     def attention(self, x):
         batch, length, width = x.shape
@@ -53,21 +56,24 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab, config):
         super().__init__()
-        width = config["width"]
+        width, bias = config["width"], bool(config["bias"])
         self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(config["context"], width)
-        self.blocks = nn.ModuleList(Block(width, config["heads"]) for _ in range(config["layers"]))
-        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.blocks = nn.ModuleList(Block(width, config["heads"], bias) for _ in range(config["layers"]))
+        self.ln_f = nn.LayerNorm(width, bias=bias)
         self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.wte.weight = self.lm_head.weight
+        if config["tie"]:
+            self.wte.weight = self.lm_head.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * config["layers"]))
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -85,7 +91,7 @@ def get_batch(data, c):
     ix = torch.randint(len(data) - c["context"], (c["batch"],))
     x = torch.stack([torch.from_numpy(data[i:i + c["context"]].astype(numpy.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + c["context"]].astype(numpy.int64)) for i in ix])
-    return x, y
+    return x.to(c["device"]), y.to(c["device"])
 
 
 @torch.no_grad()
@@ -102,8 +108,9 @@ def whole_split_loss(model, data, context):
     """Mean loss over every non-overlapping window of the split."""
     model.eval()
     count = (len(data) - 1) // context
-    x = torch.from_numpy(data[:count * context].astype(numpy.int64)).view(count, context)
-    y = torch.from_numpy(data[1:count * context + 1].astype(numpy.int64)).view(count, context)
+    device = next(model.parameters()).device
+    x = torch.from_numpy(data[:count * context].astype(numpy.int64)).view(count, context).to(device)
+    y = torch.from_numpy(data[1:count * context + 1].astype(numpy.int64)).view(count, context).to(device)
     losses = [float(model(x[i:i + 256], y[i:i + 256])) * len(x[i:i + 256]) for i in range(0, count, 256)]
     return sum(losses) / count
 
@@ -122,7 +129,7 @@ def train(text, seed, c=CONFIG):
     split = int(0.9 * len(data))
     splits = {"train": data[:split], "val": data[split:]}
     torch.manual_seed(seed)
-    model = GPT(len(chars), c)
+    model = GPT(len(chars), c).to(c["device"])
     optimizer = optimizer_for(model, c)
     x, y = get_batch(splits["train"], c)
     for it in range(c["iters"] + 1):
@@ -130,13 +137,15 @@ def train(text, seed, c=CONFIG):
             group["lr"] = learning_rate(it, c)
         if it % c["eval_interval"] == 0:
             losses = estimate_loss(model, splits, c)
-            print(f"seed {seed} step {it}: train {losses['train']:.4f}, val {losses['val']:.4f}", flush=True)
+            print(f"{c['label']}seed {seed} step {it}: train {losses['train']:.4f}, val {losses['val']:.4f}",
+                  flush=True)
         if it == c["iters"]:
             break
         loss = model(x, y)
         x, y = get_batch(splits["train"], c)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])
+        if c["clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return losses["val"], whole_split_loss(model, splits["val"], c["context"])
@@ -146,12 +155,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", default=str(Path(__file__).parents[1] / "../shared/data/tinyshakespeare.txt"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"change CONFIG: {sorted(CONFIG)}")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (float32: TF32 off)")
     args = parser.parse_args()
+    changes = dict(item.split("=") for item in args.set)
+    if set(changes) - set(CONFIG):
+        parser.error(f"unknown settings {sorted(set(changes) - set(CONFIG))}; known: {sorted(CONFIG)}")
+    changes = {key: type(CONFIG[key])(float(value)) for key, value in changes.items()}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = {**CONFIG, **changes, "device": args.device, "label": " ".join(args.set) + (": " if args.set else "")}
     text = Path(args.text).read_text(encoding="utf-8")
     for seed in args.seeds:
         start = time.perf_counter()
-        estimate, whole = train(text, seed)
-        print(f"seed {seed}: val loss {estimate:.4f} (nanoGPT's 20-batch estimate), "
+        estimate, whole = train(text, seed, config)
+        print(f"{config['label']}seed {seed}: val loss {estimate:.4f} (nanoGPT's 20-batch estimate), "
               f"{whole:.4f} (whole validation split), {time.perf_counter() - start:.0f} s", flush=True)
 
 

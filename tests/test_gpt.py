@@ -145,3 +145,18 @@ def test_unreachable_text_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MNN_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError, match="not in .* and could not be downloaded .* --data-dir"):
         locate_text(url=(tmp_path / "nowhere.txt").as_uri())
+
+
+def test_validation_loss_covers_the_whole_split_once(tmp_path, monkeypatch):
+    from mnn import text_task
+    from mnn.train import TrainConfig
+    text = tmp_path / "text.txt"
+    text.write_text("".join(numpy.random.default_rng(0).choice(list("abcdefghij\n"), 1000)))
+    task = text_task.TextTask(TrainConfig(model="gpt", dataset="tinyshakespeare", data_dir=str(text), batch_size=4,
+                                          model_kwargs={"context": 8}))
+    net = small_gpt()
+    windows = (len(task.val) - 1) // 8  # 100 validation characters: 12 windows of 8, the last 3 unused
+    one_by_one = numpy.mean([float(net(task.val[None, i * 8:i * 8 + 8], task.val[None, i * 8 + 1:i * 8 + 9]))
+                             for i in range(windows)])
+    monkeypatch.setattr(text_task, "EVAL_CHUNK", 5)  # chunks of 5, 5 and 2 windows: weighted by size
+    assert windows == 12 and task.evaluate(net)["val_loss"] == pytest.approx(one_by_one, rel=1e-5)

@@ -68,13 +68,14 @@ def transformer_block(width, heads, dropout=0.0, bias=True):
     return SequentialLayers([ResidualBlock(attention), ResidualBlock(mlp)])
 
 
-def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_weights=True, bias=False):
+def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_weights=False, bias=False):
     """A character-level GPT: token and position embeddings, pre-norm blocks, LayerNorm, linear head.
 
     Initialised as GPT-2: weights N(0, 0.02), biases 0, and each residual branch's output
-    projection N(0, 0.02 / sqrt(2 * layers)). With ``tie_weights`` the head uses the token
-    embedding's table (one array, one gradient). ``bias=False`` (nanoGPT's default) leaves
-    the biases out of the linear and LayerNorm layers.
+    projection N(0, 0.02 / sqrt(2 * layers)). With ``tie_weights`` (GPT-2 and nanoGPT) the
+    head uses the token embedding's table (one array, one gradient); the default is a head
+    of its own, which ended 2000 steps on Tiny Shakespeare 0.02 lower (six seeds, README).
+    ``bias=False`` (nanoGPT's default) leaves the biases out of the linear and LayerNorm layers.
     """
     embedding = EmbeddingLayer(vocab_size, width)
     head = LinearLayer(width, vocab_size, bias=False)
