@@ -1,15 +1,15 @@
 """Time training steps of mnn and of the same model in PyTorch, interleaved in one process.
 
-    python -m bench                      # MLP at batch 64 and 1024, the CNN (and the GPT once present)
+    python -m bench                      # MLP at batch 64 and 1024, the CNN and the GPT
     python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
     python -m bench --device cuda        # CuPy against torch CUDA, on an NVIDIA GPU
 
 Both run in float32, on the same batch and the same optimizer (AdamW). On the CPU (the
 default) they use the same thread count: ``mnn.backend.tune_cpu`` sets NumPy's BLAS
 threads and ``torch.set_num_threads`` torch's. On a GPU mnn runs on CuPy and torch on
-CUDA, with TF32 turned off in torch so that both multiply in float32. After warm-up, each repetition times one mnn step then one torch
-step; the table reports medians, the ratio mnn/torch, the GEMM FLOPs of a step and the
-GFLOP/s they imply, beside the machine's measured float32 GEMM rate. Peak memory of a
+CUDA, with TF32 turned off in torch so that both multiply in float32. Steps are timed in
+alternating blocks (see ``measure``); the table reports medians, the ratio mnn/torch, the
+GEMM FLOPs of a step and the GFLOP/s they imply, beside the measured float32 GEMM rate. Peak memory of a
 training step is measured in a fresh subprocess per framework: peak RSS growth on the CPU,
 the bytes its memory pool holds on a GPU (CuPy's pool, torch's peak reserved memory).
 """
@@ -124,7 +124,8 @@ def measure(case, repeats, warmup, device, block=5, settle_s=0.2):
     mnn_step, torch_step, net, batch = step_functions(case, device)
     mnn_times, torch_times = [], []
     for _ in range(max(1, repeats // block)):
-        for step, sync, times in ((mnn_step, device.sync_mnn, mnn_times), (torch_step, device.sync_torch, torch_times)):
+        for step, sync, times in ((mnn_step, device.sync_mnn, mnn_times),
+                                  (torch_step, device.sync_torch, torch_times)):
             time.sleep(settle_s)
             for _ in range(warmup):
                 step()
