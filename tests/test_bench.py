@@ -1,5 +1,6 @@
 """The benchmark runs end to end on tiny sizes (what it measures is not asserted: timing is for bench/)."""
 import json
+import math
 
 from bench.run import TINY, main
 
@@ -21,3 +22,16 @@ def test_mnn_bench_command(tmp_path, capsys):
     assert cli.main(["bench", "--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--models", "mlp-64",
                      "--json", str(tmp_path / "r.json")]) == 0
     assert "| mlp-64 |" in capsys.readouterr().out
+
+
+def test_nanogpt_reference_learns_in_a_few_steps():
+    """The PyTorch yardstick for the GPT runs end to end, and its loss starts at log(vocabulary) and falls."""
+    from bench.nanogpt_reference import CONFIG, train
+    from test_gpt import SHAKESPEARE
+    text = SHAKESPEARE.read_text()[:20000]
+    config = {**CONFIG, "warmup": 2, "eval_interval": 10, "eval_iters": 2, "layers": 1, "width": 16, "heads": 2,
+              "context": 16, "device": "cpu", "label": ""}
+    _, untrained = train(text, 0, {**config, "iters": 0})
+    estimate, trained = train(text, 0, {**config, "iters": 30})
+    assert abs(untrained - math.log(len(set(text)))) < 0.05
+    assert trained < untrained - 0.1 and abs(estimate - trained) < 0.1
