@@ -157,16 +157,14 @@ def memory_child(name, framework, cases, device):
     step = mnn_step if framework == "mnn" else torch_step
     if device.name == "cuda":
         device.reset_peak()
-        before = device.pool_bytes(framework)
-        for _ in range(3):
-            step()
-        return print(max(device.pool_bytes(framework) - before, 0) / 2 ** 20)
-    before = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak (VmHWM) to the current RSS
+        before, peak = device.pool_bytes(framework), lambda: device.pool_bytes(framework)
+    else:
+        before, peak = rss_kib("VmRSS") * 1024, lambda: rss_kib("VmHWM") * 1024
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak (VmHWM) to the current RSS
     for _ in range(3):
         step()
-    print(max(rss_kib("VmHWM") - before, 0) / 1024)
+    print(max(peak() - before, 0) / 2 ** 20)
 
 
 def cpu_name():

@@ -44,10 +44,12 @@ class TextTask:
         count = (len(self.val) - 1) // self.context
         inputs = self.val[:count * self.context].reshape(count, self.context)
         targets = self.val[1:count * self.context + 1].reshape(count, self.context)
+        total = 0.0
         net.eval()
         try:
-            total = sum(float(net(*to_batch(inputs[i:i + EVAL_CHUNK], targets[i:i + EVAL_CHUNK])))
-                        * len(inputs[i:i + EVAL_CHUNK]) for i in range(0, count, EVAL_CHUNK))
+            for start in range(0, count, EVAL_CHUNK):
+                x, y = inputs[start:start + EVAL_CHUNK], targets[start:start + EVAL_CHUNK]
+                total += float(net(*to_batch(x, y))) * len(x)  # chunk mean, weighted by its size
         finally:
             net.train()
         return {"val_loss": total / count}
