@@ -38,19 +38,30 @@ def relative_error(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
+def require_float64(layer, inputs):
+    """Refuse float32 tensors: their rounding error (~1e-7 / eps) would look like a wrong derivation."""
+    for index, x in enumerate(inputs):
+        if x.dtype.kind == "f" and x.dtype != numpy.float64:
+            raise ValueError(f"check_layer: input {index} is {x.dtype}; finite differences need float64 "
+                             "(x.astype(numpy.float64))")
+    wrong = {name: str(p.dtype) for name, p in layer.params.items() if p.dtype != numpy.float64}
+    if wrong:
+        raise ValueError(f"check_layer: {layer!r} has parameters that are not float64 ({wrong}); finite "
+                         "differences need float64: build the layer after "
+                         "mnn.backend.set_default_dtype(numpy.float64)")
+
+
 def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_inputs=True):
     """Worst relative error of the layer's input and parameter gradients, by name.
 
-    Floating ``inputs`` must be float64 (integer inputs, such as token indices, are passed
-    through unperturbed); for a loss layer pass ``targets``. Returns a dict such
+    Floating ``inputs`` and the layer's parameters must be float64 (integer inputs, such as
+    token indices, are passed through unperturbed); for a loss layer pass ``targets``. Returns a dict such
     as ``{"input0": 3e-10, "w": 1e-9}``; values near 1e-8 or below mean backward is right.
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
     """
     rng = numpy.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
-    for x in inputs:
-        if x.dtype.kind == "f" and x.dtype != numpy.float64:
-            raise ValueError(f"check_layer: inputs must be float64 for finite differences, got {x.dtype}")
+    require_float64(layer, inputs)
     sample = layer.forward(*inputs, targets) if isinstance(layer, LossLayer) else layer.forward(*inputs)
     shape = () if isinstance(layer, LossLayer) else sample.shape
     errors = {}

@@ -61,10 +61,13 @@ def dense_head(width, hidden, classes, dropout):
 
 def transformer_block(width, heads, dropout=0.0, bias=True):
     """Pre-norm GPT-2 block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))."""
-    drop = [DropoutLayer(dropout)] if dropout else []
-    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias), *drop])
+    def drop():  # a fresh layer per branch: each keeps the mask its own backward needs
+        return [DropoutLayer(dropout)] if dropout else []
+
+    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias),
+                                  *drop()])
     mlp = SequentialLayers([LayerNormLayer(width, bias=bias), LinearLayer(width, 4 * width, bias), GeluLayer(),
-                            LinearLayer(4 * width, width, bias), *drop])
+                            LinearLayer(4 * width, width, bias), *drop()])
     return SequentialLayers([ResidualBlock(attention), ResidualBlock(mlp)])
 
 

@@ -58,7 +58,9 @@ class SequentialLayers(CompositeLayer):
                 raise TypeError(f"SequentialLayers: item {index} is {type(layer).__name__}, not a Layer")
             if isinstance(layer, LossLayer) and index != len(self.layers) - 1:
                 raise ValueError(f"SequentialLayers: loss layer {layer!r} must be the last layer")
+        reject_repeated_layers(self)
         self.optimizer = optimizer
+        self.loss_is_current = False  # did the last forward pass end in the loss?
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
@@ -81,11 +83,13 @@ class SequentialLayers(CompositeLayer):
         if targets is None or self.loss_layer is None:
             return x
         loss = self.loss_layer.forward(x, targets)
+        self.loss_is_current = True
         if debug:
             print(f"{type(self.loss_layer).__name__}: {tuple(x.shape)} -> loss {float(loss):.6g}")
         return loss
 
     def forward(self, inputs, debug=False):
+        self.loss_is_current = False
         x = inputs
         for layer in self.body:
             y = layer.forward(x)
@@ -103,12 +107,14 @@ class SequentialLayers(CompositeLayer):
         gradient w.r.t. the network's input last). Given an upstream gradient, as when
         this network is a layer inside another, it returns the input gradient.
         """
-        if isinstance(gradients, bool):
-            raise TypeError("SequentialLayers.backward: pass debug by keyword, backward(debug=True)")
         start = gradients is None
         if start:
             if self.loss_layer is None:
                 raise RuntimeError("SequentialLayers.backward() without a gradient needs a loss layer last")
+            if not self.loss_is_current:
+                raise RuntimeError("SequentialLayers.backward(): the last forward pass computed no loss "
+                                   "(it had no targets), so there is nothing to back-propagate; "
+                                   "call net(inputs, targets) first")
             gradients = self.loss_layer.backward()
             if debug:
                 print(f"{type(self.loss_layer).__name__}: grad {tuple(gradients.shape)}")
@@ -153,3 +159,27 @@ class SequentialLayers(CompositeLayer):
             from .optim import SGD
             self.optimizer = SGD(self.named_parameters(), lr=0.01)
         self.optimizer.step()
+
+
+def reject_repeated_layers(net):
+    """Refuse a network that holds one layer object at two places.
+
+    A layer keeps what its backward needs from its last forward, so a layer used twice
+    would back-propagate the second use's tensors through the first. Tied weights are
+    shared parameter arrays in two layers, never one layer twice.
+    """
+    seen = {}
+    for path, layer in walk(net):
+        if id(layer) in seen:
+            raise ValueError(f"SequentialLayers: the same {type(layer).__name__} object sits at {seen[id(layer)]} "
+                             f"and at {path}; give each place its own layer (to tie weights, share parameter "
+                             "arrays between two layers instead)")
+        seen[id(layer)] = path
+
+
+def walk(layer, path="net"):
+    """(path, layer) for ``layer`` and every layer inside it, depth first."""
+    yield path, layer
+    if isinstance(layer, CompositeLayer):
+        for name, sub in layer.sublayers().items():
+            yield from walk(sub, f"{path}.{name}")

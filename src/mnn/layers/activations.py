@@ -45,23 +45,29 @@ class ReluLayer(ElementwiseLayer):
 class SigmoidLayer(ElementwiseLayer):
     r"""Logistic sigmoid, $y = \sigma(x) = 1 / (1 + e^{-x})$.
 
-    Computed as $\tfrac12(1 + \tanh(x/2))$, which never overflows. Differentiating
-    $y (1 + e^{-x}) = 1$ gives
+    Computed with $z = e^{-|x|} \in (0, 1]$, which never overflows:
 
-    $$f'(x) = \sigma(x)\,(1 - \sigma(x)) = y (1 - y), \tag{1}$$
+    $$\sigma(x) = \frac{1}{1 + z} \ (x \ge 0), \qquad \sigma(x) = \frac{z}{1 + z} \ (x < 0). \tag{1}$$
 
-    $$\frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{2}$$
+    For very negative $x$ the second form keeps every significant digit of the tiny
+    result, where $1 - \sigma(-x)$ or $\tfrac12(1 + \tanh(x/2))$ would round to 0.
+    Differentiating $y (1 + e^{-x}) = 1$ gives
+
+    $$f'(x) = \sigma(x)\,(1 - \sigma(x)) = y (1 - y), \tag{2}$$
+
+    $$\frac{\partial L}{\partial x} = g \odot y \odot (1 - y). \tag{3}$$
     """
 
     def apply(self, x):
         xp = backend.array_module(x)
-        y = 0.5 * (1 + xp.tanh(0.5 * x))
+        z = xp.exp(-xp.abs(x))
+        y = xp.where(x >= 0, 1, z) / (1 + z)  # Eq. (1)
         self.save(y)
         return y
 
     def backward(self, g):
         (y,) = self.saved()
-        return g * y * (1 - y)  # Eq. (2)
+        return g * y * (1 - y)  # Eq. (3)
 
 
 class TanhLayer(ElementwiseLayer):

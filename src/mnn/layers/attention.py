@@ -2,7 +2,7 @@ r"""Multi-head self-attention, as in GPT-2: fused QKV projection, scaled dot pro
 import math
 
 from .. import backend
-from .base import CompositeLayer
+from .base import CompositeLayer, check_size
 from .linear import LinearLayer, MatrixProduct
 from .softmax import SoftmaxLayer
 
@@ -43,6 +43,8 @@ class MultiHeadAttention(CompositeLayer):
 
     def __init__(self, dim, heads, causal=True, bias=True):
         super().__init__()
+        check_size("MultiHeadAttention", "dim", dim)
+        check_size("MultiHeadAttention", "heads", heads)
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: width {dim} is not divisible by {heads} heads")
         self.dim, self.heads, self.causal, self.bias = dim, heads, causal, bias

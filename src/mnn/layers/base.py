@@ -8,7 +8,14 @@
 
 A loss layer's ``forward(inputs, targets)`` returns the mean loss and its
 ``backward()`` takes no argument: the loss is where back-propagation starts.
+
+The base class also checks the contract at run time, so no layer repeats it: every
+``backward(g)`` is refused unless ``g`` has the shape of the output the last ``forward``
+returned (NumPy would otherwise broadcast a wrong gradient silently).
 """
+import functools
+import numbers
+
 from .. import backend
 
 
@@ -21,6 +28,13 @@ class Layer:
     """
 
     input_grad = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls):
+            cls.forward = records_output_shape(cls.forward)
+        if "backward" in vars(cls):
+            cls.backward = checks_gradient_shape(cls.backward)
 
     def __init__(self):
         self.params = {}
@@ -78,6 +92,7 @@ class Layer:
     # -- input checks -----------------------------------------------------
     def check_input(self, x, ndim=None, min_ndim=None, last_dim=None, name="input"):
         """Raise a ValueError naming this layer if ``x`` has the wrong rank, size or dtype."""
+        check_array(self, x, name)
         expected = []
         if ndim is not None and x.ndim != ndim:
             expected.append(f"{ndim} dimensions")
@@ -151,6 +166,55 @@ class CompositeLayer(Layer):
         for layer in self.sublayers().values():
             layer.train(mode)
         return self
+
+
+def records_output_shape(forward):
+    """Wrap a layer's ``forward`` to remember the shape of what it returned."""
+    @functools.wraps(forward)
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        self._output_shape = getattr(out, "shape", None)
+        return out
+    return recording
+
+
+def checks_gradient_shape(backward):
+    """Wrap a layer's ``backward`` to refuse a gradient shaped unlike the forward's output."""
+    @functools.wraps(backward)
+    def checking(self, *args, **kwargs):
+        if args and args[0] is not None:
+            check_gradient(self, args[0])
+        return backward(self, *args, **kwargs)
+    return checking
+
+
+def check_gradient(layer, g):
+    if isinstance(g, bool):
+        raise TypeError(f"{describe(layer)}.backward({g}): pass debug by keyword, backward(debug={g})")
+    check_array(layer, g, "backward's gradient")
+    expected = getattr(layer, "_output_shape", None)
+    if expected is not None and tuple(g.shape) != tuple(expected):
+        raise ValueError(f"{describe(layer)}: backward got a gradient of shape {tuple(g.shape)}; expected the "
+                         f"shape of the last forward's output, {tuple(expected)}")
+
+
+def check_array(layer, x, name="input"):
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{describe(layer)}: {name} must be a NumPy or CuPy array, got {type(x).__name__} "
+                        "(convert it with numpy.asarray(x, dtype=numpy.float32))")
+
+
+def describe(layer):
+    """The layer's repr when it fits on one line (a whole network's does not: then its class)."""
+    text = repr(layer)
+    return text if "\n" not in text else type(layer).__name__
+
+
+def check_size(owner, name, value, minimum=1):
+    """An integer setting (a width, a count) of at least ``minimum``, or a ValueError naming ``owner``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_floating(layer, x, name="input"):

@@ -2,7 +2,7 @@ r"""Two-dimensional convolution by im2col and one GEMM per product."""
 import math
 
 from .. import backend
-from .base import Layer
+from .base import Layer, check_size
 from .windows import channels_first, channels_last, pad_channels_last, windows
 
 
@@ -56,6 +56,10 @@ class Conv2dLayer(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        for name, value in [("in_channels", in_channels), ("out_channels", out_channels), ("kernel height", kh),
+                            ("kernel width", kw), ("stride", stride)]:
+            check_size("Conv2dLayer", name, value)
+        check_size("Conv2dLayer", "padding", padding, minimum=0)
         if not 0 <= padding < min(kh, kw) or stride < 1:
             raise ValueError(f"Conv2dLayer: padding {padding} must lie in [0, kernel size {min(kh, kw)}) "
                              f"and stride {stride} must be at least 1")

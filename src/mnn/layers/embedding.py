@@ -1,6 +1,6 @@
 r"""Embeddings: a table lookup for tokens, and learned positions added to them."""
 from .. import backend
-from .base import Layer
+from .base import Layer, check_array, check_size
 
 
 class EmbeddingLayer(Layer):
@@ -19,13 +19,15 @@ class EmbeddingLayer(Layer):
 
     def __init__(self, num_embeddings, dim):
         super().__init__()
-        self.num_embeddings, self.dim = num_embeddings, dim
+        self.num_embeddings = check_size("EmbeddingLayer", "num_embeddings", num_embeddings)
+        self.dim = check_size("EmbeddingLayer", "dim", dim)
         self.add_param("weight", backend.normal(1.0, (num_embeddings, dim)))
 
     def config(self):
         return {"num_embeddings": self.num_embeddings, "dim": self.dim}
 
     def forward(self, indices):
+        check_array(self, indices)
         if indices.dtype.kind not in "iu":
             raise ValueError(f"{self!r}: input must be integer token indices, got {indices.dtype}")
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
@@ -53,7 +55,8 @@ class PositionalEmbeddingLayer(Layer):
 
     def __init__(self, context, dim):
         super().__init__()
-        self.context, self.dim = context, dim
+        self.context = check_size("PositionalEmbeddingLayer", "context", context)
+        self.dim = check_size("PositionalEmbeddingLayer", "dim", dim)
         self.add_param("weight", backend.normal(1.0, (context, dim)))
 
     def config(self):

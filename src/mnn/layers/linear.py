@@ -2,7 +2,7 @@ r"""Affine maps: ``LinearLayer`` and the product of two inputs, ``MatrixProduct`
 import math
 
 from .. import backend
-from .base import Layer, check_floating
+from .base import Layer, check_floating, check_size
 
 
 class LinearLayer(Layer):
@@ -37,7 +37,9 @@ class LinearLayer(Layer):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
-        self.in_features, self.out_features, self.bias = in_features, out_features, bias
+        self.in_features = check_size("LinearLayer", "in_features", in_features)
+        self.out_features = check_size("LinearLayer", "out_features", out_features)
+        self.bias = bias
         bound = 1 / math.sqrt(in_features)
         self.add_param("w", backend.uniform(-bound, bound, (out_features, in_features)))
         if bias:
@@ -80,6 +82,13 @@ class MatrixProduct(Layer):
 
     Both are GEMMs; with leading batch dimensions ``matmul`` broadcasts them over the
     stack, and ``swapaxes(-1, -2)`` is the transpose of each matrix in it.
+
+    **Broadcasting.** When one operand has fewer leading dimensions (or size 1 where the
+    other has more), ``matmul`` uses the same matrix for every product in the stack. Each
+    use contributes its own term to that matrix's gradient, so Eqs. (2)-(3) are summed over
+    the broadcast dimensions:
+
+    $$\frac{\partial L}{\partial A} = \sum_{\text{broadcast}} G B^\top. \tag{4}$$
     """
 
     def forward(self, a, b):
@@ -93,4 +102,16 @@ class MatrixProduct(Layer):
 
     def backward(self, g):
         a, b = self.saved()
-        return g @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ g  # Eqs. (2), (3)
+        grad_a, grad_b = g @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ g  # Eqs. (2), (3)
+        return sum_to_shape(grad_a, a.shape), sum_to_shape(grad_b, b.shape)  # Eq. (4)
+
+
+def sum_to_shape(grad, shape):
+    """Sum ``grad`` over the dimensions that broadcasting added to, or stretched from 1 in, ``shape``."""
+    extra = grad.ndim - len(shape)
+    stretched = tuple(extra + i for i, size in enumerate(shape) if size == 1 and grad.shape[extra + i] != 1)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    if stretched:
+        grad = grad.sum(axis=tuple(axis - extra for axis in stretched), keepdims=True)
+    return grad

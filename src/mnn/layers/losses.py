@@ -4,7 +4,7 @@ Each returns the **mean** loss over the batch, so the $1/N$ lives here and every
 parameter gradient further down is a plain sum over the batch.
 """
 from .. import backend
-from .base import LossLayer, check_floating
+from .base import LossLayer, check_array, check_floating
 from .softmax import log_softmax
 
 
@@ -18,6 +18,7 @@ class MSELossLayer(LossLayer):
 
     def forward(self, x, targets):
         check_floating(self, x)
+        check_array(self, targets, "targets")
         if tuple(targets.shape) != tuple(x.shape):
             raise ValueError(f"{self!r}: targets of shape {tuple(targets.shape)}; "
                              f"expected the input's shape {tuple(x.shape)}")
@@ -33,6 +34,7 @@ class MSELossLayer(LossLayer):
 def check_labels(layer, x, labels):
     """Labels must be integers shaped like the input without its class axis, in [0, C)."""
     check_floating(layer, x)
+    check_array(layer, labels, "targets")
     if x.ndim < 2 or tuple(labels.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"{layer!r}: input {tuple(x.shape)} and targets {tuple(labels.shape)}; "
                          "expected input (..., C) and integer class labels (...)")

@@ -12,7 +12,7 @@ $\partial \hat x_i/\partial x_k = (\delta_{ik} - 1/N - \hat x_i \hat x_k / N)/\s
 $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 """
 from .. import backend
-from .base import Layer
+from .base import Layer, check_size
 from .windows import channels_first, channels_last
 
 
@@ -89,7 +89,10 @@ class BatchNormLayer(Layer):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.num_features = check_size(type(self).__name__, "num_features", num_features)
+        self.eps, self.momentum = check_eps(self, eps), momentum
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"{type(self).__name__}: momentum must lie in [0, 1], got {momentum!r}")
         xp, dtype = backend.xp(), backend.default_dtype()
         self.add_param("weight", xp.ones(num_features, dtype=dtype))
         self.add_param("bias", xp.zeros(num_features, dtype=dtype))
@@ -189,7 +192,7 @@ class LayerNormLayer(Layer):
 
     def __init__(self, dim, eps=1e-5, bias=True):
         super().__init__()
-        self.dim, self.eps, self.bias = dim, eps, bias
+        self.dim, self.eps, self.bias = check_size("LayerNormLayer", "dim", dim), check_eps(self, eps), bias
         xp, dtype = backend.xp(), backend.default_dtype()
         self.add_param("weight", xp.ones(dim, dtype=dtype))
         if bias:
@@ -214,3 +217,9 @@ class LayerNormLayer(Layer):
         if self.bias:
             self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
         return normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)
+
+
+def check_eps(layer, eps):
+    if not eps > 0:  # also refuses NaN
+        raise ValueError(f"{type(layer).__name__}: eps must be a number > 0, got {eps!r}")
+    return eps

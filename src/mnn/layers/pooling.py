@@ -6,7 +6,7 @@ $(p, q)$. Pooling is then $k^2$ whole-array operations, never a loop over pixels
 keeps the input's memory layout.
 """
 from .. import backend
-from .base import Layer
+from .base import Layer, check_size
 from .windows import offset_slices, output_size
 
 
@@ -15,7 +15,9 @@ class PoolLayer(Layer):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size, self.stride = kernel_size, stride or kernel_size
+        name = type(self).__name__
+        self.kernel_size = check_size(name, "kernel_size", kernel_size)
+        self.stride = check_size(name, "stride", kernel_size if stride is None else stride)
 
     def config(self):
         return {"kernel_size": self.kernel_size, "stride": self.stride}

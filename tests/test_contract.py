@@ -1,0 +1,158 @@
+"""The layer contract holds at run time: no silent wrong gradient, no repeated layer, clear errors."""
+import numpy
+import pytest
+import torch
+from reference import max_relative_difference
+
+import mnn
+from bench.torch_mirror import mirror
+from mnn import models
+from mnn.gradcheck import check_layer
+from mnn.seq_layers import walk
+
+TOL = 1e-6
+
+
+class ReplayedDropout(torch.nn.Module):
+    """torch's side of one mnn DropoutLayer: multiplies by the mask mnn drew in its forward."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.scale = torch.tensor(layer.saved()[0])
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def replay_dropout_masks(model, net):
+    """Swap every torch Dropout in the mirror for the mask its mnn layer used (same order)."""
+    ours = [layer for _, layer in walk(net) if isinstance(layer, mnn.DropoutLayer)]
+    theirs = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)]
+    assert len(ours) == len(theirs) > 0
+    for layer, name in zip(ours, theirs):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ReplayedDropout(layer))
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_gpt_with_dropout_has_torch_gradients_for_the_same_masks(tie_weights, float64, rng):
+    mnn.backend.seed(0)
+    net = models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, dropout=0.3, tie_weights=tie_weights)
+    model, loss_fn, pairs = mirror(net, torch.float64)
+    x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+    loss = net(x, y)
+    net.backward()
+    replay_dropout_masks(model, net)
+    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+    t_loss.backward()
+    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
+    grads = net.grads
+    for name, parameter in pairs:
+        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= TOL, name
+
+
+def test_gpt_blocks_hold_one_dropout_layer_per_place():
+    net = models.gpt(vocab_size=5, context=4, layers=2, heads=1, width=4, dropout=0.1)
+    dropouts = [layer for _, layer in walk(net) if isinstance(layer, mnn.DropoutLayer)]
+    assert len(dropouts) == 1 + 2 * 2 and len({id(layer) for layer in dropouts}) == len(dropouts)
+
+
+@pytest.mark.parametrize("build", [
+    lambda relu: [mnn.LinearLayer(2, 2), relu, mnn.LinearLayer(2, 2), relu],
+    lambda relu: [mnn.ResidualBlock(mnn.SequentialLayers([relu])), mnn.ResidualBlock(mnn.SequentialLayers([relu]))],
+    lambda relu: [mnn.SequentialLayers([mnn.LinearLayer(2, 2), relu]), relu],
+])
+def test_a_layer_object_used_twice_is_rejected(build):
+    relu = mnn.ReluLayer()
+    with pytest.raises(ValueError, match=r"same ReluLayer object sits at net\.\S+ and at net\.\S+"):
+        mnn.SequentialLayers(build(relu))
+
+
+def test_tied_parameters_stay_possible():
+    net = models.gpt(vocab_size=7, context=4, layers=1, heads=1, width=4, tie_weights=True)
+    head, embedding = net.layers[-2], net.layers[0]
+    assert head.params["w"] is embedding.params["weight"]
+
+
+def test_matrix_product_broadcasting_sums_the_gradient(float64, rng):
+    for a_shape, b_shape in [((3, 4), (2, 4, 5)), ((2, 1, 3, 4), (5, 4, 2)), ((1, 3, 4), (2, 4, 5))]:
+        layer = mnn.MatrixProduct()
+        a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+        assert max(check_layer(layer, a, b).values()) <= TOL
+        out = layer.forward(a, b)
+        upstream = rng.standard_normal(out.shape)
+        grad_a, grad_b = layer.backward(upstream)
+        ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+        (ta @ tb).backward(torch.tensor(upstream))
+        assert grad_a.shape == a.shape and grad_b.shape == b.shape
+        assert max_relative_difference(grad_a, ta.grad.numpy()) <= 1e-12
+        assert max_relative_difference(grad_b, tb.grad.numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_sigmoid_tails_equal_torch_value_by_value(dtype):
+    x = numpy.concatenate([numpy.linspace(-800, 800, 4001), [-38, -17, 0, 17, 38]]).astype(dtype)
+    ours = mnn.SigmoidLayer().forward(x)
+    theirs = torch.sigmoid(torch.tensor(x)).numpy()
+    normal = theirs >= numpy.finfo(dtype).tiny  # below it, denormals: compare absolutely
+    assert numpy.all(numpy.abs(ours[normal] - theirs[normal]) <= 4 * numpy.finfo(dtype).eps * theirs[normal])
+    assert numpy.all(numpy.abs(ours[~normal] - theirs[~normal]) <= numpy.finfo(dtype).tiny)
+    assert ours[x == -38][0] > 0 if dtype == numpy.float64 else ours[x == -17][0] == pytest.approx(4.14e-8, rel=1e-2)
+
+
+def test_gradcheck_refuses_float32_parameters():
+    layer = mnn.LinearLayer(3, 2)  # float32 by default
+    with pytest.raises(ValueError, match=r"not float64 \({'w': 'float32', 'b': 'float32'}\).*set_default_dtype"):
+        check_layer(layer, numpy.ones((2, 3)))
+    with pytest.raises(ValueError, match="input 0 is float32"):
+        check_layer(mnn.ReluLayer(), numpy.ones((2, 3), dtype=numpy.float32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mnn.LinearLayer(0, 3), lambda: mnn.LinearLayer(-1, 3), lambda: mnn.LinearLayer(2.5, 3),
+    lambda: mnn.LinearLayer(True, 3), lambda: mnn.Conv2dLayer(1, 0, 3), lambda: mnn.Conv2dLayer(1, 2, 3, stride=0),
+    lambda: mnn.MaxPool2dLayer(0), lambda: mnn.AvgPool2dLayer(2, -1), lambda: mnn.BatchNormLayer(0),
+    lambda: mnn.BatchNorm2dLayer(3, eps=0), lambda: mnn.BatchNormLayer(3, momentum=2), lambda: mnn.LayerNormLayer(0),
+    lambda: mnn.LayerNormLayer(4, eps=float("nan")), lambda: mnn.EmbeddingLayer(0, 4),
+    lambda: mnn.PositionalEmbeddingLayer(4, -2), lambda: mnn.MultiHeadAttention(0, 1),
+    lambda: mnn.MultiHeadAttention(8, 0),
+])
+def test_impossible_layer_sizes_are_refused(make):
+    with pytest.raises(ValueError, match=r"(must be an integer >= \d|eps must be|momentum must)"):
+        make()
+
+
+def test_a_python_list_as_input_names_the_layer():
+    with pytest.raises(TypeError, match=r"LinearLayer\(in_features=3.*must be a NumPy or CuPy array, got list"):
+        mnn.LinearLayer(3, 2).forward([[1.0, 2.0, 3.0]])
+    net = mnn.SequentialLayers([mnn.LinearLayer(3, 2), mnn.MSELossLayer()])
+    with pytest.raises(TypeError, match="targets must be a NumPy or CuPy array, got list"):
+        net(numpy.ones((1, 3), dtype=numpy.float32), [[1.0, 2.0]])
+    with pytest.raises(TypeError, match="EmbeddingLayer.*got list"):
+        mnn.EmbeddingLayer(4, 2).forward([1, 2])
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused():
+    relu = mnn.ReluLayer()
+    relu.forward(numpy.ones((5, 4), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"ReluLayer\(\): backward got a gradient of shape \(1, 4\); .*\(5, 4\)"):
+        relu.backward(numpy.ones((1, 4), dtype=numpy.float32))
+    inner = mnn.SequentialLayers([mnn.LinearLayer(4, 3)])
+    inner.forward(numpy.ones((5, 4), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"SequentialLayers: backward got a gradient of shape \(5,\)"):
+        inner.backward(numpy.ones(5, dtype=numpy.float32))
+
+
+def test_backward_after_a_forward_without_targets_is_an_error(rng):
+    net = mnn.SequentialLayers([mnn.LinearLayer(3, 4), mnn.ReluLayer(), mnn.LinearLayer(4, 2),
+                                mnn.CrossEntropyLossLayer()])
+    x, x2 = rng.standard_normal((6, 3)).astype(numpy.float32), rng.standard_normal((6, 3)).astype(numpy.float32)
+    y = rng.integers(0, 2, 6)
+    net(x, y)
+    net(x2)
+    with pytest.raises(RuntimeError, match="computed no loss"):
+        net.backward()
+    net(x2, y)  # with the loss again, backward is allowed and right
+    net.zero_grads()
+    net.backward()
+    assert numpy.isfinite(net.grads["0.w"]).all()
