@@ -153,7 +153,8 @@ def train(text, seed, c=CONFIG):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", default=str(Path(__file__).parents[1] / "../shared/data/tinyshakespeare.txt"))
+    parser.add_argument("--text", default=str(Path(__file__).parents[1] / "src/mnn/data/tinyshakespeare.txt"),
+                        help="the corpus (default: the Tiny Shakespeare shipped in mnn)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"change CONFIG: {sorted(CONFIG)}")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (float32: TF32 off)")

@@ -1,11 +1,25 @@
-"""Checkpoints: round trip, atomic writes, and refusal of pickles, truncated files and wrong shapes."""
+"""Checkpoints: round trip, atomic writes, and refusal of pickles, truncated files and wrong shapes.
+
+tests/test_checkpoint_hostile.py holds the many hostile inputs; tests/test_checkpoint_schema.py the schema.
+"""
+import os
 import pickle
+import stat
+import subprocess
+import sys
 
 import numpy
 import pytest
 
 from mnn import models, optim
-from mnn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from mnn.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    read_resume_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 
 ARCHITECTURE = {"name": "mlp", "kwargs": {"in_features": 12, "hidden": [8], "classes": 3}}
 
@@ -103,3 +117,75 @@ def test_checkpoints_record_every_model_setting(tmp_path):
     architecture = read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["architecture"]
     assert architecture == {"name": "mlp", "kwargs": {"in_features": 784, "hidden": [8], "classes": 10,
                                                       "dropout": 0.2}}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_checkpoint_gets_the_mode_the_umask_gives_any_new_file(tmp_path, rng, umask):
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "c.safetensors", trained_net(rng), ARCHITECTURE)
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+def test_the_folder_is_synced_after_the_file(tmp_path, rng, monkeypatch):
+    """The rename is durable only once the folder holding it is synced."""
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(tmp_path / "c.safetensors", trained_net(rng), ARCHITECTURE)
+    assert synced[0] == "file" and synced[-1] == "folder"
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from mnn import checkpoint, models
+
+real_atomic_write = checkpoint.atomic_write
+
+def killed_midway(path, write):
+    def write_part_then_die(handle):
+        handle.write(b"x" * 100)
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_atomic_write(path, write_part_then_die)
+
+checkpoint.atomic_write = killed_midway
+architecture = {"name": "mlp", "kwargs": {"in_features": 12, "hidden": [8], "classes": 3}}
+checkpoint.save_checkpoint(sys.argv[1], models.build(architecture), architecture)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path, rng):
+    path = tmp_path / "c.safetensors"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)], capture_output=True)
+    assert killed.returncode == -9
+    left = list(tmp_path.glob(".c.safetensors.*.tmp"))
+    assert len(left) == 1 and not path.exists()
+    other = tmp_path / ".other.safetensors.abcd1234.tmp"  # another file's temporary: not ours to remove
+    other.write_bytes(b"x")
+    folder = tmp_path / ".c.safetensors.folder.tmp"  # not a file
+    folder.mkdir()
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep")
+    (tmp_path / ".c.safetensors.link.tmp").symlink_to(precious)  # a link: neither followed nor removed
+    save_checkpoint(path, trained_net(rng), ARCHITECTURE)
+    assert not left[0].exists() and other.exists() and folder.exists() and precious.read_bytes() == b"keep"
+    assert (tmp_path / ".c.safetensors.link.tmp").is_symlink()
+    assert remove_stale_temporaries(path) == [] and read_checkpoint(path)[1]["architecture"] == ARCHITECTURE
+
+
+def test_a_training_runs_checkpoint_passes_the_resume_checks(tmp_path):
+    from mnn.train import TrainConfig, Trainer
+    trainer = Trainer(TrainConfig(limit=200, batch_size=50, steps=2, model_kwargs={"hidden": [8]}), tmp_path,
+                      quiet=True)
+    trainer.run()
+    document = read_resume_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert document["step"] == 2 and document["optimizer"]["name"] == "AdamW"

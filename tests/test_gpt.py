@@ -1,5 +1,4 @@
 """The GPT's layers and the whole model against finite differences and a PyTorch GPT with identical weights."""
-from pathlib import Path
 
 import numpy
 import pytest
@@ -13,7 +12,7 @@ from mnn.data.text import CharTokenizer, locate_text
 from mnn.generate import generate
 from mnn.gradcheck import check_layer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = locate_text()  # the copy shipped in the package
 TOL = 1e-6
 
 
@@ -129,12 +128,14 @@ def test_generation_is_reproducible_and_checks_the_prompt():
         generate(net, tokenizer, "aXbZ", 5, context=8)
 
 
-def test_tinyshakespeare_from_the_shared_folder_and_a_checked_download(tmp_path, monkeypatch):
-    assert locate_text(SHAKESPEARE).stat().st_size == 1115394
-    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+def test_tinyshakespeare_ships_with_mnn_and_other_texts_download_checked(tmp_path, monkeypatch):
     import mnn.data.text as text
-    found = locate_text(url=SHAKESPEARE.as_uri())
-    assert found == tmp_path / "tinyshakespeare" / "tinyshakespeare.txt"
+    assert SHAKESPEARE == text.SHIPPED_TEXT and SHAKESPEARE.stat().st_size == 1115394
+    assert locate_text(SHAKESPEARE) == SHAKESPEARE
+    monkeypatch.setenv("MNN_CACHE", str(tmp_path))
+    found = locate_text(url=SHAKESPEARE.as_uri(), sha256=text.TINY_SHAKESPEARE_SHA256)
+    assert found == tmp_path / "text" / f"{text.TINY_SHAKESPEARE_SHA256}.txt"
+    assert found.read_bytes() == SHAKESPEARE.read_bytes()
     monkeypatch.setenv("MNN_CACHE", str(tmp_path / "other"))
     with pytest.raises(mnn.data.ChecksumError):
         locate_text(url=SHAKESPEARE.as_uri(), sha256="0" * 64)
@@ -143,8 +144,8 @@ def test_tinyshakespeare_from_the_shared_folder_and_a_checked_download(tmp_path,
 
 def test_unreachable_text_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MNN_CACHE", str(tmp_path))
-    with pytest.raises(ConnectionError, match="not in .* and could not be downloaded .* --data-dir"):
-        locate_text(url=(tmp_path / "nowhere.txt").as_uri())
+    with pytest.raises(ConnectionError, match="nowhere.txt could not be downloaded into .* --data-dir"):
+        locate_text(url=(tmp_path / "nowhere.txt").as_uri(), sha256="0" * 64)
 
 
 def test_validation_loss_covers_the_whole_split_once(tmp_path, monkeypatch):

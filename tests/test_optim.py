@@ -1,4 +1,4 @@
-"""Each optimizer equals its torch.optim counterpart over several steps."""
+"""Each optimizer equals its torch.optim counterpart over several steps; bad settings and states are refused."""
 import numpy
 import pytest
 import torch
@@ -79,8 +79,164 @@ def test_optimizer_state_round_trip(rng):
 
 
 def test_bad_learning_rate():
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(ValueError, match="SGD: lr must be a finite number > 0, got 0"):
         optim.SGD([], lr=0)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = {  # (what is built, the message expected)
+    "adamw-lr-nan": (lambda: optim.AdamW([], lr=NAN), "AdamW: lr must be a finite number > 0, got nan"),
+    "sgd-lr-inf": (lambda: optim.SGD([], lr=INF), "SGD: lr must be a finite number > 0, got inf"),
+    "adam-lr-negative": (lambda: optim.Adam([], lr=-1e-3), "Adam: lr must be a finite number > 0"),
+    "adam-lr-text": (lambda: optim.Adam([], lr="0.1"), "Adam: lr must be a finite number > 0, got '0.1'"),
+    "adam-lr-bool": (lambda: optim.Adam([], lr=True), "Adam: lr must be"),
+    "adam-beta1-one": (lambda: optim.Adam([], betas=(1.0, 0.999)), r"Adam: beta1 must be a number in \[0, 1\)"),
+    "adam-beta2-one": (lambda: optim.Adam([], betas=(0.9, 1.0)), "Adam: beta2 must be"),
+    "adamw-beta1-negative": (lambda: optim.AdamW([], betas=(-0.1, 0.9)), "AdamW: beta1 must be"),
+    "adam-beta-nan": (lambda: optim.Adam([], betas=(NAN, 0.9)), "Adam: beta1 must be"),
+    "adam-betas-not-a-pair": (lambda: optim.Adam([], betas=(0.9,)), "Adam: betas must be a pair"),
+    "adam-betas-a-number": (lambda: optim.Adam([], betas=0.9), "Adam: betas must be a pair"),
+    "adam-eps-zero": (lambda: optim.Adam([], eps=0), "Adam: eps must be a finite number > 0"),
+    "adam-eps-negative": (lambda: optim.Adam([], eps=-1e-8), "Adam: eps must be"),
+    "adam-decay-negative": (lambda: optim.Adam([], weight_decay=-0.1),
+                            "Adam: weight_decay must be a finite number >= 0"),
+    "adamw-decay-inf": (lambda: optim.AdamW([], weight_decay=INF), "AdamW: weight_decay must be"),
+    "sgd-momentum-negative": (lambda: optim.SGD([], momentum=-0.5), r"SGD: momentum must be a number in \[0, 1\)"),
+    "sgd-momentum-one": (lambda: optim.SGD([], momentum=1.0), "SGD: momentum must be"),
+    "sgd-dampening-two": (lambda: optim.SGD([], momentum=0.9, dampening=2.0), "SGD: dampening must be"),
+    "sgd-decay-nan": (lambda: optim.SGD([], weight_decay=NAN), "SGD: weight_decay must be"),
+    "sgd-nesterov-no-momentum": (lambda: optim.SGD([], nesterov=True), "SGD: Nesterov momentum needs"),
+    "sgd-nesterov-not-a-flag": (lambda: optim.SGD([], momentum=0.9, nesterov="yes"), "SGD: nesterov must be True"),
+    "adam-decay-vectors-not-a-flag": (lambda: optim.Adam([], decay_vectors=0), "Adam: decay_vectors must be True"),
+    "cosine-total-zero": (lambda: optim.CosineSchedule(1.0, 0), "CosineSchedule: total_steps must be an integer > 0"),
+    "cosine-total-fraction": (lambda: optim.CosineSchedule(1.0, 10.5), "CosineSchedule: total_steps must be"),
+    "cosine-warmup-negative": (lambda: optim.CosineSchedule(1.0, 10, -1), "CosineSchedule: warmup_steps must be"),
+    "cosine-warmup-too-long": (lambda: optim.CosineSchedule(1.0, 10, 10), "must exceed warmup_steps"),
+    "cosine-min-lr-above-base": (lambda: optim.CosineSchedule(1e-3, 10, 0, 1e-2), "CosineSchedule: min_lr must be"),
+    "cosine-min-lr-negative": (lambda: optim.CosineSchedule(1.0, 10, 0, -0.1), "CosineSchedule: min_lr must be"),
+    "cosine-base-lr-nan": (lambda: optim.CosineSchedule(NAN, 10), "CosineSchedule: base_lr must be"),
+    "step-size-zero": (lambda: optim.StepSchedule(1.0, 0), "StepSchedule: step_size must be an integer > 0"),
+    "step-gamma-zero": (lambda: optim.StepSchedule(1.0, 10, 0.0), "StepSchedule: gamma must be a finite number > 0"),
+    "step-gamma-nan": (lambda: optim.StepSchedule(1.0, 10, NAN), "StepSchedule: gamma must be"),
+    "step-base-lr-zero": (lambda: optim.StepSchedule(0.0, 10), "StepSchedule: base_lr must be"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_naming_class_and_argument(name):
+    build, message = BAD_ARGUMENTS[name]
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, 0.0, float("nan"), float("inf"), "1"])
+def test_clip_grad_norm_refuses_a_bad_max_norm_and_leaves_gradients_alone(max_norm, rng):
+    grads = rng.standard_normal((3, 3))
+    before = grads.copy()
+    with pytest.raises(ValueError, match="clip_grad_norm: max_norm must be a finite number > 0"):
+        optim.clip_grad_norm([("x", None, grads)], max_norm)
+    assert numpy.array_equal(grads, before)
+
+
+def stepped(factory, rng, steps=2, dtype=numpy.float64):
+    """An optimizer from ``factory`` over two parameters, after ``steps`` steps."""
+    params = {"w": rng.standard_normal((3, 4)).astype(dtype), "b": rng.standard_normal(4).astype(dtype)}
+    grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+    optimizer = factory([(k, params[k], grads[k]) for k in params])
+    for _ in range(steps):
+        optimizer.step()
+    return optimizer
+
+
+def fresh(factory, rng, dtype=numpy.float64):
+    return stepped(factory, rng, steps=0, dtype=dtype)
+
+
+def with_settings(state, **changes):
+    return {"settings": {**state["settings"], **changes}, "buffers": state["buffers"]}
+
+
+def with_buffers(state, buffers):
+    return {"settings": state["settings"], "buffers": buffers}
+
+
+ADAM = lambda p: optim.Adam(p, lr=0.1)  # noqa: E731
+BAD_STATES = {  # (a change to a saved Adam state, the message expected)
+    "setting-injected": (lambda s: with_settings(s, parameters=[]), "Adam: unknown setting parameters"),
+    "method-injected": (lambda s: with_settings(s, update=0), "Adam: unknown setting update"),
+    "setting-missing": (lambda s: {"settings": {k: v for k, v in s["settings"].items() if k != "eps"},
+                                   "buffers": s["buffers"]}, "Adam: setting eps missing"),
+    "lr-nan": (lambda s: with_settings(s, lr=float("nan")), "Adam: lr must be a finite number > 0, got nan"),
+    "lr-text": (lambda s: with_settings(s, lr="abc"), "Adam: lr must be"),
+    "beta2-one": (lambda s: with_settings(s, beta2=1.0), "Adam: beta2 must be"),
+    "eps-zero": (lambda s: with_settings(s, eps=0.0), "Adam: eps must be"),
+    "steps-negative": (lambda s: with_settings(s, steps=-1), "Adam: steps must be an integer >= 0"),
+    "steps-fraction": (lambda s: with_settings(s, steps=1.5), "Adam: steps must be"),
+    "steps-bool": (lambda s: with_settings(s, steps=True), "Adam: steps must be"),
+    "buffers-missing": (lambda s: with_buffers(s, {}), "Adam: buffer b.m, b.v, w.m and 1 more missing after 2 steps"),
+    "one-buffer-missing": (lambda s: with_buffers(s, {k: v for k, v in s["buffers"].items() if k != "w.v"}),
+                           "Adam: buffer w.v missing"),
+    "buffers-before-any-step": (lambda s: with_settings(s, steps=0), "Adam: unexpected buffer b.m"),
+    "buffer-of-no-parameter": (lambda s: with_buffers(s, {**s["buffers"], "z.m": numpy.zeros(3)}),
+                               "Adam: unexpected buffer z.m"),
+    "buffer-wrong-shape": (lambda s: with_buffers(s, {**s["buffers"], "w.m": numpy.zeros((4, 3))}),
+                           r"Adam: buffer w.m has shape \(4, 3\); its parameter has \(3, 4\)"),
+    "buffer-integers": (lambda s: with_buffers(s, {**s["buffers"], "w.m": numpy.zeros((3, 4), numpy.int32)}),
+                        "Adam: buffer w.m must hold finite floating-point numbers"),
+    "buffer-nan": (lambda s: with_buffers(s, {**s["buffers"], "b.m": numpy.full(4, numpy.nan)}),
+                   "Adam: buffer b.m must hold finite"),
+    "second-moment-negative": (lambda s: with_buffers(s, {**s["buffers"], "b.v": -numpy.ones(4)}),
+                               "Adam: buffer b.v, a mean of squares, holds negative values"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_STATES)
+def test_a_bad_state_is_refused_and_changes_nothing(name, rng):
+    change, message = BAD_STATES[name]
+    state = stepped(ADAM, rng).state_dict()
+    target = fresh(lambda p: optim.Adam(p, lr=0.5), rng)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(change(state))
+    assert target.lr == 0.5 and target.steps == 0 and target.buffers == {}
+
+
+def test_sgd_momentum_buffers_must_all_be_there(rng):
+    state = stepped(lambda p: optim.SGD(p, momentum=0.9), rng).state_dict()
+    target = fresh(lambda p: optim.SGD(p, momentum=0.9), rng)
+    with pytest.raises(ValueError, match="SGD: buffer w.momentum missing after 2 steps"):
+        target.load_state_dict(with_buffers(state, {"b.momentum": state["buffers"]["b.momentum"]}))
+    with pytest.raises(ValueError, match="SGD: Nesterov momentum needs"):
+        target.load_state_dict(with_settings(state, nesterov=True, dampening=0.5))
+    target.load_state_dict(state)
+    assert set(target.buffers) == {"w.momentum", "b.momentum"}
+
+
+def test_plain_sgd_has_no_buffers_to_load(rng):
+    state = stepped(lambda p: optim.SGD(p, lr=0.1), rng).state_dict()
+    assert state["buffers"] == {}
+    target = fresh(lambda p: optim.SGD(p, lr=0.1), rng)
+    target.load_state_dict(state)
+    assert target.steps == 2
+
+
+def test_loaded_buffers_take_the_parameters_dtype_and_are_copies(rng):
+    """A float16 state loaded into a float32 optimizer gives float32 moments (not float16 ones)."""
+    saved = stepped(ADAM, rng, dtype=numpy.float16)
+    state = saved.state_dict()
+    assert state["buffers"]["w.m"].dtype == numpy.float16
+    target = fresh(ADAM, rng, dtype=numpy.float32)
+    target.load_state_dict(state)
+    assert all(buffer.dtype == numpy.float32 for buffer in target.buffers.values())
+    target.step()
+    assert not numpy.array_equal(target.buffers["w.m"], saved.buffers["w.m"])  # a copy, not the same array
+
+
+def test_state_dict_settings_are_json_numbers(rng):
+    optimizer = stepped(ADAM, rng)
+    optimizer.lr = numpy.float32(0.25)  # as a user's schedule might set it
+    settings = optimizer.state_dict()["settings"]
+    assert type(settings["lr"]) is float and type(settings["steps"]) is int and type(settings["decay_vectors"]) is bool
+    assert set(settings) == set(optim.Adam.rules)
 
 
 def test_weight_decay_can_skip_vectors_as_torch_param_groups(rng):

@@ -20,7 +20,13 @@ def use(name):
         try:
             import cupy
         except ImportError as error:
-            raise RuntimeError("backend 'cupy' needs CuPy: pip install 'mnn[gpu]'") from error
+            raise RuntimeError("backend 'cupy' needs CuPy and an NVIDIA GPU: in mnn's folder, "
+                               "pip install -e '.[gpu]' (CUDA 12; for another CUDA, the matching "
+                               f"cupy-cudaXXx wheel) ({error})") from error
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as error:  # CuPy's CUDA errors share no base class worth naming
+            raise RuntimeError(f"backend 'cupy': CuPy is installed but finds no usable NVIDIA GPU ({error})") from error
         _state["xp"] = cupy
     else:
         raise ValueError(f"unknown backend {name!r}; expected 'numpy' or 'cupy'")
@@ -100,12 +106,33 @@ def random_mask(shape, keep, like):
     return array_module(like).asarray(mask)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_threads(requested=None):
+    """How many threads to compute with: ``requested``, else the first of ``OMP_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` that is set, else the cores this process
+    may run on (its CPU affinity, which ``taskset`` or a container can narrow)."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {requested!r}")
+        return requested
+    for name in THREAD_VARIABLES:
+        value = os.environ.get(name, "").split(",")[0].strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def tune_cpu(threads=None):
     """Settings that make CPU training steps faster; ``mnn train`` and the benchmark call it.
 
     * BLAS threads: NumPy's OpenBLAS, left at its start-up defaults, ran mnn's training
       steps 20-30% slower here than after its thread count is set explicitly (to the same
-      number); ``threads`` defaults to the cores this process may use.
+      number). The count is ``cpu_threads(threads)``: the environment's thread variables and
+      the process's CPU affinity are respected. Results differ between thread counts by
+      floating-point reassociation (~1e-8), so a resumed run is bit for bit only at the
+      thread count it started with.
     * Memory: a training step allocates the same large temporaries every time. glibc's
       malloc hands big blocks straight back to the kernel and trims the heap, so each step
       pays page faults to get them again; raising its thresholds (the settings behind
@@ -113,7 +140,7 @@ def tune_cpu(threads=None):
     """
     from threadpoolctl import threadpool_limits
 
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = cpu_threads(threads)
     threadpool_limits(limits=threads, user_api="blas")
     return threads, keep_freed_memory()
 

@@ -1,10 +1,12 @@
 """The ``mnn`` command: train, test, generate, gradcheck, bench."""
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__, backend
+from .arguments import count, non_negative, positive, positive_int, probability, widths
 from .train import CHECKPOINT, TrainConfig, Trainer
 
 MODEL_DEFAULTS = {
@@ -18,67 +20,74 @@ MODEL_DEFAULTS = {
 }
 
 
-def integers(text):
-    return [int(part) for part in text.split(",") if part]
-
-
 def add_train_arguments(parser):
-    parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), default="mlp")
+    parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
     parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "tinyshakespeare"])
-    parser.add_argument("--epochs", type=float, help="passes over the training set (image models)")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="peak learning rate (cosine decay after warm-up)")
-    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    parser.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
-    parser.add_argument("--beta2", type=float, help="Adam's second-moment decay")
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--clip", type=float, help="global gradient-norm clip (0: off)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
+    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt 2000)")
+    parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12")
+    parser.add_argument("--lr", type=positive, help="peak learning rate, cosine decay after warm-up (mlp 1e-3, "
+                        "cnn 2e-3, gpt 1e-3)")
+    parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4)")
+    parser.add_argument("--warmup", type=count, dest="warmup_steps", help="linear warm-up steps (100; gpt 300)")
+    parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt 0.99)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: adamw")
+    parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt 0")
+    parser.add_argument("--clip", type=non_negative, help="global gradient-norm clip, 0: off (0; gpt 1)")
+    parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt 250)")
+    parser.add_argument("--seed", type=count, help="default: 0")
     parser.add_argument("--data-dir", help="folder with the data set's files (else cache, system, download)")
-    parser.add_argument("--limit", type=int, help="train on only this many samples (quick runs)")
+    parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
     parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder or checkpoint); "
+                        "--steps or --epochs extend it")
     size = parser.add_argument_group("model size")
-    size.add_argument("--hidden", type=integers, help="hidden widths of the dense layers, e.g. 512,256")
-    size.add_argument("--channels", type=integers, help="CNN channels, e.g. 32,64")
-    size.add_argument("--dropout", type=float)
-    size.add_argument("--layers", type=int, help="GPT blocks")
-    size.add_argument("--heads", type=int, help="GPT attention heads")
-    size.add_argument("--width", type=int, help="GPT embedding width")
-    size.add_argument("--context", type=int, help="GPT context length")
+    size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128)")
+    size.add_argument("--channels", type=widths, help="CNN channels (32,64)")
+    size.add_argument("--dropout", type=probability, help="mlp 0.2, cnn 0.3, gpt 0")
+    size.add_argument("--layers", type=positive_int, help="GPT blocks (4)")
+    size.add_argument("--heads", type=positive_int, help="GPT attention heads (4)")
+    size.add_argument("--width", type=positive_int, help="GPT embedding width (128)")
+    size.add_argument("--context", type=positive_int, help="GPT context length (64)")
     size.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
                       help="GPT: share the token embedding with the output head (default: no)")
-    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                        help="array module: numpy (CPU) or cupy (NVIDIA GPU)")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU, the default) or cupy (NVIDIA GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
+
+
+def add_common_arguments(parser):
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: $OMP_NUM_THREADS, else the "
+                        "cores this process may use)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error ($MNN_DEBUG=1 too)")
 
 
 MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width", "context", "tie_weights")
+TRAINING_FLAGS = ("dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2", "optimizer",
+                  "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit")
+RESUME_FLAGS = ("steps", "epochs")  # what --resume may change: how long the run goes on
 
 
 def config_from(args):
-    values = dict(MODEL_DEFAULTS[args.model])
-    for name in ("dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2", "optimizer",
-                 "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+    model = args.model or "mlp"
+    values = dict(MODEL_DEFAULTS[model])
+    values.update({name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None})
     kwargs = {flag: getattr(args, flag) for flag in MODEL_SIZE_FLAGS if getattr(args, flag) is not None}
-    return TrainConfig(model=args.model, model_kwargs=kwargs, **values)
+    if values.get("min_lr", 0) > values.get("lr", 1e-3):
+        raise ValueError(f"--min-lr {values['min_lr']} exceeds the peak learning rate --lr {values.get('lr', 1e-3)}")
+    return TrainConfig(model=model, model_kwargs=kwargs, **values)
+
+
+def flags_given(args, names):
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
 
 
 def command_train(args):
-    backend.tune_cpu()
-    backend.use(args.backend)
-    if args.resume:
-        trainer = Trainer.resume(args.resume, quiet=args.quiet)
-        print(f"resuming {args.resume} at step {trainer.step} of {trainer.total_steps}")
-    else:
-        run_dir = args.out or f"runs/{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        trainer = Trainer(config_from(args), run_dir, quiet=args.quiet)
-        print(f"training {args.model} on {trainer.config.dataset}: {trainer.total_steps} steps -> {run_dir}")
+    backend.use(args.backend or "numpy")
+    trainer = resume_run(args) if args.resume else start_run(args)
+    if trainer is None:
+        return 0
     started = time.perf_counter()
     trainer.run()
     print(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
@@ -87,22 +96,55 @@ def command_train(args):
     return 130 if trainer.stop_requested else 0
 
 
+def start_run(args):
+    config = config_from(args)
+    run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / CHECKPOINT).exists() and not args.overwrite:
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
+                         "--overwrite, or choose another --out")
+    trainer = Trainer(config, run_dir, quiet=args.quiet)
+    print(f"training {config.model} on {config.dataset}: {trainer.total_steps} steps -> {run_dir}")
+    return trainer
+
+
+def resume_run(args):
+    """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
+    fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
+    fixed = [flag for flag in fixed if flag.removeprefix("--").replace("-", "_") not in RESUME_FLAGS]
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot change when resuming: the run goes on with the settings in its "
+                         "checkpoint (only --steps or --epochs, to extend it, and --threads, --quiet, --backend)")
+    run_dir = Path(args.resume)
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
+    if trainer.step >= trainer.total_steps:
+        print(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
+              "extend it with --steps or --epochs")
+        return None
+    print(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
+    return trainer
+
+
 def command_test(args):
     from .evaluate import test_checkpoint
 
-    report = test_checkpoint(args.checkpoint, args.data_dir)
+    report = test_checkpoint(checkpoint_file(args.checkpoint), args.data_dir)
     print(f"test accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
     for name, accuracy in report["per_class"].items():
         print(f"  {name:<12} {accuracy:.4f}")
-    print(f"confusion matrix: {report['confusion_png']}")
+    print(report["confusion_png"])
     return 0
 
 
 def command_generate(args):
     from .generate import generate_from_checkpoint
 
-    text = generate_from_checkpoint(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
-    print(text)
+    def stream(text):
+        print(text, end="", flush=True)
+
+    generate_from_checkpoint(checkpoint_file(args.checkpoint), args.prompt, args.tokens, args.temperature,
+                             args.top_k, args.seed, on_text=stream)
+    print()
     return 0
 
 
@@ -133,30 +175,58 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options belong to bench/run.py
         return command_bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
-    parser.add_argument("--version", action="version", version=f"mnn {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_train_arguments(commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)"))
-    test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
-    test.add_argument("checkpoint")
-    test.add_argument("--data-dir")
-    generate = commands.add_parser("generate", help="sample text from a GPT checkpoint")
-    generate.add_argument("checkpoint")
-    generate.add_argument("--prompt", default="\n")
-    generate.add_argument("--tokens", type=int, default=500)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--seed", type=int, default=0)
-    commands.add_parser("gradcheck", help="finite-difference check of every layer")
-    commands.add_parser("bench", help="time mnn against PyTorch (from the repository root; see mnn bench --help)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MNN_DEBUG", "") not in ("", "0")
     handlers = {"train": command_train, "test": command_test, "generate": command_generate,
                 "gradcheck": command_gradcheck}
     try:
+        backend.tune_cpu(args.threads)
         return handlers[args.command](args)
-    except (ValueError, OSError) as error:  # bad input, missing or unreachable files: no traceback
-        print(f"mnn {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"mnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything that reaches here gets one line, unless --debug asks for more
+        if debug:
+            raise
+        print(f"mnn {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
+
+
+def describe(error):
+    """One line for an error: the message, with its type where the type says what went wrong."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, (ValueError, OSError, RuntimeError, TypeError)):
+        return text
+    return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"
+
+
+def parser():
+    main_parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
+    main_parser.add_argument("--version", action="version", version=f"mnn {__version__}")
+    commands = main_parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)"))
+    test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
+    test.add_argument("checkpoint", help="a run folder or its checkpoint file")
+    test.add_argument("--data-dir")
+    add_common_arguments(test)
+    generate = commands.add_parser("generate", help="sample text from a GPT checkpoint",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    generate.add_argument("checkpoint", help="a run folder or its checkpoint file")
+    generate.add_argument("--prompt", default="\n", help="text to continue")
+    generate.add_argument("--tokens", type=count, default=500, help="characters to sample")
+    generate.add_argument("--temperature", type=non_negative, default=0.8, help="0: always the likeliest")
+    generate.add_argument("--top-k", type=count, default=0, help="sample among the k likeliest (0: all)")
+    generate.add_argument("--seed", type=count, default=0)
+    add_common_arguments(generate)
+    add_common_arguments(commands.add_parser("gradcheck", help="finite-difference check of every layer"))
+    commands.add_parser("bench", help="time mnn against PyTorch (from the repository root; see mnn bench --help)")
+    return main_parser
+
+
+def checkpoint_file(path):
+    """A checkpoint given as its file or as its run folder."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
 
 
 if __name__ == "__main__":

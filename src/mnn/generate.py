@@ -8,32 +8,42 @@ from .layers.softmax import softmax
 
 
 def next_token_probabilities(logits, temperature, top_k):
-    """Softmax of logits / temperature, keeping only the top k (all when k is 0)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    logits = numpy.asarray(logits, dtype=numpy.float64) / temperature
+    """Softmax of logits / temperature, keeping only the top k (all when k is 0).
+
+    Temperature 0 is the limit: all probability on the likeliest token (greedy decoding)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = numpy.asarray(logits, dtype=numpy.float64)
+    if temperature == 0:
+        return numpy.eye(len(logits))[numpy.argmax(logits)]
+    logits = logits / temperature
     if 0 < top_k < len(logits):
         logits[logits < numpy.sort(logits)[-top_k]] = -numpy.inf
     return softmax(logits)
 
 
-def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, seed=0):
-    """``prompt`` followed by ``tokens`` sampled characters; the same seed gives the same text."""
+def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, seed=0, on_text=None):
+    """``prompt`` followed by ``tokens`` sampled characters; the same seed gives the same text.
+
+    ``on_text``, if given, receives the prompt and then each character as it is sampled."""
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise ValueError("the prompt must hold at least one character")
     rng = numpy.random.default_rng(seed)
+    emit = on_text or (lambda text: None)
+    emit(prompt)
     net.eval()
     for _ in range(tokens):
         window = backend.to_device(numpy.array(ids[-context:])[None])
         logits = backend.to_numpy(net(window)[0, -1])
         ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
+        emit(tokenizer.decode(ids[-1:]))
     return tokenizer.decode(ids)
 
 
-def generate_from_checkpoint(path, prompt, tokens=500, temperature=0.8, top_k=0, seed=0):
+def generate_from_checkpoint(path, prompt, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
     net, document = load_checkpoint(path)
     if "vocab" not in document:
         raise ValueError(f"{path}: not a GPT checkpoint (no vocabulary stored)")
     context = document["architecture"]["kwargs"]["context"]
-    return generate(net, CharTokenizer(document["vocab"]), prompt, tokens, context, temperature, top_k, seed)
+    return generate(net, CharTokenizer(document["vocab"]), prompt, tokens, context, temperature, top_k, seed, on_text)

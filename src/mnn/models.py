@@ -128,6 +128,11 @@ def resolve(architecture):
         raise ValueError(f"model {name!r}: {error}") from error
     bound.apply_defaults()
     settings = {key: list(value) if isinstance(value, tuple) else value for key, value in bound.arguments.items()}
+    from .checkpoint_schema import FieldError, check_model_settings
+    try:
+        check_model_settings(name, settings)
+    except FieldError as error:
+        raise ValueError(f"model {name!r}: {error}") from error
     return {"name": name, "kwargs": settings}
 
 
@@ -135,3 +140,45 @@ def build(architecture):
     """A network from ``{"name": "mlp", "kwargs": {...}}``."""
     architecture = resolve(architecture)
     return BUILDERS[architecture["name"]](**architecture["kwargs"])
+
+
+def parameter_count(architecture, buffers=False):
+    """How many numbers ``build(architecture)`` trains, counted layer by layer without building it.
+
+    With ``buffers``, batch norm's running statistics too: what a checkpoint's ``param/``
+    tensors hold. A weight shared by two layers (``tie_weights``) counts once.
+    """
+    architecture = resolve(architecture)
+    counters = {"mlp": mlp_parameter_count, "cnn": cnn_parameter_count, "gpt": gpt_parameter_count}
+    return counters[architecture["name"]](**architecture["kwargs"], buffers=buffers)
+
+
+def linear_parameter_count(in_features, out_features, bias=True):
+    return out_features * in_features + (out_features if bias else 0)
+
+
+def dense_head_parameter_count(width, hidden, classes):
+    widths = [width, *hidden, classes]
+    return sum(linear_parameter_count(a, b) for a, b in zip(widths, widths[1:]))
+
+
+def mlp_parameter_count(in_features, hidden, classes, dropout, buffers=False):
+    return dense_head_parameter_count(in_features, hidden, classes)
+
+
+def cnn_parameter_count(in_channels, image_size, channels, hidden, classes, dropout, batch_norm, buffers=False):
+    count, width, size = 0, in_channels, image_size
+    for out in channels:
+        count += out * width * 3 * 3 + (0 if batch_norm else out)  # 3x3 kernels; a bias only without batch norm
+        count += (2 + (2 if buffers else 0)) * out if batch_norm else 0  # scale, shift; running mean, variance
+        width, size = out, size // 2
+    return count + dense_head_parameter_count(width * size * size, hidden, classes)
+
+
+def gpt_parameter_count(vocab_size, context, layers, heads, width, dropout, tie_weights, bias, buffers=False):
+    norm = width * (2 if bias else 1)
+    attention = linear_parameter_count(width, 3 * width, bias) + linear_parameter_count(width, width, bias)
+    mlp = linear_parameter_count(width, 4 * width, bias) + linear_parameter_count(4 * width, width, bias)
+    embeddings = vocab_size * width + context * width
+    head = 0 if tie_weights else width * vocab_size
+    return embeddings + layers * (2 * norm + attention + mlp) + norm + head

@@ -6,25 +6,86 @@ An optimizer holds ``(name, parameter, gradient)`` triples, as returned by
 than two dimensions), as GPT-2 training does. Each rule is
 written as PyTorch's ``torch.optim`` counterpart computes it, so runs can be compared
 step by step. Below $g$ is the gradient, $\theta$ the parameter, $t$ the step (from 1).
+
+Every setting is checked where it enters, in the constructor or in ``load_state_dict``,
+against the optimizer's ``rules``: a bad one raises a ValueError such as
+``AdamW: lr must be a finite number > 0, got nan``.
 """
 import functools
 import math
+import numbers
 
 from . import backend
 
 
+def is_finite_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# A rule is (accepts, what it expects): the same rules check constructor arguments and the
+# settings a checkpoint brings back.
+POSITIVE = (lambda v: is_finite_number(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")
+BELOW_ONE = (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
+UP_TO_ONE = (lambda v: is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+FLAG = (lambda v: isinstance(v, bool), "True or False")
+COUNT = (lambda v: is_integer(v) and v >= 0, "an integer >= 0")
+POSITIVE_COUNT = (lambda v: is_integer(v) and v > 0, "an integer > 0")
+
+
+def require(owner, name, value, rule):
+    """``value`` if ``rule`` accepts it, else a ValueError naming ``owner`` and ``name``."""
+    accepts, expected = rule
+    if not accepts(value):
+        raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}")
+    return value
+
+
+def names_list(names, limit=3):
+    """The first few names, sorted: an error message stays one short line."""
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class Optimizer:
-    """Shared plumbing: parameters, learning rate, step count and per-parameter buffers."""
+    """Shared plumbing: parameters, learning rate, step count and per-parameter buffers.
+
+    ``rules`` lists every setting (what ``state_dict`` saves) with what it must hold.
+    """
+
+    rules = {"lr": POSITIVE, "decay_vectors": FLAG, "steps": COUNT}
 
     def __init__(self, parameters, lr, decay_vectors=True):
         if hasattr(parameters, "named_parameters"):
             parameters = parameters.named_parameters()
         self.parameters = list(parameters)
-        if lr <= 0:
-            raise ValueError(f"{type(self).__name__}: learning rate must be positive, got {lr}")
-        self.lr, self.decay_vectors = lr, decay_vectors
+        self.lr = require(type(self).__name__, "lr", lr, POSITIVE)
+        self.decay_vectors = decay_vectors
         self.steps = 0
         self.buffers, self.scratch = {}, {}
+
+    @classmethod
+    def check_settings(cls, settings):
+        """Raise a ValueError naming the first setting that is unknown, missing or out of range."""
+        unknown, missing = settings.keys() - cls.rules.keys(), cls.rules.keys() - settings.keys()
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown setting {names_list(unknown)}")
+        if missing:
+            raise ValueError(f"{cls.__name__}: setting {names_list(missing)} missing")
+        for name, rule in cls.rules.items():
+            require(cls.__name__, name, settings[name], rule)
+
+    def settings(self):
+        """Every setting named in ``rules``, by name."""
+        return {name: getattr(self, name) for name in self.rules}
+
+    def buffer_names(self, name, settings):
+        """The buffers that a step with ``settings`` keeps for parameter ``name``."""
+        return []
 
     def decay_of(self, param):
         """The weight-decay coefficient for this parameter."""
@@ -52,18 +113,50 @@ class Optimizer:
             grad[...] = 0
 
     def state_dict(self):
-        """JSON-ready settings and the buffers (arrays) by name."""
-        settings = {key: value for key, value in vars(self).items() if isinstance(value, (int, float, bool))}
+        """JSON-ready settings (Python numbers and flags) and the buffers (arrays) by name."""
+        settings = {name: value if isinstance(value, (bool, int)) else float(value)
+                    for name, value in self.settings().items()}
         return {"settings": settings, "buffers": dict(self.buffers)}
 
     def load_state_dict(self, state):
-        for key, value in state["settings"].items():
-            setattr(self, key, value)
-        names = {name for name, _, _ in self.parameters}
-        for key, value in state["buffers"].items():
-            if key.rsplit(".", 1)[0] not in names:
-                raise ValueError(f"{type(self).__name__}: buffer {key} names no parameter")
-            self.buffers[key] = backend.to_device(value).copy()
+        """Settings and buffers as ``state_dict`` returns them, all checked before anything changes.
+
+        Each buffer is copied to its parameter's dtype and device: a float16 file loaded into
+        a float32 network gives float32 moments, as a fresh run on that network would have.
+        """
+        settings, buffers = state["settings"], state["buffers"]
+        self.check_settings(settings)
+        targets = self.check_buffers(buffers, settings)
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self.buffers = {name: backend.array_module(target).array(buffers[name], dtype=target.dtype)
+                        for name, target in targets.items()}
+
+    def check_buffers(self, buffers, settings):
+        """The parameter each buffer belongs to, after checking names, shapes and values.
+
+        Before the first step there are no buffers; after it, every one that ``buffer_names``
+        lists, since each step updates every parameter."""
+        owner, steps = type(self).__name__, settings["steps"]
+        targets = {buffer: param for name, param, _ in self.parameters
+                   for buffer in self.buffer_names(name, settings)} if steps else {}
+        unknown, missing = buffers.keys() - targets.keys(), targets.keys() - buffers.keys()
+        if unknown:
+            raise ValueError(f"{owner}: unexpected buffer {names_list(unknown)} after {steps} steps")
+        if missing:
+            raise ValueError(f"{owner}: buffer {names_list(missing)} missing after {steps} steps")
+        for name, target in targets.items():
+            value = buffers[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{owner}: buffer {name} has shape {tuple(value.shape)}; "
+                                 f"its parameter has {tuple(target.shape)}")
+            if value.dtype.kind != "f" or not bool(backend.array_module(value).isfinite(value).all()):
+                raise ValueError(f"{owner}: buffer {name} must hold finite floating-point numbers")
+            self.check_buffer_values(name, value)
+        return targets
+
+    def check_buffer_values(self, name, value):
+        """Raise a ValueError if a buffer holds values no run could have produced."""
 
 
 class SGD(Optimizer):
@@ -80,13 +173,24 @@ class SGD(Optimizer):
     Without momentum ($\mu = 0$), $d = g$ and Eq. (4) is plain gradient descent.
     """
 
+    rules = {**Optimizer.rules, "momentum": BELOW_ONE, "dampening": UP_TO_ONE, "nesterov": FLAG,
+             "weight_decay": NON_NEGATIVE}
+
     def __init__(self, parameters, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                  decay_vectors=True):
         super().__init__(parameters, lr, decay_vectors)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening 0")
         self.momentum, self.dampening = momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
+        self.check_settings(self.settings())
+
+    @classmethod
+    def check_settings(cls, settings):
+        super().check_settings(settings)
+        if settings["nesterov"] and (settings["momentum"] <= 0 or settings["dampening"] != 0):
+            raise ValueError(f"{cls.__name__}: Nesterov momentum needs momentum > 0 and dampening 0")
+
+    def buffer_names(self, name, settings):
+        return [f"{name}.momentum"] if settings["momentum"] else []
 
     def update(self, name, param, grad):
         if self.decay_of(param):
@@ -117,11 +221,23 @@ class Adam(Optimizer):
     """
 
     decoupled = False
+    rules = {**Optimizer.rules, "beta1": BELOW_ONE, "beta2": BELOW_ONE, "eps": POSITIVE,
+             "weight_decay": NON_NEGATIVE}
 
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_vectors=True):
         super().__init__(parameters, lr, decay_vectors)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{type(self).__name__}: betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
+        self.check_settings(self.settings())
+
+    def buffer_names(self, name, settings):
+        return [f"{name}.m", f"{name}.v"]
+
+    def check_buffer_values(self, name, value):
+        if name.endswith(".v") and bool((value < 0).any()):
+            raise ValueError(f"{type(self).__name__}: buffer {name}, a mean of squares, holds negative values")
 
     def update(self, name, param, grad):
         if self.decay_of(param) and not self.decoupled:
@@ -195,6 +311,7 @@ def clip_grad_norm(parameters, max_norm):
 
     Returns $n$, the norm before clipping (as ``torch.nn.utils.clip_grad_norm_``).
     """
+    require("clip_grad_norm", "max_norm", max_norm, POSITIVE)
     grads = [grad for _, _, grad in parameters]
     norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
     scale = max_norm / (norm + 1e-6)
@@ -208,6 +325,9 @@ class StepSchedule:
     r"""Multiply the learning rate by $\gamma$ every ``step_size`` steps: $\eta_t = \eta_0\,\gamma^{\lfloor t / s \rfloor}$."""
 
     def __init__(self, base_lr, step_size, gamma=0.1):
+        require("StepSchedule", "base_lr", base_lr, POSITIVE)
+        require("StepSchedule", "step_size", step_size, POSITIVE_COUNT)
+        require("StepSchedule", "gamma", gamma, POSITIVE)
         self.base_lr, self.step_size, self.gamma = base_lr, step_size, gamma
 
     def __call__(self, step):
@@ -223,6 +343,11 @@ class CosineSchedule:
     """
 
     def __init__(self, base_lr, total_steps, warmup_steps=0, min_lr=0.0):
+        require("CosineSchedule", "base_lr", base_lr, POSITIVE)
+        require("CosineSchedule", "total_steps", total_steps, POSITIVE_COUNT)
+        require("CosineSchedule", "warmup_steps", warmup_steps, COUNT)
+        require("CosineSchedule", "min_lr", min_lr, (lambda v: is_finite_number(v) and 0 <= v <= base_lr,
+                                                      f"a number in [0, base_lr = {base_lr}]"))
         if total_steps <= warmup_steps:
             raise ValueError(f"CosineSchedule: total_steps {total_steps} must exceed warmup_steps {warmup_steps}")
         self.base_lr, self.total, self.warmup, self.min_lr = base_lr, total_steps, warmup_steps, min_lr

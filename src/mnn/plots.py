@@ -5,6 +5,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
+
 
 def plot_curves(metrics, path):
     """Training and validation loss (left) and validation accuracy (right) against step."""
@@ -13,16 +15,15 @@ def plot_curves(metrics, path):
     has_accuracy = any(a is not None for a in accuracy)
     figure, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(11 if has_accuracy else 6, 4), squeeze=False)
     loss_axis = axes[0][0]
-    loss_axis.plot(steps, [m["train_loss"] for m in metrics], label="train")
-    loss_axis.plot(steps, [m["val_loss"] for m in metrics], label="validation")
+    loss_axis.plot(steps, [m["train_loss"] for m in metrics], marker="o", label="train")
+    loss_axis.plot(steps, [m["val_loss"] for m in metrics], marker="o", label="validation")
     loss_axis.set(xlabel="step", ylabel="loss", title="loss")
     loss_axis.legend()
     if has_accuracy:
-        axes[0][1].plot(steps, accuracy, color="C2")
+        axes[0][1].plot(steps, accuracy, marker="o", color="C2")
         axes[0][1].set(xlabel="step", ylabel="accuracy", title="validation accuracy")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_confusion(matrix, classes, path):
@@ -36,5 +37,12 @@ def plot_confusion(matrix, classes, path):
         axis.text(column, row, int(count), ha="center", va="center",
                   color="white" if count > matrix.max() / 2 else "black", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path):
+    """Write the figure as PNG atomically (a reader never sees half a picture), then close it."""
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(figure)

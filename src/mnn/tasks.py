@@ -52,17 +52,24 @@ class ImageClassification:
         rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         return to_batch(self.train_x[rows], self.train_y[rows])
 
-    def evaluate(self, net):
-        loss, accuracy, _ = classify(net, self.val_x, self.val_y)
+    def evaluate(self, net, stop=None):
+        """Validation loss and accuracy; None where ``stop()`` turned true midway (the evaluation is abandoned)."""
+        result = classify(net, self.val_x, self.val_y, stop=stop)
+        if result is None:
+            return None
+        loss, accuracy, _ = result
         return {"val_loss": loss, "val_accuracy": accuracy}
 
 
-def classify(net, images, labels, chunk=1000):
-    """Mean loss, accuracy and predicted labels of ``net`` in eval mode over a data set."""
+def classify(net, images, labels, chunk=1000, stop=None):
+    """Mean loss, accuracy and predicted labels of ``net`` in eval mode over a data set;
+    None where ``stop()`` turns true between two chunks."""
     net.eval()
     losses, predictions = [], []
     try:
         for start in range(0, len(labels), chunk):
+            if stop is not None and stop():
+                return None
             x, y = to_batch(images[start:start + chunk], labels[start:start + chunk])
             scores = net(x)
             losses.append(float(net.loss_layer.forward(scores, y)) * len(y))

@@ -1,7 +1,7 @@
 """Language modelling on characters: random context windows, a 90/10 split, validation loss."""
 import numpy
 
-from .data.text import CharTokenizer, load_text
+from .data.text import CharTokenizer, locate_text, read_text
 from .tasks import to_batch
 
 EVAL_CHUNK = 128  # validation windows per forward pass
@@ -11,16 +11,30 @@ class TextTask:
     """Batches of (context window, next characters) drawn at random, seeded by (seed, step)."""
 
     def __init__(self, config):
-        text = load_text(config.data_dir)
+        self.context = config.model_kwargs.get("context", 64)
+        if not isinstance(self.context, int) or self.context < 1:
+            raise ValueError(f"--context must be a whole number of characters, at least 1; got {self.context!r}")
+        path = locate_text(config.data_dir)
+        text = read_text(path)
         self.tokenizer = CharTokenizer.from_text(text)
         data = self.tokenizer.encode(text)
         split = int(0.9 * len(data))
         self.train, self.val = data[:split], data[split:]
         if config.limit:
             self.train = self.train[:config.limit]
-        self.context = config.model_kwargs.get("context", 64)
+        self.check_splits_hold_a_window(path, len(text), config.limit)
         self.batch_size, self.seed = config.batch_size, config.seed
         self.steps_per_epoch = max(1, len(self.train) // (self.batch_size * self.context))
+
+    def check_splits_hold_a_window(self, path, characters, limit):
+        """Training draws windows of context + 1 characters (inputs and the next-character targets), and
+        validation cuts them: each split must hold one."""
+        needed = self.context + 1
+        for name, split, flag in (("training", self.train, " after --limit" if limit else ""),
+                                  ("validation", self.val, "")):
+            if len(split) < needed:
+                raise ValueError(f"{path}: its {name} split has {len(split)} characters{flag} (of {characters}), "
+                                 f"fewer than context + 1 = {needed}; give a longer text or a smaller --context")
 
     def model_defaults(self):
         return {"vocab_size": len(self.tokenizer), "context": self.context}
@@ -36,8 +50,9 @@ class TextTask:
     def batch(self, step):
         return self.windows(self.train, numpy.random.default_rng([self.seed, step]))
 
-    def evaluate(self, net):
-        """Mean loss over the whole validation split, cut into non-overlapping context windows.
+    def evaluate(self, net, stop=None):
+        """Mean loss over the whole validation split, cut into non-overlapping context windows;
+        None where ``stop()`` turns true between two chunks (the evaluation is abandoned).
 
         Every character after the first of its window is predicted once, so the number has
         no sampling noise (nanoGPT's 20 random batches move by about 0.02 from run to run)."""
@@ -48,6 +63,8 @@ class TextTask:
         net.eval()
         try:
             for start in range(0, count, EVAL_CHUNK):
+                if stop is not None and stop():
+                    return None
                 x, y = inputs[start:start + EVAL_CHUNK], targets[start:start + EVAL_CHUNK]
                 total += float(net(*to_batch(x, y))) * len(x)  # chunk mean, weighted by its size
         finally:

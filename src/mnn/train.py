@@ -4,6 +4,7 @@ It knows nothing of layer math: it calls ``net(x, y)``, ``net.backward()`` and t
 optimizer, and writes a run folder with ``checkpoint.safetensors``, ``metrics.json``
 and ``curves.png``.
 """
+import contextlib
 import json
 import math
 import signal
@@ -15,11 +16,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import backend, models, optim
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import check_resume_step, load_checkpoint, read_resume_checkpoint, save_checkpoint
+from .files import atomic_write, remove_stale_temporaries
 from .plots import plot_curves
 from .tasks import ImageClassification
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT, METRICS, CURVES = "checkpoint.safetensors", "metrics.json", "curves.png"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -88,16 +91,28 @@ class Trainer:
         warmup = min(config.warmup_steps, self.total_steps - 1)
         self.schedule = optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)
         self.step, self.metrics, self.running = 0, [], [0.0, 0]
-        self.stop_requested = False
+        self.stop_requested, self.saved_at = False, None
 
     @classmethod
-    def resume(cls, run_dir, quiet=False):
-        """Rebuild a run from its checkpoint and continue exactly where it stopped."""
-        _, document = read_checkpoint(Path(run_dir) / CHECKPOINT)
-        trainer = cls(TrainConfig(**document["config"]), run_dir, quiet)
-        load_checkpoint(Path(run_dir) / CHECKPOINT, trainer.net, trainer.optimizer)
+    def resume(cls, run_dir, quiet=False, steps=None, epochs=None):
+        """Rebuild a run from its checkpoint and continue exactly where it stopped.
+
+        ``steps`` or ``epochs`` extend (or shorten) the run to a new total; the cosine
+        schedule is then recomputed for that total, so the remaining steps follow the curve
+        of a run planned that long from the start."""
+        path = Path(run_dir) / CHECKPOINT
+        for name in (CHECKPOINT, METRICS, CURVES):
+            remove_stale_temporaries(Path(run_dir) / name)
+        document = read_resume_checkpoint(path)  # every field checked before it is used
+        config = TrainConfig(**document["config"])
+        if steps is not None or epochs is not None:
+            config.steps, config.epochs = steps or 0, epochs or config.epochs
+        trainer = cls(config, run_dir, quiet)
+        check_resume_step(path, document["step"], trainer.total_steps)
+        load_checkpoint(path, trainer.net, trainer.optimizer)
         trainer.step, trainer.metrics = document["step"], document["metrics"]
         trainer.running = document["running_loss"]
+        trainer.saved_at = trainer.step
         backend.set_rng_state(document["rng_state"])
         return trainer
 
@@ -105,32 +120,43 @@ class Trainer:
     def run(self):
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
-        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
-        try:
+        with self.stop_signals_caught():
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
                       dynamic_ncols=True) as bar:
-                while self.step < self.total_steps and not self.stop_requested:
-                    self.train_step(bar)
-                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                while True:
+                    if self.evaluation_due():
                         self.evaluate(bar)
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+                    if self.step >= self.total_steps or self.stop_requested:
+                        break
+                    self.train_step(bar)
         if self.stop_requested:
-            self.save()
+            if self.saved_at != self.step:
+                self.save()
             print(f"interrupted: checkpoint saved at step {self.step}; continue with "
                   f"`mnn train --resume {self.run_dir}`")
         return self.metrics
 
-    def request_stop(self, signum, frame):
-        """Ctrl-C: finish the step in flight, save, and exit (never a half-updated network).
+    @contextlib.contextmanager
+    def stop_signals_caught(self):
+        """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the step in flight."""
+        if threading.current_thread() is not threading.main_thread():  # only it can catch signals
+            yield
+            return
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
-        A second Ctrl-C stops at once, without saving."""
+    def request_stop(self, signum, frame):
+        """Ctrl-C or SIGTERM: finish the step in flight, save, and exit (never a half-updated network).
+
+        An evaluation in progress is abandoned. A second Ctrl-C stops at once, without saving."""
         self.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if signum is not None:
-            print("\nstopping after this step (Ctrl-C again to quit without saving)")
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)")
 
     def train_step(self, bar):
         started = time.perf_counter()
@@ -150,19 +176,31 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
         bar.update()
 
+    def evaluation_due(self):
+        """At every ``eval_every`` steps and at the end; not yet done (a stop can abandon one)."""
+        at_mark = self.step % self.eval_every == 0 or self.step == self.total_steps
+        done = bool(self.metrics) and self.metrics[-1]["step"] == self.step
+        return self.step > 0 and at_mark and not done
+
     def evaluate(self, bar):
+        """Evaluate, record and save; a stop requested meanwhile abandons it (a resumed run redoes it)."""
+        scores = self.task.evaluate(self.net, stop=lambda: self.stop_requested)
+        if scores is None:
+            return
         record = {"step": self.step, "epoch": round(self.step / self.task.steps_per_epoch, 3),
-                  "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr,
-                  **self.task.evaluate(self.net)}
+                  "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr, **scores}
         self.metrics.append(record)
         self.running = [0.0, 0]
         bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         self.save()
 
     def save(self):
+        """Checkpoint, metrics.json and curves.png, each written whole or not at all."""
         save_checkpoint(self.run_dir / CHECKPOINT, self.net, self.architecture, self.optimizer,
                         config=asdict(self.config), step=self.step, metrics=self.metrics,
                         running_loss=self.running, rng_state=backend.get_rng_state(), **self.task.metadata())
-        (self.run_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        text = json.dumps(self.metrics, indent=1).encode()
+        atomic_write(self.run_dir / METRICS, lambda handle: handle.write(text))
         if self.metrics:
-            plot_curves(self.metrics, self.run_dir / "curves.png")
+            plot_curves(self.metrics, self.run_dir / CURVES)
+        self.saved_at = self.step

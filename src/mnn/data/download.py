@@ -1,15 +1,25 @@
 """Downloads that are checked before they are kept: sha256, then an atomic rename."""
 import hashlib
+import http.client
 import os
-import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..files import atomic_write
+
+READ_TIMEOUT = 60  # seconds one read may wait for the server (the default; download() takes others)
+DEADLINE = 600  # seconds the whole download may take
+
 
 class ChecksumError(ValueError):
-    """A downloaded file whose sha256 is not the published one."""
+    """A file whose sha256 is not the published one."""
+
+
+class DownloadTimeout(TimeoutError):
+    """A download still unfinished at its deadline (a server that trickles bytes)."""
 
 
 def cache_dir():
@@ -27,41 +37,62 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def atomic_write(path, write):
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
+def download(url, path, sha256, deadline=None, read_timeout=None, quiet=False):
+    """Fetch ``url`` to ``path`` within ``deadline`` seconds; keep it only if its sha256 matches.
 
-    A crash midway leaves any previous ``path`` intact and no partial file under its name.
+    ``read_timeout`` bounds each wait for the server, ``deadline`` the whole transfer (by
+    default the module's READ_TIMEOUT and DEADLINE): a server that sends one byte at a time
+    passes every read but not the deadline, which is checked after each read, so it is
+    overshot by at most one ``read_timeout``. A progress bar shows unless ``quiet``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def download(url, path, sha256):
-    """Fetch ``url`` to ``path``; keep it only if its sha256 matches."""
-    path = Path(path)
+    deadline, read_timeout = deadline or DEADLINE, read_timeout or READ_TIMEOUT
+    give_up_at = time.monotonic() + deadline
 
     def fetch(handle):
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=60) as response:
+        digest, received = hashlib.sha256(), 0
+        with urllib.request.urlopen(url, timeout=read_timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}", leave=False) as bar:
-                for chunk in iter(lambda: response.read(1 << 16), b""):
+            read_some = getattr(response, "read1", response.read)  # read1: what has arrived, not a full chunk
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}", leave=False,
+                      disable=quiet) as bar:
+                for chunk in iter(lambda: read_some(1 << 16), b""):
+                    if time.monotonic() > give_up_at:
+                        raise DownloadTimeout(f"{url}: download unfinished after {deadline:g} s "
+                                              f"({received} bytes received); file discarded")
                     handle.write(chunk)
                     digest.update(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+        if total and received < total:
+            raise ConnectionError(f"{url}: the server sent {received} of {total} bytes; file discarded")
         actual = digest.hexdigest()
         if actual != sha256:
             raise ChecksumError(f"{url}: sha256 {actual} does not match the expected {sha256}; file discarded")
 
-    atomic_write(path, fetch)
+    try:
+        atomic_write(path, fetch)
+    except http.client.HTTPException as error:  # a malformed answer, which is no OSError
+        raise ConnectionError(f"{url}: bad answer from the server ({error!r}); file discarded") from error
     return path
+
+
+def download_from_mirrors(mirrors, name, path, sha256, **options):
+    """Download ``name`` from the first of ``mirrors`` (URL prefixes) that serves it with the right sha256.
+
+    A mirror that fails, times out or serves other bytes is passed over for the next one;
+    when none serves it, a ConnectionError lists what each mirror did. ``options`` go to
+    ``download`` (deadline, read_timeout, quiet).
+    """
+    failures = []
+    for mirror in mirrors:
+        try:
+            return download(mirror + name, path, sha256, **options)
+        except (OSError, ChecksumError) as error:
+            failures.append(with_url(error, mirror + name))
+    raise ConnectionError(f"{name} could not be downloaded from any mirror: {'; '.join(failures)}")
+
+
+def with_url(error, url):
+    message = str(error)
+    return message if url in message else f"{url}: {message}"

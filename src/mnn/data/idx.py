@@ -2,50 +2,88 @@
 
 Bytes 0-1 are zero, byte 2 gives the element type, byte 3 the number of dimensions;
 then one big-endian uint32 per dimension, then the values in C order.
+
+The header says how many bytes follow, so a file is read (and decompressed) up to that
+size and no further: a small gzip file that inflates to gigabytes is refused after the
+declared size, not after filling the memory.
 """
 import gzip
+import hashlib
+import math
 import zlib
 
 import numpy
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MAX_IDX_BYTES = 1 << 30  # the largest file a header may declare: a hostile header allocates no more
+CHUNK = 1 << 20
 
 
 class IdxError(ValueError):
     """A file that is not valid IDX: wrong magic, truncated, or the wrong size."""
 
 
-def read_bytes(path):
-    """The file's bytes, decompressed if it is gzip (by content, not by name)."""
+def open_stream(path):
+    """The file as a binary stream, decompressed as it is read if it is gzip (by content, not by name)."""
     with open(path, "rb") as handle:
-        raw = handle.read()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def read_idx_and_digest(path, max_bytes=MAX_IDX_BYTES):
+    """An IDX file (raw or .gz) as a NumPy array, and the sha256 of its IDX bytes (after decompression).
+
+    Nothing past the size the header declares is decompressed; a header that declares more
+    than ``max_bytes`` is refused before anything is allocated.
+    """
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as error:
+        with open_stream(path) as stream:
+            return read_stream(stream, path, max_bytes)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise IdxError(f"{path}: corrupt or truncated gzip data ({error})") from error
 
 
-def parse_idx(data, path="<bytes>"):
-    """Parse IDX bytes into a NumPy array, checking magic, dimensions and size."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
-        raise IdxError(f"{path}: not an IDX file (magic bytes {data[:4].hex() or 'missing'})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise IdxError(f"{path}: IDX header declares {ndim} dimensions but the file ends at byte {len(data)}")
-    shape = tuple(int(d) for d in numpy.frombuffer(data, ">u4", ndim, offset=4))
-    dtype = numpy.dtype(IDX_TYPES[data[2]])
-    expected = header + int(numpy.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
-        raise IdxError(f"{path}: IDX shape {shape} needs {expected} bytes, file has {len(data)} (truncated or corrupt)")
-    return numpy.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def read_idx(path):
+def read_idx(path, max_bytes=MAX_IDX_BYTES):
     """Read an IDX file (raw or .gz) into a NumPy array."""
-    return parse_idx(read_bytes(path), path)
+    return read_idx_and_digest(path, max_bytes)[0]
+
+
+def read_stream(stream, path, max_bytes):
+    digest = hashlib.sha256()
+    magic = read_up_to(stream, 4, digest)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_TYPES:
+        raise IdxError(f"{path}: not an IDX file (magic bytes {magic.hex() or 'missing'})")
+    ndim, dtype = magic[3], numpy.dtype(IDX_TYPES[magic[2]])
+    dims = read_up_to(stream, 4 * ndim, digest)
+    if ndim == 0 or len(dims) < 4 * ndim:
+        raise IdxError(f"{path}: IDX header declares {ndim} dimensions but the file ends at byte {4 + len(dims)}")
+    shape = tuple(int(d) for d in numpy.frombuffer(dims, ">u4"))
+    header = 4 + 4 * ndim
+    expected = header + math.prod(shape) * dtype.itemsize
+    if expected > max_bytes:
+        raise IdxError(f"{path}: IDX header declares shape {shape}, {expected} bytes, more than the "
+                       f"{max_bytes} accepted (a corrupt or hostile header)")
+    body = read_up_to(stream, expected - header, digest)
+    if header + len(body) < expected:
+        raise IdxError(f"{path}: IDX shape {shape} needs {expected} bytes, file has {header + len(body)} "
+                       "(truncated or corrupt)")
+    if stream.read(1):
+        raise IdxError(f"{path}: IDX shape {shape} needs {expected} bytes, the file holds more (corrupt)")
+    array = numpy.frombuffer(body, dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return array, digest.hexdigest()
+
+
+def read_up_to(stream, size, digest):
+    """Up to ``size`` bytes of ``stream`` (fewer where it ends), read in chunks and added to ``digest``."""
+    chunks, remaining = [], size
+    while remaining:
+        chunk = stream.read(min(remaining, CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        digest.update(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def write_idx(path, array, compress=None):

@@ -1,35 +1,75 @@
-"""Text for the character-level GPT: Tiny Shakespeare and a character tokenizer."""
+"""Text for the character-level GPT: Tiny Shakespeare (shipped with mnn) and a character tokenizer."""
+import functools
 from pathlib import Path
 
 import numpy
 
-from .download import cache_dir, download, sha256_of
+from .download import ChecksumError, cache_dir, download, sha256_of
 
+SHIPPED_TEXT = Path(__file__).with_name("tinyshakespeare.txt")  # package data: no download, works offline
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FILE_NAMES = ("tinyshakespeare.txt", "input.txt")
 
 
-def locate_text(path=None, url=TINY_SHAKESPEARE_URL, sha256=TINY_SHAKESPEARE_SHA256):
-    """A text file: ``path`` (a file, or a folder holding tinyshakespeare.txt or input.txt),
-    else mnn's cache, else downloaded into the cache and checked against ``sha256``."""
+def locate_text(path=None, url=None, sha256=None):
+    """A text file: ``path`` (a file, or a folder holding tinyshakespeare.txt or input.txt); else,
+    given ``url``, a copy downloaded into mnn's cache and checked against ``sha256``; else the
+    Tiny Shakespeare shipped with mnn."""
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no such file or folder: {path}")
-        candidates = [path] if path.is_file() else [path / name for name in FILE_NAMES]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"no text at {path} (looked for {', '.join(map(str, candidates))})")
-        return found
-    cached = cache_dir() / "tinyshakespeare" / FILE_NAMES[0]
+        return text_file_at(Path(path))
+    if url is not None:
+        return downloaded_text(url, sha256)
+    return shipped_text()
+
+
+def text_file_at(path):
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    candidates = [path] if path.is_file() else [path / name for name in FILE_NAMES]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"no text at {path} (looked for {', '.join(map(str, candidates))})")
+    return found
+
+
+def downloaded_text(url, sha256):
+    """The text at ``url``, kept in the cache under its sha256, which is checked on download and on reuse."""
+    if not sha256:
+        raise ValueError(f"a text downloaded from {url} needs its sha256, to be checked")
+    cached = cache_dir() / "text" / f"{sha256}.txt"
     if cached.is_file() and sha256_of(cached) == sha256:
         return cached
     try:
         return download(url, cached, sha256)
     except OSError as error:
-        raise ConnectionError(f"Tiny Shakespeare is not in {cached.parent} and could not be downloaded from "
-                              f"{url} ({error}); give its path with --data-dir") from error
+        raise ConnectionError(f"{url} could not be downloaded into {cached.parent} ({error}); "
+                              "give the text file with --data-dir") from error
+
+
+@functools.cache
+def shipped_text():
+    """The Tiny Shakespeare installed with mnn, its sha256 checked once per process."""
+    if not SHIPPED_TEXT.is_file():
+        raise FileNotFoundError(f"the Tiny Shakespeare that comes with mnn is missing ({SHIPPED_TEXT}): "
+                                "reinstall mnn, or give a text file with --data-dir")
+    actual = sha256_of(SHIPPED_TEXT)
+    if actual != TINY_SHAKESPEARE_SHA256:
+        raise ChecksumError(f"the Tiny Shakespeare that comes with mnn is damaged ({SHIPPED_TEXT}: sha256 {actual}, "
+                            f"expected {TINY_SHAKESPEARE_SHA256}): reinstall mnn, or give a text file with --data-dir")
+    return SHIPPED_TEXT
+
+
+def read_text(path):
+    """The UTF-8 text in ``path``; an empty file or one that is not UTF-8 is an error that names it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start} ({error.reason})") from error
+    if not text:
+        raise ValueError(f"{path} is empty: no text to learn from")
+    return text
 
 
 class CharTokenizer:
@@ -58,4 +98,5 @@ class CharTokenizer:
 
 
 def load_text(path=None):
-    return locate_text(path).read_text(encoding="utf-8")
+    """The text at ``path`` (see ``locate_text``), or the shipped Tiny Shakespeare."""
+    return read_text(locate_text(path))

@@ -1,0 +1,74 @@
+"""Files written whole or not at all: checkpoints, metrics, pictures, downloads.
+
+A temporary file beside the target, fsync, rename, fsync of the folder: a crash at any
+moment leaves either the old file or the new one under the name, never a mix. The file
+gets the mode any new file gets under the umask (``tempfile.mkstemp`` alone gives 0600).
+"""
+import glob
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path, write):
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
+
+    A failure midway leaves any previous ``path`` intact, no partial file under its name
+    and no temporary file; a process killed midway leaves a ``.NAME.*.tmp`` file that
+    ``remove_stale_temporaries`` clears.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+    return path
+
+
+def current_umask():
+    """The process's umask. It can only be read by setting it: set a strict one for that instant."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename inside it survives a power cut (POSIX only)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(path):
+    """Delete the ``.NAME.*.tmp`` files beside ``path`` that writes killed midway left; return them.
+
+    Call it only where one process writes ``path`` at a time (a run's own files): there,
+    any such file is stale."""
+    path = Path(path)
+    stale = [candidate for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+             if is_regular_file(candidate)]
+    for candidate in stale:
+        candidate.unlink(missing_ok=True)
+    return stale
+
+
+def is_regular_file(path):
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)  # lstat: a link is not followed, nor removed
+    except OSError:
+        return False

@@ -1,0 +1,183 @@
+"""The command line: every bad flag is one line on stderr, nothing is lost, a stop saves once."""
+import json
+import os
+import signal
+
+import numpy
+import pytest
+from threadpoolctl import threadpool_info
+
+from mnn import backend, cli
+from mnn.checkpoint import read_checkpoint
+from mnn.train import CHECKPOINT, TrainConfig, Trainer
+
+QUICK = ["--limit", "400", "--batch-size", "50", "--hidden", "8", "--quiet"]
+
+BAD_FLAGS = [
+    ("train", "--batch-size", "0"), ("train", "--batch-size", "x"), ("train", "--hidden", "0"),
+    ("train", "--hidden", ","), ("train", "--hidden", "64,abc"), ("train", "--channels", "8,-1"),
+    ("train", "--context", "0"), ("train", "--width", "0"), ("train", "--layers", "0"), ("train", "--heads", "-2"),
+    ("train", "--epochs", "inf"), ("train", "--epochs", "nan"), ("train", "--epochs", "0"), ("train", "--epochs", "-1"),
+    ("train", "--steps", "-5"), ("train", "--steps", "0"), ("train", "--steps", "2.5"),
+    ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--lr", "0"), ("train", "--lr", "-1"),
+    ("train", "--min-lr", "-1"), ("train", "--clip", "-1"), ("train", "--beta2", "-1"), ("train", "--beta2", "1"),
+    ("train", "--warmup", "-5"), ("train", "--weight-decay", "-10"), ("train", "--weight-decay", "nan"),
+    ("train", "--eval-every", "-1"), ("train", "--eval-every", "0"), ("train", "--limit", "-5"),
+    ("train", "--limit", "0"), ("train", "--dropout", "1"), ("train", "--dropout", "-0.1"), ("train", "--seed", "-1"),
+    ("train", "--threads", "0"), ("generate", "--tokens", "-5"), ("generate", "--top-k", "-1"),
+    ("generate", "--temperature", "-1"), ("generate", "--temperature", "nan"), ("generate", "--seed", "x"),
+    ("test", "--threads", "-1"),
+]
+
+
+@pytest.mark.parametrize("command,flag,value", BAD_FLAGS)
+def test_a_bad_flag_value_is_one_line_on_stderr(command, flag, value, capsys):
+    positional = [] if command == "train" else ["somewhere"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([command, *positional, flag, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: must " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 exceeds the peak learning rate"),
+    (["--model", "cnn", "--channels", "4,4,4,4,4,4"], "image"),
+    (["--model", "gpt", "--width", "10", "--heads", "4", "--steps", "2"], "10 is not divisible by heads = 4"),
+])
+def test_settings_that_cannot_work_are_refused(flags, message, tmp_path, capsys):
+    assert cli.main(["train", *flags, "--limit", "200", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_cupy_without_cupy_names_a_working_install(monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    assert cli.main(["train", "--backend", "cupy", "--steps", "1"]) == 2
+    assert "pip install -e '.[gpu]'" in capsys.readouterr().err
+    backend.use("numpy")
+
+
+def test_any_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("somewhere deep")
+
+    monkeypatch.setattr(cli, "command_gradcheck", broken)
+    assert cli.main(["gradcheck"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        cli.main(["gradcheck", "--debug"])
+    monkeypatch.setenv("MNN_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["gradcheck"])
+
+
+def test_an_earlier_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    before = (run / CHECKPOINT).read_bytes()
+    assert cli.main(["train", *QUICK, "--steps", "3", "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (run / CHECKPOINT).read_bytes() == before
+    assert cli.main(["train", *QUICK, "--steps", "3", "--out", str(run), "--overwrite"]) == 0
+    assert read_checkpoint(run / CHECKPOINT)[1]["step"] == 3
+
+
+def test_resume_refuses_settings_it_would_ignore_and_extends_with_steps(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "6", "--eval-every", "3", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--lr", "5", "--batch-size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size, --lr cannot change when resuming" in err
+    assert cli.main(["train", "--resume", str(run / CHECKPOINT), "--quiet"]) == 0
+    assert "has finished: step 6 of 6" in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(run), "--steps", "9", "--quiet"]) == 0
+    document = read_checkpoint(run / CHECKPOINT)[1]
+    assert document["step"] == 9 and [m["step"] for m in document["metrics"]] == [3, 6, 9]
+
+
+def test_sigterm_saves_like_ctrl_c_and_a_stop_at_an_evaluation_saves_once(tmp_path, monkeypatch):
+    config = TrainConfig(limit=400, batch_size=50, steps=12, eval_every=4, model_kwargs={"hidden": [8]})
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    saves, original_step, original_save = [], trainer.train_step, trainer.save
+
+    def step_then_terminate(bar):
+        original_step(bar)
+        if trainer.step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_terminate)
+    monkeypatch.setattr(trainer, "save", lambda: saves.append(trainer.step) or original_save())
+    trainer.run()
+    assert trainer.stop_requested and read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == 8
+    assert saves == [4, 8]  # the evaluation at step 8 was abandoned; one save at the stop
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    resumed = Trainer.resume(tmp_path / "run", quiet=True)
+    resumed.run()
+    straight = Trainer(config, tmp_path / "straight", quiet=True)
+    straight.run()
+    assert resumed.metrics == straight.metrics  # the abandoned evaluation was redone on resume
+    for name, value in straight.net.state_dict().items():
+        assert numpy.array_equal(resumed.net.state_dict()[name], value), name
+
+
+def test_a_stop_abandons_the_evaluation_in_flight(tmp_path):
+    config = TrainConfig(limit=400, batch_size=50, steps=2, model_kwargs={"hidden": [8]})
+    task = Trainer(config, tmp_path / "run", quiet=True).task
+    net = Trainer(config, tmp_path / "run", quiet=True).net
+    assert task.evaluate(net, stop=lambda: True) is None
+    assert set(task.evaluate(net, stop=lambda: False)) == {"val_loss", "val_accuracy"}
+
+
+def test_test_prints_the_accuracy_when_the_picture_cannot_be_written(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    import mnn.evaluate
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(mnn.evaluate, "plot_confusion", read_only)
+    capsys.readouterr()
+    assert cli.main(["test", str(run)]) == 0  # the run folder is accepted for its checkpoint
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "confusion matrix not written" in out and "Permission denied" in out
+
+
+def test_metrics_are_written_whole(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "4", "--eval-every", "2", "--out", str(run)]) == 0
+    assert [m["step"] for m in json.loads((run / "metrics.json").read_text())] == [2, 4]
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def blas_threads():
+    return {entry["num_threads"] for entry in threadpool_info() if entry["user_api"] == "blas"}
+
+
+def test_threads_follow_the_flag_then_the_environment_then_the_affinity(monkeypatch):
+    for name in backend.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert backend.cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert backend.cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,2")
+    assert backend.cpu_threads() == 3 and backend.cpu_threads(2) == 2
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        backend.cpu_threads(0)
+    previous = blas_threads()
+    try:
+        backend.tune_cpu(1)
+        assert blas_threads() == {1}
+    finally:
+        backend.tune_cpu(max(previous))
