@@ -196,14 +196,15 @@ def table(results, rate, where):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+def main(argv=None, prog="python -m bench"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, help="CPU threads for both (default: $OMP_NUM_THREADS, else the "
+                        "cores this process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
-    parser.add_argument("--json", help="where to write the results (default bench/results[-cuda].json)")
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -216,7 +217,7 @@ def main(argv=None):
 
 
 def run(args, device, argv):
-    backend.tune_cpu(args.threads)
+    args.threads, _ = backend.tune_cpu(args.threads)
     torch.set_num_threads(args.threads)
     cases = TINY if args.tiny else CASES
     if args.memory_child:
@@ -232,10 +233,10 @@ def run(args, device, argv):
         print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
     where = f"{args.threads} threads" if device.name == "cpu" else device.describe()["gpu"]
     print(table(results, rate, where))
-    path = args.json or ("bench/results.json" if device.name == "cpu" else "bench/results-cuda.json")
-    with open(path, "w") as handle:
-        json.dump({"machine": machine(device), "threads": args.threads, "gemm": rate, "results": results,
-                   "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine(device), "threads": args.threads, "gemm": rate, "results": results,
+                       "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
     return 0
 
 

@@ -168,7 +168,7 @@ def command_bench(bench_args):
         print(f"mnn bench: error: run it from the repository root, with the test extra installed ({error})",
               file=sys.stderr)
         return 2
-    return bench_main(bench_args)
+    return bench_main(bench_args, prog="mnn bench")
 
 
 def main(argv=None):
