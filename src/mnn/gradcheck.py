@@ -122,6 +122,9 @@ def standard_cases(rng):
         ("MultiHeadAttention", L.MultiHeadAttention(8, 2), [normal(2, 5, 8)], None),
         ("ResidualBlock", L.ResidualBlock(SequentialLayers([L.LayerNormLayer(4), L.LinearLayer(4, 4)])),
          [normal(3, 4)], None),
+        ("RNNLayer", L.RNNLayer(3, 4), [normal(2, 5, 3)], None),
+        ("LSTMLayer", L.LSTMLayer(3, 4), [normal(2, 5, 3)], None),
+        ("GRULayer", L.GRULayer(3, 4), [normal(2, 5, 3)], None),
     ]
 
 

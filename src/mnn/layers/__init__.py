@@ -9,6 +9,7 @@ from .linear import LinearLayer, MatrixProduct
 from .losses import CrossEntropyLossLayer, MSELossLayer, NllLossLayer
 from .normalization import BatchNorm2dLayer, BatchNormLayer, LayerNormLayer
 from .pooling import AvgPool2dLayer, MaxPool2dLayer
+from .recurrent import GRULayer, LSTMLayer, RNNLayer
 from .reshape import FlattenLayer
 from .residual import ResidualBlock
 from .softmax import LogSoftmaxLayer, SoftmaxLayer
@@ -18,5 +19,5 @@ __all__ = [
     "GeluLayer", "SoftmaxLayer", "LogSoftmaxLayer", "MSELossLayer", "NllLossLayer",
     "CrossEntropyLossLayer", "DropoutLayer", "FlattenLayer", "Conv2dLayer", "MaxPool2dLayer",
     "AvgPool2dLayer", "BatchNormLayer", "BatchNorm2dLayer", "LayerNormLayer", "CompositeLayer", "EmbeddingLayer",
-    "PositionalEmbeddingLayer", "MultiHeadAttention", "ResidualBlock",
+    "PositionalEmbeddingLayer", "MultiHeadAttention", "ResidualBlock", "RNNLayer", "LSTMLayer", "GRULayer",
 ]
