@@ -1,10 +1,13 @@
 """SequentialLayers: the seed API, whole-MLP gradients and one SGD step against torch, toy training."""
+import json
+
 import numpy
 import pytest
 import torch
 from reference import max_relative_difference
 
 import mnn
+from mnn import models
 
 
 def make_mlp(loss):
@@ -168,3 +171,46 @@ def test_input_gradient_can_be_skipped(float64, rng):
     assert all(numpy.array_equal(expected[k], v) for k, v in net.grads.items())
     net.input_grad = True
     assert net(x, labels) and len(net.backward()) == 5
+
+
+def test_a_network_is_a_list_of_layers():
+    layers = [mnn.LinearLayer(3, 4), mnn.ReluLayer(), mnn.LinearLayer(4, 2), mnn.MSELossLayer()]
+    net = mnn.SequentialLayers(layers)
+    assert len(net) == 4 and net[0] is layers[0] and net[-1] is layers[-1] and list(net) == layers
+    assert net[1:3] == layers[1:3]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: models.mlp(hidden=(16, 8)), lambda: models.cnn(channels=(2, 3), hidden=(8,)),
+    lambda: models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, dropout=0.1, bias=True),
+])
+def test_get_config_describes_the_network_that_from_config_rebuilds(build):
+    net = build()
+    config = net.get_config()
+    assert json.loads(json.dumps(config)) == config  # plain data
+    rebuilt = mnn.SequentialLayers.from_config(config)
+    assert rebuilt.get_config() == config and repr(rebuilt) == repr(net)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    rebuilt.load_weights(net.state_dict())
+    x = numpy.random.default_rng(0).integers(0, 11, (2, 8)) if "Embedding" in repr(net) else \
+        numpy.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(numpy.float32)
+    assert numpy.array_equal(net.eval()(x), rebuilt.eval()(x))
+
+
+def test_from_config_names_no_code_outside_mnn():
+    with pytest.raises(ValueError, match="unknown layer type 'os.system'"):
+        mnn.SequentialLayers.from_config({"layers": [{"type": "os.system", "config": {}}]})
+
+    class Double(mnn.Layer):
+        def forward(self, x):
+            return 2 * x
+
+    net = mnn.SequentialLayers([Double(), mnn.ReluLayer()])
+    rebuilt = mnn.SequentialLayers.from_config(net.get_config(), custom_layers={"Double": Double})
+    assert isinstance(rebuilt[0], Double)
+
+
+def test_targets_for_a_network_without_a_loss_are_an_error():
+    net = mnn.SequentialLayers([mnn.LinearLayer(3, 2)])
+    with pytest.raises(ValueError, match="targets given, but the network ends in no loss layer"):
+        net(numpy.ones((1, 3), dtype=numpy.float32), numpy.ones((1, 2), dtype=numpy.float32))

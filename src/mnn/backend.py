@@ -133,6 +133,7 @@ def tune_cpu(threads=None):
       the process's CPU affinity are respected. Results differ between thread counts by
       floating-point reassociation (~1e-8), so a resumed run is bit for bit only at the
       thread count it started with.
+
     * Memory: a training step allocates the same large temporaries every time. glibc's
       malloc hands big blocks straight back to the kernel and trims the heap, so each step
       pays page faults to get them again; raising its thresholds (the settings behind

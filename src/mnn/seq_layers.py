@@ -1,5 +1,6 @@
 r"""``SequentialLayers``: a network as a list of layers, and back-propagation through it."""
 from .layers.base import CompositeLayer, Layer, LossLayer
+from .layers.residual import ResidualBlock
 
 
 class SequentialLayers(CompositeLayer):
@@ -42,6 +43,9 @@ class SequentialLayers(CompositeLayer):
     scores = net(images)            # without targets: the output before the loss
     ```
 
+    It is a list of layers too: ``len(net)``, ``net[i]`` and ``for layer in net`` work as on
+    a list, and ``get_config()`` describes it as plain data that ``from_config`` rebuilds.
+
     A ``SequentialLayers`` is itself a layer: without a loss at the end, ``forward(x)`` and
     ``backward(g)`` follow the layer contract, so it can sit inside another network.
 
@@ -66,6 +70,31 @@ class SequentialLayers(CompositeLayer):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"SequentialLayers({inner}\n)"
 
+    # -- a list of layers ---------------------------------------------------
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def get_config(self):
+        """The architecture as plain data (JSON-ready): each layer's class and constructor
+        arguments, in order. ``SequentialLayers.from_config`` builds a network of that shape
+        (with freshly initialised weights; ``state_dict``/``load_weights`` carry the weights).
+        Parameters shared between two layers (a tied head) are not part of the description."""
+        return {"layers": [layer_config(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, config, custom_layers=None):
+        """A network built from ``get_config()``'s description.
+
+        Only mnn's own layer classes are looked up by name, plus those in ``custom_layers``
+        (``{"PReluLayer": PReluLayer}``): a description never names code to run."""
+        return layer_from_config({"type": "SequentialLayers", **config}, custom_layers or {})
+
     @property
     def loss_layer(self):
         last = self.layers[-1] if self.layers else None
@@ -79,8 +108,11 @@ class SequentialLayers(CompositeLayer):
     # -- forward ------------------------------------------------------------
     def __call__(self, inputs, targets=None, debug=False):
         """The mean loss when the last layer is a loss and targets are given, else the output."""
+        if targets is not None and self.loss_layer is None:
+            raise ValueError("SequentialLayers: targets given, but the network ends in no loss layer; "
+                             "call net(inputs) for its output, or append a loss layer")
         x = self.forward(inputs, debug=debug)
-        if targets is None or self.loss_layer is None:
+        if targets is None:
             return x
         loss = self.loss_layer.forward(x, targets)
         self.loss_is_current = True
@@ -183,3 +215,27 @@ def walk(layer, path="net"):
     if isinstance(layer, CompositeLayer):
         for name, sub in layer.sublayers().items():
             yield from walk(sub, f"{path}.{name}")
+
+
+def layer_config(layer):
+    """One layer as ``{"type": class name, ...}``: constructor arguments, or the layers inside."""
+    if isinstance(layer, SequentialLayers):
+        return {"type": "SequentialLayers", **layer.get_config()}
+    if isinstance(layer, ResidualBlock):
+        return {"type": "ResidualBlock", "body": layer_config(layer.body)}
+    return {"type": type(layer).__name__, "config": layer.config()}
+
+
+def layer_from_config(config, custom_layers):
+    from . import layers
+
+    kind = config.get("type") if isinstance(config, dict) else None
+    if kind == "SequentialLayers":
+        return SequentialLayers([layer_from_config(item, custom_layers) for item in config["layers"]])
+    if kind == "ResidualBlock":
+        return ResidualBlock(layer_from_config(config["body"], custom_layers))
+    known = {name: getattr(layers, name) for name in layers.__all__} | custom_layers
+    if kind not in known:
+        raise ValueError(f"SequentialLayers.from_config: unknown layer type {kind!r}; mnn's layers and "
+                         "custom_layers={name: class} are accepted")
+    return known[kind](**config.get("config", {}))

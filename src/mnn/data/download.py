@@ -23,7 +23,7 @@ class DownloadTimeout(TimeoutError):
 
 
 def cache_dir():
-    """mnn's cache: $MNN_CACHE, else $XDG_CACHE_HOME/mnn, else ~/.cache/mnn."""
+    """mnn's cache: ``$MNN_CACHE``, else ``$XDG_CACHE_HOME/mnn``, else ``~/.cache/mnn``."""
     if os.environ.get("MNN_CACHE"):
         return Path(os.environ["MNN_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnn"

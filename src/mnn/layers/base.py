@@ -1,9 +1,11 @@
 """The layer contract every mnn layer follows.
 
 * ``forward(inputs)`` returns the outputs and keeps what ``backward`` needs.
+
 * ``backward(gradients)`` takes $\\partial L/\\partial y$ and returns
   $\\partial L/\\partial x$; it **adds** each parameter's gradient into
   ``self.grads[name]`` (same shape as ``self.params[name]``).
+
 * ``zero_grads()`` clears the gradients; ``train()``/``eval()`` switch modes.
 
 A loss layer's ``forward(inputs, targets)`` returns the mean loss and its
