@@ -1,10 +1,12 @@
 """``mnn test``: a checkpoint's accuracy on the test split, per class, and its confusion matrix."""
+import json
 from pathlib import Path
 
 import numpy
 
 from .checkpoint import load_checkpoint
 from .data.images import Normalizer, load_images
+from .files import atomic_write
 from .plots import plot_confusion
 from .tasks import classify
 
@@ -18,8 +20,9 @@ def confusion_matrix(labels, predicted, classes):
 def test_checkpoint(path, data_dir=None, out=None):
     """Evaluate an image classifier checkpoint on the test split; write confusion.png beside it.
 
-    The numbers never depend on the picture: where it cannot be written, ``confusion_png``
-    says so instead of naming the file."""
+    The numbers are also written to test.json beside the picture; the report's ``written``
+    lines say where each went, or why it could not be written (a read-only folder): the
+    numbers returned never depend on either file."""
     net, document = load_checkpoint(path)
     if "normalizer" not in document:
         raise ValueError(f"{path}: not an image classifier checkpoint (no normaliser stored)")
@@ -28,11 +31,19 @@ def test_checkpoint(path, data_dir=None, out=None):
     loss, accuracy, predicted = classify(net, images, dataset.labels)
     matrix = confusion_matrix(dataset.labels, predicted, len(dataset.classes))
     per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
+    report = {"checkpoint": str(path), "test_loss": loss, "test_accuracy": accuracy,
+              "per_class": dict(zip(dataset.classes, per_class.tolist())), "confusion": matrix.tolist()}
     out = Path(out or Path(path).with_name("confusion.png"))
+    numbers, text = out.with_name("test.json"), json.dumps(report, indent=1).encode()
+    report["written"] = [written(out, "confusion matrix", lambda: plot_confusion(matrix, dataset.classes, out)),
+                         written(numbers, "numbers", lambda: atomic_write(numbers, lambda f: f.write(text)))]
+    return report
+
+
+def written(path, what, write):
+    """Call ``write()``; a line saying where ``what`` went, or why it could not be written."""
     try:
-        plot_confusion(matrix, dataset.classes, out)
-        picture = f"confusion matrix: {out}"
+        write()
+        return f"{what}: {path}"
     except OSError as error:
-        picture = f"confusion matrix not written: {out}: {error.strerror or error}"
-    return {"test_loss": loss, "test_accuracy": accuracy,
-            "per_class": dict(zip(dataset.classes, per_class.tolist())), "confusion_png": picture}
+        return f"{what} not written: {path}: {error.strerror or error}"

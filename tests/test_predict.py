@@ -1,0 +1,90 @@
+"""mnn.load and mnn predict: a trained model used on raw images and text."""
+import json
+
+import numpy
+import pytest
+from PIL import Image
+
+import mnn
+from mnn import cli
+from mnn.data.images import load_images
+from mnn.tasks import classify
+
+QUICK = ["--limit", "400", "--batch-size", "50", "--hidden", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "mlp"
+    assert cli.main(["train", *QUICK, "--steps", "8", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    dataset = load_images("fashion-mnist", "test")
+    return dataset.images[:50], dataset.labels[:50]
+
+
+def test_load_takes_a_run_folder_or_its_checkpoint(mlp_run):
+    by_folder, by_file = mnn.load(mlp_run), mnn.load(mlp_run / "checkpoint.safetensors")
+    assert by_folder.classes == by_file.classes and by_folder.classes[9] == "Ankle boot"
+    assert by_folder.input_shape == (1, 28, 28) and not by_folder.net.training
+
+
+def test_predictions_on_raw_pixels_are_the_networks_on_normalised_ones(mlp_run, test_images):
+    model = mnn.load(mlp_run)
+    images, labels = test_images
+    probabilities = model.predict_proba(images)
+    assert probabilities.shape == (50, 10) and numpy.allclose(probabilities.sum(axis=1), 1)
+    _, _, expected = classify(model.net, model.normalizer(images), labels)
+    assert numpy.array_equal(model.predict(images), expected)
+    assert numpy.array_equal(model.predict(images[:, 0]), expected)  # grey images may leave out the channel
+    assert model.predict(images[3, 0]).tolist() == [expected[3]]  # one image
+
+
+def test_images_from_files_and_arrays(mlp_run, test_images, tmp_path, capsys):
+    model = mnn.load(mlp_run)
+    images, _ = test_images
+    Image.fromarray(images[0, 0]).save(tmp_path / "first.png")
+    Image.fromarray(numpy.repeat(images[1, 0, :, :, None], 3, axis=2)).resize((56, 56)).save(tmp_path / "big.jpg")
+    numpy.save(tmp_path / "batch.npy", images[2:5])
+    assert numpy.allclose(model.predict_proba([tmp_path / "first.png"]), model.predict_proba(images[:1]))
+    assert cli.main(["predict", str(mlp_run), str(tmp_path / "first.png"), str(tmp_path / "big.jpg"),
+                     str(tmp_path / "batch.npy"), "--json", "--top", "2"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in results][:2] == [str(tmp_path / "first.png"), str(tmp_path / "big.jpg")]
+    assert len(results) == 5 and all(len(r["top"]) == 2 for r in results)
+    top = results[0]["top"][0]
+    assert top["class"] == model.classes[top["index"]] and top["index"] == model.predict(images[0])[0]
+    assert cli.main(["predict", str(mlp_run), str(tmp_path / "first.png")]) == 0
+    assert "first.png: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda tmp: tmp / "missing.png", "missing.png"),
+    (lambda tmp: (tmp / "text.png").write_text("not an image") and tmp / "text.png", "not an image that can be read"),
+    (lambda tmp: (tmp / "notes.txt").write_text("x") and tmp / "notes.txt", "expected an image"),
+    (lambda tmp: numpy.save(tmp / "wrong.npy", numpy.zeros((2, 3, 28, 28))) or tmp / "wrong.npy", "takes (1, 28, 28)"),
+    (lambda tmp: numpy.save(tmp / "neg.npy", -numpy.ones((28, 28))) or tmp / "neg.npy", "raw pixel values in [0, 255]"),
+])
+def test_predict_bad_inputs_are_one_line(mlp_run, tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    assert cli.main(["predict", str(mlp_run), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_text_model_generates_as_mnn_generate_does(tmp_path, capsys):
+    run = tmp_path / "gpt"
+    assert cli.main(["train", "--model", "gpt", "--steps", "3", "--layers", "1", "--width", "16", "--heads", "2",
+                     "--context", "8", "--out", str(run), "--quiet"]) == 0
+    model = mnn.load(run)
+    text = model.generate("ROMEO:", tokens=20, top_k=5, seed=3)
+    capsys.readouterr()
+    assert cli.main(["generate", str(run), "--prompt", "ROMEO:", "--tokens", "20", "--top-k", "5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    greedy = model.generate("ROMEO:", tokens=10, temperature=0)
+    assert greedy == model.generate("ROMEO:", tokens=10, temperature=0, seed=99)  # no randomness left
+    assert cli.main(["predict", str(run), "x.png"]) == 2
+    assert "not an image classifier" in capsys.readouterr().err
