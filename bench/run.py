@@ -1,6 +1,6 @@
 """Time training steps of mnn and of the same model in PyTorch, interleaved in one process.
 
-    python -m bench                      # MLP at batch 64 and 1024, the CNN and the GPT
+    python -m bench                      # MLP at batch 64 and 1024, the CNN, the GPT and the LSTM
     python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
     python -m bench --device cuda        # CuPy against torch CUDA, on an NVIDIA GPU
 
@@ -27,6 +27,8 @@ import torch
 
 import mnn
 from mnn import backend, models, optim
+from mnn.arguments import integer
+from mnn.layers.recurrent import RecurrentLayer
 
 from .device import Device, timed
 from .torch_mirror import mirror
@@ -37,6 +39,7 @@ CASES = {
                  "input": (1, 28, 28)},
     "cnn-128": {"model": {"name": "cnn", "kwargs": {}}, "batch": 128, "input": (1, 28, 28)},
     "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 65, "context": 64}}, "batch": 12, "tokens": (65, 64)},
+    "lstm": {"model": {"name": "lstm", "kwargs": {"vocab_size": 65, "context": 64}}, "batch": 32, "tokens": (65, 64)},
 }
 TINY = {
     "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0}}, "batch": 8, "input": (1, 28, 28)},
@@ -44,6 +47,8 @@ TINY = {
                 "input": (1, 28, 28)},
     "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 11, "context": 8, "layers": 1, "width": 16}},
                "batch": 2, "tokens": (11, 8)},
+    "lstm": {"model": {"name": "lstm", "kwargs": {"vocab_size": 11, "context": 8, "width": 8, "hidden": [16]}},
+             "batch": 2, "tokens": (11, 8)},
 }
 
 
@@ -84,12 +89,15 @@ def step_functions(case, device, seed=0):
 
 def gemm_flops(net, batch):
     """FLOPs of one training step's matrix products: each forward GEMM once more for the weight
-    (or second operand) gradient, and once more for the input gradient where it is computed."""
+    (or second operand) gradient, and once more for the input gradient where it is computed.
+    A recurrent layer's product with the state always needs its input gradient: the state's."""
     net(batch[0])
     total = 0
     for layer in iter_layers(net):
         needs_input_grad = layer.input_grad or isinstance(layer, mnn.MatrixProduct)
         total += (2 + needs_input_grad) * layer_flops(layer)
+        if isinstance(layer, RecurrentLayer):
+            total += 3 * recurrent_flops(layer)
     return total
 
 
@@ -110,7 +118,16 @@ def layer_flops(layer):
     if isinstance(layer, mnn.MatrixProduct):
         a, b = layer.saved()
         return 2 * a.size * b.shape[-1]
+    if isinstance(layer, RecurrentLayer):  # the input's product, X W_ih^T, for all steps at once
+        rows = layer.saved()[0]
+        return 2 * rows.size * layer.params["weight_ih"].shape[0]
     return 0
+
+
+def recurrent_flops(layer):
+    """The products with the state, h_{t-1} W_hh^T, one per step: B T H x GH."""
+    rows, weight_hh = layer.saved()[0], layer.params["weight_hh"]
+    return 2 * (rows.shape[0] * weight_hh.shape[1]) * weight_hh.shape[0]
 
 
 def measure(case, repeats, warmup, device, block=5, settle_s=0.2):
@@ -199,9 +216,9 @@ def table(results, rate, where):
 def main(argv=None, prog="python -m bench"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
-    parser.add_argument("--threads", type=int, help="CPU threads for both (default: $OMP_NUM_THREADS, else the "
+    parser.add_argument("--repeats", type=integer(1), default=30)
+    parser.add_argument("--warmup", type=integer(0), default=2, help="untimed steps at the start of each block")
+    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads for both (default: $OMP_NUM_THREADS, else the "
                         "cores this process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
     parser.add_argument("--json", help="also write the results to this file")
@@ -209,6 +226,11 @@ def main(argv=None, prog="python -m bench"):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.models.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"argument --models: no case {', '.join(map(repr, unknown))}; the cases are {', '.join(CASES)}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"argument --json: no folder {os.path.dirname(os.path.abspath(args.json))} to write it in")
     device = Device(args.device)
     try:
         return run(args, device, argv)

@@ -35,12 +35,32 @@ PARAMETRIZED = {  # mnn layer -> (torch module factory, {mnn name: torch name})
     mnn.EmbeddingLayer: (lambda layer: torch.nn.Embedding(layer.num_embeddings, layer.dim), {"weight": "weight"}),
     mnn.PositionalEmbeddingLayer: (lambda layer: AddPositions(layer.context, layer.dim), {"weight": "weight"}),
 }
+RECURRENT = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0", "bias_ih": "bias_ih_l0",
+             "bias_hh": "bias_hh_l0"}
 
 LOSSES = {
     mnn.CrossEntropyLossLayer: lambda out, y: F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)),
     mnn.NllLossLayer: lambda out, y: F.nll_loss(out.reshape(-1, out.shape[-1]), y.reshape(-1)),
     mnn.MSELossLayer: F.mse_loss,
 }
+
+def outputs_only(module_class):
+    """``torch.nn.RNN``/``LSTM``/``GRU`` returning only the outputs (torch's return (outputs, final state)),
+    so that it sits in a ``torch.nn.Sequential`` as mnn's recurrent layers sit in a network."""
+    class OutputsOnly(module_class):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    OutputsOnly.__name__ = module_class.__name__
+    return OutputsOnly
+
+
+for _mnn_class, _torch_class in ((mnn.RNNLayer, torch.nn.RNN), (mnn.LSTMLayer, torch.nn.LSTM),
+                                 (mnn.GRULayer, torch.nn.GRU)):
+    PARAMETRIZED[_mnn_class] = (
+        lambda layer, cls=outputs_only(_torch_class): cls(layer.input_size, layer.hidden_size, bias=layer.bias,
+                                                          batch_first=True), RECURRENT)
+
 
 class AddPositions(torch.nn.Module):
     def __init__(self, context, dim):

@@ -14,7 +14,7 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
         assert row["mnn_ms"] > 0 and row["torch_ms"] > 0 and row["gflop_per_step"] > 0
         assert row["mnn_peak_mb"] >= 0 and row["torch_peak_mb"] >= 0
     table = capsys.readouterr().out
-    assert "| mlp-64 |" in table and "| gpt-12 |" in table and "GEMM" in table
+    assert "| mlp-64 |" in table and "| gpt-12 |" in table and "| lstm |" in table and "GEMM" in table
 
 
 def test_mnn_bench_command(tmp_path, capsys):
@@ -35,3 +35,23 @@ def test_nanogpt_reference_learns_in_a_few_steps():
     estimate, trained = train(text, 0, {**config, "iters": 30})
     assert abs(untrained - math.log(len(set(text)))) < 0.05
     assert trained < untrained - 0.1 and abs(estimate - trained) < 0.1
+
+
+def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):
+    import torch
+
+    from mnn import cli
+    cases = [(["--threads", "0"], "--threads: must be an integer in [1, 1024]"),
+             (["--repeats", "0"], "--repeats: must be an integer >= 1"),
+             (["--warmup", "-1"], "--warmup: must be an integer >= 0"),
+             (["--models", "nonsense"], "no case 'nonsense'"),
+             (["--json", str(tmp_path / "missing" / "r.json")], "no folder")]
+    cases += [] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA GPU")]
+    for flags, message in cases:
+        try:
+            code = cli.main(["bench", "--tiny", *flags])
+        except SystemExit as stopped:  # argparse's own errors
+            code = stopped.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, flags

@@ -152,6 +152,9 @@ def test_test_prints_the_accuracy_when_the_picture_cannot_be_written(tmp_path, m
     assert cli.main(["test", str(run)]) == 0  # the run folder is accepted for its checkpoint
     out = capsys.readouterr().out
     assert "test accuracy" in out and "confusion matrix not written" in out and "Permission denied" in out
+    report = json.loads((run / "test.json").read_text())
+    assert "numbers: " + str(run / "test.json") in out and 0 <= report["test_accuracy"] <= 1
+    assert sum(map(sum, report["confusion"])) == 10000
 
 
 def test_metrics_are_written_whole(tmp_path):
@@ -181,3 +184,53 @@ def test_threads_follow_the_flag_then_the_environment_then_the_affinity(monkeypa
         assert blas_threads() == {1}
     finally:
         backend.tune_cpu(max(previous))
+
+
+def test_gradcheck_prints_pass_or_fail_per_layer_and_fails_on_a_wrong_one(monkeypatch, capsys):
+    import mnn.gradcheck
+    monkeypatch.setattr(mnn.gradcheck, "check_all_layers",
+                        lambda: iter([("GoodLayer", {"input0": 1e-10}), ("WrongLayer", {"input0": 1e-10, "w": 0.3})]))
+    assert cli.main(["gradcheck"]) == 1
+    out = capsys.readouterr().out
+    assert "below 1e-06" in out and "PASS  GoodLayer" in out and "FAIL  WrongLayer" in out
+    assert "1 layers failed: WrongLayer" in out
+
+
+@pytest.mark.parametrize("flags", [["--seed", "0"], ["--clip", "0"], ["--no-tie-weights"], ["--dropout", "0"],
+                                   ["--overwrite"], ["--warmup", "0"]])
+def test_resume_refuses_every_other_flag_even_at_a_false_or_zero_value(flags, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    before = (run / CHECKPOINT).read_bytes()
+    assert cli.main(["train", "--resume", str(run), *flags]) == 2
+    assert f"{flags[0].replace('--no-', '--')} cannot change when resuming" in capsys.readouterr().err
+    assert (run / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_takes_the_run_folder_or_its_checkpoint_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run / "metrics.json")]) == 2
+    assert "--resume takes a run folder or the checkpoint.safetensors in it" in capsys.readouterr().err
+    for empty in (["--resume", ""], ["--out", " "]):
+        with pytest.raises(SystemExit):
+            cli.main(["train", *empty])
+        assert "must not be empty" in capsys.readouterr().err
+
+
+def test_flags_that_would_be_ignored_are_refused_or_honoured(tmp_path, capsys):
+    assert cli.main(["train", *QUICK, "--optimizer", "sgd", "--beta2", "0.9", "--out", str(tmp_path / "a")]) == 2
+    assert "--optimizer sgd has none" in capsys.readouterr().err
+    assert cli.main(["train", *QUICK, "--steps", "5", "--warmup", "5", "--out", str(tmp_path / "b")]) == 2
+    assert "--warmup 5 leaves no step after the warm-up" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "gpt", "--epochs", "0.001", "--layers", "1", "--width", "8", "--heads", "1",
+                     "--context", "8", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "training gpt on tinyshakespeare: 11 steps" in capsys.readouterr().out  # 0.001 x 10,457; not 2000
+
+
+def test_a_tiny_temperature_is_nearly_greedy_not_an_error():
+    from mnn.generate import next_token_probabilities
+    logits = numpy.array([1.0, 3.0, 2.0])
+    assert numpy.array_equal(next_token_probabilities(logits, 5e-324, 0), [0.0, 1.0, 0.0])
+    assert numpy.array_equal(next_token_probabilities(logits, 0, 0), [0.0, 1.0, 0.0])

@@ -29,6 +29,7 @@ CASES = {
     "mlp": (lambda: models.mlp(hidden=[32]), lambda rng: images(rng, 8)),
     "cnn": (lambda: models.cnn(channels=[4, 8], hidden=[16]), lambda rng: images(rng, 4)),
     "gpt": (lambda: models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16), lambda rng: tokens(rng, 3)),
+    "lstm": (lambda: models.lstm(vocab_size=11, context=8, width=8, hidden=[16, 12]), lambda rng: tokens(rng, 3)),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mnn import cli
 from mnn.data import ChecksumError, IdxError, download, images, load_images, read_idx, write_idx
-from mnn.data.download import sha256_of
+from mnn.data.download import file_digest
 from mnn.data.images import FILES, Normalizer
 
 
@@ -95,7 +95,7 @@ def test_idx_header_declaring_a_huge_array_is_refused_before_allocating(tmp_path
 def test_download_checks_sha256(tmp_path):
     source = tmp_path / "source.bin"
     source.write_bytes(b"mnn" * 1000)
-    good = sha256_of(source)
+    good = file_digest(source)
     target = download(source.as_uri(), tmp_path / "cache" / "file.bin", good)
     assert target.read_bytes() == source.read_bytes()
     with pytest.raises(ChecksumError, match="does not match"):
@@ -131,7 +131,7 @@ def publish(monkeypatch):
 
 def test_dataset_download_from_a_mirror_into_the_cache(tmp_path, monkeypatch, rng, publish):
     arrays = fake_dataset(tmp_path / "mirror", rng)
-    sums = {key: sha256_of(tmp_path / "mirror" / name) for key, name in FILES.items()}
+    sums = {key: file_digest(tmp_path / "mirror" / name) for key, name in FILES.items()}
     publish(tmp_path / "mirror", "mnist", mirrors=[(tmp_path / "mirror").as_uri() + "/"],
             system_dir=str(tmp_path / "absent"), sha256=sums)
     monkeypatch.setenv("MNN_CACHE", str(tmp_path / "cache"))

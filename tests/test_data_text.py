@@ -30,7 +30,7 @@ def test_no_path_means_the_shipped_copy_offline_checked_once(tmp_path, monkeypat
 
     checked = []
     monkeypatch.setattr(text, "download", no_network)
-    monkeypatch.setattr(text, "sha256_of", lambda path: checked.append(path) or text.TINY_SHAKESPEARE_SHA256)
+    monkeypatch.setattr(text, "file_digest", lambda path: checked.append(path) or text.TINY_SHAKESPEARE_SHA256)
     monkeypatch.setenv("MNN_CACHE", str(tmp_path / "empty-cache"))
     first, second = load_text(), load_text()
     assert first == second and len(first) == 1115394 and first.startswith("First Citizen:")
@@ -39,7 +39,7 @@ def test_no_path_means_the_shipped_copy_offline_checked_once(tmp_path, monkeypat
 
 def test_the_shipped_copy_is_the_published_tiny_shakespeare(fresh_shipped_check):
     assert locate_text() == text.SHIPPED_TEXT
-    assert text.sha256_of(text.SHIPPED_TEXT) == text.TINY_SHAKESPEARE_SHA256
+    assert text.file_digest(text.SHIPPED_TEXT) == text.TINY_SHAKESPEARE_SHA256
 
 
 def test_a_damaged_shipped_copy_is_an_error(tmp_path, monkeypatch, fresh_shipped_check):

@@ -124,7 +124,8 @@ def test_ctrl_c_on_the_command_line_saves_and_resumes(tmp_path):
 
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):
     assert cli.main(["train", "--model", "cnn", "--dataset", "tinyshakespeare"]) == 2
-    assert "model 'cnn' trains on fashion-mnist or mnist, not 'tinyshakespeare'" in capsys.readouterr().err
+    assert ("model 'cnn' trains on fashion-mnist, mnist, cifar10 or your own images (--data), not 'tinyshakespeare'"
+            in capsys.readouterr().err)
 
 
 def test_a_size_flag_the_model_does_not_take(capsys):

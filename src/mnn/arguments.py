@@ -7,18 +7,27 @@ import argparse
 import math
 
 
-def integer(minimum):
-    """An integer flag of at least ``minimum``."""
+def integer(minimum, maximum=None):
+    """An integer flag of at least ``minimum`` (and at most ``maximum``, if given)."""
+    requirement = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+        if value < minimum or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = requirement
     return parse
+
+
+def non_empty(value):
+    """A non-empty string (a path: an empty one would mean the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
 def number(low, high=math.inf, low_inclusive=False, high_inclusive=False):

@@ -9,6 +9,7 @@ field, ``list_of`` each item. The names follow JSON Schema's words (``minimum``,
 The same rules check a model's settings when ``models.resolve`` spells them out, so the
 command line and a checkpoint are held to one standard.
 """
+import collections
 import dataclasses
 import json
 import operator
@@ -174,6 +175,8 @@ MODEL_SETTINGS = {
             "dropout": DROPOUT, "batch_norm": boolean},
     "gpt": {"vocab_size": SIZE, "context": SIZE, "layers": integer(1, MAX_LAYERS), "heads": SIZE, "width": SIZE,
             "dropout": DROPOUT, "tie_weights": boolean, "bias": boolean},
+    "lstm": {"vocab_size": SIZE, "context": SIZE, "width": SIZE, "hidden": list_of(SIZE, 1, MAX_LAYERS),
+             "dropout": DROPOUT},
 }
 
 
@@ -250,6 +253,7 @@ def config_rules():
         "decay_vectors": boolean, "beta2": number(minimum=0, exclusive_maximum=1),
         "momentum": number(minimum=0, exclusive_maximum=1), "warmup_steps": integer(0), "clip": number(minimum=0),
         "eval_every": integer(0), "seed": integer(0), "data_dir": optional(text), "limit": integer(0),
+        "data": optional(text),
     }
     by_type = {int: integer(0), float: number(), bool: boolean, str: optional(text), dict: mapping_of(anything)}
     return {f.name: rules.get(f.name) or by_type.get(f.type, anything) for f in dataclasses.fields(TrainConfig)}
@@ -257,9 +261,10 @@ def config_rules():
 
 def config(value, field):
     """The run's TrainConfig as ``dataclasses.asdict`` wrote it: every field, each in range."""
+    from .models import TEXT_MODELS
     from .train import TEXT_DATASETS
 
-    record(config_rules())(value, field)
+    record(config_rules(), optional_fields=CONFIG_ADDED)(value, field)
     settings = MODEL_SETTINGS[value["model"]]
     for key, setting in value["model_kwargs"].items():
         if key not in settings:
@@ -267,11 +272,34 @@ def config(value, field):
         settings[key](setting, child(field, f"model_kwargs.{key}"))
     if value["min_lr"] > value["lr"]:
         raise FieldError(child(field, "min_lr"), f"{value['min_lr']} exceeds lr = {value['lr']}")
-    if (value["model"] == "gpt") != (value["dataset"] in TEXT_DATASETS):
+    if (value["model"] in TEXT_MODELS) != (value["dataset"] in TEXT_DATASETS):
         raise FieldError(child(field, "dataset"), f"model {value['model']} does not train on {value['dataset']}")
+    if (value["dataset"] == "custom") != (value.get("data") is not None):
+        raise FieldError(child(field, "data"), "names the data set exactly when dataset is custom (--data), got "
+                                               f"{shown(value.get('data'))} with dataset {value['dataset']}")
+
+
+CONFIG_ADDED = ("data",)  # TrainConfig fields newer than the first checkpoints, which lack them
 
 
 # -- the whole document ----------------------------------------------------
+def per_channel(rule):
+    """One number for all channels, or a list of one per channel, each accepted by ``rule`` (how many
+    channels the images have is checked against the architecture by ``check_input_fits_model``)."""
+    channels = list_of(rule, 1)
+
+    def check(value, field):
+        (channels if type(value) is list else rule)(value, field)
+    return check
+
+
+def class_names(value, field):
+    list_of(text, min_length=1)(value, field)
+    if len(set(value)) != len(value):
+        repeated = collections.Counter(value).most_common(1)[0][0]
+        raise FieldError(field, f"class {shown(repeated)} is named more than once")
+
+
 def vocabulary(value, field):
     text(value, field)
     if not value or len(set(value)) != len(value):
@@ -287,8 +315,9 @@ DOCUMENT = {
     "metrics": METRICS,
     "running_loss": running_loss,
     "rng_state": pcg64_state,
-    "normalizer": record({"mean": FINITE, "std": number(exclusive_minimum=0)}),
-    "classes": list_of(text, min_length=1),
+    "normalizer": record({"mean": per_channel(FINITE), "std": per_channel(number(exclusive_minimum=0))}),
+    "classes": class_names,
+    "input_shape": list_of(SIZE, 3, 3),  # (C, H, W) of the images a classifier takes
     "vocab": vocabulary,
 }
 REQUIRED = ("mnn_version", "architecture")
@@ -307,18 +336,48 @@ def check_document(document):
 
 def check_task_fits_model(document):
     """The vocabulary or class names agree with the architecture that uses them."""
-    from .models import resolve
+    from .models import TEXT_MODELS, resolve
 
     model = resolve(document["architecture"])
     name, kwargs = model["name"], model["kwargs"]
-    if "vocab" in document and (name != "gpt" or len(document["vocab"]) != kwargs["vocab_size"]):
-        size = f"vocab_size = {kwargs['vocab_size']}" if name == "gpt" else f"a {name}"
+    text_model = name in TEXT_MODELS
+    if "vocab" in document and (not text_model or len(document["vocab"]) != kwargs["vocab_size"]):
+        size = f"vocab_size = {kwargs['vocab_size']}" if text_model else f"a {name}"
         raise FieldError("vocab", f"{len(document['vocab'])} characters do not fit {size}")
-    if "classes" in document and (name == "gpt" or len(document["classes"]) != kwargs["classes"]):
-        size = "a gpt" if name == "gpt" else f"classes = {kwargs['classes']}"
+    if "classes" in document and (text_model or len(document["classes"]) != kwargs["classes"]):
+        size = f"a {name}" if text_model else f"classes = {kwargs['classes']}"
         raise FieldError("classes", f"{len(document['classes'])} class names do not fit {size}")
-    if "normalizer" in document and (name == "gpt" or "config" not in document):
+    if "normalizer" in document and (text_model or "config" not in document):
         raise FieldError("normalizer", "only an image classifier's checkpoint with its config holds one")
+    check_input_fits_model(document, name, kwargs)
+
+
+def check_input_fits_model(document, name, kwargs):
+    """``input_shape`` (C, H, W) is what the architecture takes, and a per-channel normaliser has
+    one mean and one deviation per channel."""
+    shape = document.get("input_shape")
+    if shape is not None:
+        channels, height, width = shape
+        if name == "mlp":
+            fits, takes = kwargs["in_features"] == channels * height * width, f"{kwargs['in_features']} inputs"
+        elif name == "cnn":
+            size = kwargs["image_size"]
+            fits = kwargs["in_channels"] == channels and size == height == width
+            takes = f"{kwargs['in_channels']} channels of {size} x {size} pixels"
+        else:
+            fits, takes = False, "no images"
+        if not fits:
+            raise FieldError("input_shape", f"{shape} does not fit a {name} that takes {takes}")
+    normalizer = document.get("normalizer")
+    if normalizer is None or type(normalizer["mean"]) is not list and type(normalizer["std"]) is not list:
+        return
+    if type(normalizer["mean"]) is not list or type(normalizer["std"]) is not list \
+            or len(normalizer["mean"]) != len(normalizer["std"]):
+        raise FieldError("normalizer", "mean and std must both be numbers or both lists of the same length")
+    channels = shape[0] if shape is not None else kwargs.get("in_channels")
+    if channels != len(normalizer["mean"]):
+        known = f"{channels} channels" if channels is not None else "no input_shape"
+        raise FieldError("normalizer.mean", f"{len(normalizer['mean'])} channel means do not fit {known}")
 
 
 def check_resume_document(document):

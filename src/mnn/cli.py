@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from . import __version__, backend
-from .arguments import count, non_negative, positive, positive_int, probability, widths
+from .arguments import count, integer, non_negative, positive, positive_int, probability, non_empty, widths
+from .predict import checkpoint_file
 from .train import CHECKPOINT, TrainConfig, Trainer
 
 MODEL_DEFAULTS = {
@@ -17,12 +18,17 @@ MODEL_DEFAULTS = {
     "gpt": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 12, "lr": 1e-3, "min_lr": 3e-4,
             "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 300, "clip": 1.0,
             "eval_every": 250},
+    "lstm": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 32, "lr": 2e-3, "min_lr": 1e-4,
+             "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 100, "clip": 1.0,
+             "eval_every": 250},
 }
 
 
 def add_train_arguments(parser):
     parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
-    parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "tinyshakespeare"])
+    parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "cifar10", "tinyshakespeare"])
+    parser.add_argument("--data", metavar="PATH", help="your own images: a folder of class folders, an .npz "
+                        "(x_train, y_train[, x_test, y_test]) or a .csv (a label column, then pixels)")
     parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt 2000)")
     parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12")
@@ -38,9 +44,9 @@ def add_train_arguments(parser):
     parser.add_argument("--seed", type=count, help="default: 0")
     parser.add_argument("--data-dir", help="folder with the data set's files (else cache, system, download)")
     parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
-    parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN (its folder or checkpoint); "
+    parser.add_argument("--out", type=non_empty, help="run folder (default runs/<model>-<time>)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in --out")
+    parser.add_argument("--resume", type=non_empty, metavar="RUN", help="continue the run in RUN (its folder or checkpoint); "
                         "--steps or --epochs extend it")
     size = parser.add_argument_group("model size")
     size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128)")
@@ -58,14 +64,15 @@ def add_train_arguments(parser):
 
 
 def add_common_arguments(parser):
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: $OMP_NUM_THREADS, else the "
+    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads (default: $OMP_NUM_THREADS, else the "
                         "cores this process may use)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error ($MNN_DEBUG=1 too)")
 
 
 MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width", "context", "tie_weights")
-TRAINING_FLAGS = ("dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2", "optimizer",
-                  "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit")
+TRAINING_FLAGS = ("data", "dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2",
+                  "optimizer", "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit")
+GRADCHECK_TOLERANCE = 1e-6
 RESUME_FLAGS = ("steps", "epochs")  # what --resume may change: how long the run goes on
 
 
@@ -74,26 +81,53 @@ def config_from(args):
     values = dict(MODEL_DEFAULTS[model])
     values.update({name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None})
     kwargs = {flag: getattr(args, flag) for flag in MODEL_SIZE_FLAGS if getattr(args, flag) is not None}
+    if args.epochs is not None and args.steps is None:
+        values["steps"] = 0  # the epochs asked for, not the model's default step count
+    if args.beta2 is not None and values.get("optimizer") == "sgd":
+        raise ValueError("--beta2 is Adam's second-moment decay; --optimizer sgd has none")
     if values.get("min_lr", 0) > values.get("lr", 1e-3):
         raise ValueError(f"--min-lr {values['min_lr']} exceeds the peak learning rate --lr {values.get('lr', 1e-3)}")
+    if values.get("data") is not None:
+        given = [flag for flag in ("dataset", "data_dir") if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"--data is your own data set; leave out --{given[0].replace('_', '-')}, which names "
+                             "a built-in one")
+        values.update(dataset="custom", data=str(Path(values["data"]).resolve()))
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
 
 
 def flags_given(args, names):
-    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+    """The flags among ``names`` given on the command line (every train flag's default is None)."""
+    spelled = {"warmup_steps": "warmup"}  # a flag whose setting has another name
+    return [f"--{spelled.get(name, name).replace('_', '-')}" for name in names if getattr(args, name) is not None]
 
 
 def command_train(args):
     backend.use(args.backend or "numpy")
-    trainer = resume_run(args) if args.resume else start_run(args)
+    trainer = resume_run(args) if args.resume is not None else start_run(args)
     if trainer is None:
         return 0
     started = time.perf_counter()
     trainer.run()
     print(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
-    if trainer.metrics and trainer.step == trainer.total_steps and "val_accuracy" in trainer.metrics[-1]:
-        print(f"evaluate on the test set: mnn test {trainer.run_dir / CHECKPOINT}")
+    if trainer.metrics and trainer.step == trainer.total_steps:
+        image_model = "val_accuracy" in trainer.metrics[-1]
+        test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
+        print(f"evaluate on the test set: {test}" if image_model else
+              f"sample from it: mnn generate {trainer.run_dir} --prompt \"ROMEO:\" --tokens 500 --top-k 20")
     return 130 if trainer.stop_requested else 0
+
+
+def test_data_flag(config):
+    """What ``mnn test`` needs besides the run: held-out images, where the run's own data has no test split."""
+    from .data.custom import has_test_split
+
+    if config.dataset != "custom":
+        return ""
+    try:
+        return "" if has_test_split(config.data) else " --data HELD_OUT_IMAGES"
+    except (OSError, ValueError):  # the data moved or changed since: mnn test will say what is wrong
+        return ""
 
 
 def start_run(args):
@@ -103,18 +137,23 @@ def start_run(args):
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
                          "--overwrite, or choose another --out")
     trainer = Trainer(config, run_dir, quiet=args.quiet)
-    print(f"training {config.model} on {config.dataset}: {trainer.total_steps} steps -> {run_dir}")
+    if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
+        raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
+                         f"{trainer.total_steps} steps")
+    print(f"training {config.model} on {config.data or config.dataset}: {trainer.total_steps} steps -> {run_dir}")
     return trainer
 
 
 def resume_run(args):
     """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
     fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
-    fixed = [flag for flag in fixed if flag.removeprefix("--").replace("-", "_") not in RESUME_FLAGS]
+    fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS)]
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change when resuming: the run goes on with the settings in its "
                          "checkpoint (only --steps or --epochs, to extend it, and --threads, --quiet, --backend)")
     run_dir = Path(args.resume)
+    if run_dir.is_file() and run_dir.name != CHECKPOINT:
+        raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
     if trainer.step >= trainer.total_steps:
@@ -128,11 +167,11 @@ def resume_run(args):
 def command_test(args):
     from .evaluate import test_checkpoint
 
-    report = test_checkpoint(checkpoint_file(args.checkpoint), args.data_dir)
+    report = test_checkpoint(checkpoint_file(args.checkpoint), args.data_dir, data=args.data)
     print(f"test accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
     for name, accuracy in report["per_class"].items():
         print(f"  {name:<12} {accuracy:.4f}")
-    print(report["confusion_png"])
+    print("\n".join(report["written"]))
     return 0
 
 
@@ -148,15 +187,44 @@ def command_generate(args):
     return 0
 
 
+def command_predict(args):
+    import json
+
+    from .predict import Classifier, load, read_inputs
+
+    model = load(args.checkpoint)
+    if not isinstance(model, Classifier):
+        raise ValueError(f"{model.path}: not an image classifier; sample from a text model with mnn generate")
+    names, images = read_inputs(args.files, model.input_shape)
+    probabilities = model.predict_proba(images)
+    top = numpy_top(probabilities, args.top)
+    if args.json:
+        print(json.dumps([{"file": name, "top": [{"class": model.classes[k], "index": int(k), "probability": float(p)}
+                                                 for k, p in ranked]} for name, ranked in zip(names, top)], indent=1))
+        return 0
+    print(f"{model.path}")
+    for name, ranked in zip(names, top):
+        print(f"{name}: " + ", ".join(f"{model.classes[k]} {p:.3f}" for k, p in ranked))
+    return 0
+
+
+def numpy_top(probabilities, k):
+    """Per row, the k (class index, probability) pairs of highest probability, highest first."""
+    order = probabilities.argsort(axis=1)[:, ::-1][:, :k]
+    return [[(int(i), float(row[i])) for i in ranks] for row, ranks in zip(probabilities, order)]
+
+
 def command_gradcheck(args):
     from .gradcheck import check_all_layers
 
-    worst = 0.0
+    print(f"finite differences in float64; a layer passes when every relative error is below {GRADCHECK_TOLERANCE:g}")
+    failed = []
     for name, errors in check_all_layers():
-        worst = max(worst, *errors.values())
-        print(f"{name:<24} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    print(f"worst relative error {worst:.1e}")
-    return 0 if worst < 1e-6 else 1
+        passed = max(errors.values()) < GRADCHECK_TOLERANCE
+        failed += [] if passed else [name]
+        print(f"{'PASS' if passed else 'FAIL'}  {name:<24} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(f"{len(failed)} layers failed: {', '.join(failed)}" if failed else "all layers passed")
+    return 1 if failed else 0
 
 
 def command_bench(bench_args):
@@ -168,7 +236,13 @@ def command_bench(bench_args):
         print(f"mnn bench: error: run it from the repository root, with the test extra installed ({error})",
               file=sys.stderr)
         return 2
-    return bench_main(bench_args, prog="mnn bench")
+    try:
+        return bench_main(bench_args, prog="mnn bench")
+    except Exception as error:  # as main() does for the other commands
+        if os.environ.get("MNN_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"mnn bench: error: {describe(error)}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None):
@@ -177,7 +251,7 @@ def main(argv=None):
         return command_bench(argv[1:])
     args = parser().parse_args(argv)
     debug = args.debug or os.environ.get("MNN_DEBUG", "") not in ("", "0")
-    handlers = {"train": command_train, "test": command_test, "generate": command_generate,
+    handlers = {"train": command_train, "test": command_test, "generate": command_generate, "predict": command_predict,
                 "gradcheck": command_gradcheck}
     try:
         backend.tune_cpu(args.threads)
@@ -208,8 +282,10 @@ def parser():
     test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
     test.add_argument("checkpoint", help="a run folder or its checkpoint file")
     test.add_argument("--data-dir")
+    test.add_argument("--data", metavar="PATH", help="test on these images (a folder of class folders, an .npz's "
+                      "x_test and y_test, or a .csv), labels matched to the model's classes by name")
     add_common_arguments(test)
-    generate = commands.add_parser("generate", help="sample text from a GPT checkpoint",
+    generate = commands.add_parser("generate", help="sample text from a GPT or LSTM checkpoint",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     generate.add_argument("checkpoint", help="a run folder or its checkpoint file")
     generate.add_argument("--prompt", default="\n", help="text to continue")
@@ -218,15 +294,17 @@ def parser():
     generate.add_argument("--top-k", type=count, default=0, help="sample among the k likeliest (0: all)")
     generate.add_argument("--seed", type=count, default=0)
     add_common_arguments(generate)
+    predict = commands.add_parser("predict", help="classify image files or .npy arrays with a trained model",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict.add_argument("checkpoint", help="a run folder or its checkpoint file")
+    predict.add_argument("files", nargs="+", metavar="FILE", help="PNG/JPEG images (resized and converted to the "
+                         "model's input) or .npy arrays of raw pixels (0-255)")
+    predict.add_argument("--top", type=positive_int, default=3, help="classes to show per image")
+    predict.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    add_common_arguments(predict)
     add_common_arguments(commands.add_parser("gradcheck", help="finite-difference check of every layer"))
     commands.add_parser("bench", help="time mnn against PyTorch (from the repository root; see mnn bench --help)")
     return main_parser
-
-
-def checkpoint_file(path):
-    """A checkpoint given as its file or as its run folder."""
-    path = Path(path)
-    return path / CHECKPOINT if path.is_dir() else path
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy
 
 from .checkpoint import load_checkpoint
-from .data.images import Normalizer, load_images
+from .data.custom import has_test_split, load_custom
+from .data.images import Normalizer
 from .files import atomic_write
 from .plots import plot_confusion
-from .tasks import classify
+from .predict import input_shape
+from .tasks import classify, load_split
 
 
 def confusion_matrix(labels, predicted, classes):
@@ -17,16 +19,17 @@ def confusion_matrix(labels, predicted, classes):
     return matrix
 
 
-def test_checkpoint(path, data_dir=None, out=None):
+def test_checkpoint(path, data_dir=None, out=None, data=None):
     """Evaluate an image classifier checkpoint on the test split; write confusion.png beside it.
 
-    The numbers are also written to test.json beside the picture; the report's ``written``
-    lines say where each went, or why it could not be written (a read-only folder): the
-    numbers returned never depend on either file."""
+    The test split is the one of the data set the model trained on, or the images at ``data``
+    (see :func:`test_split`). The numbers are also written to test.json beside the picture;
+    the report's ``written`` lines say where each went, or why it could not be written (a
+    read-only folder): the numbers returned never depend on either file."""
     net, document = load_checkpoint(path)
     if "normalizer" not in document:
         raise ValueError(f"{path}: not an image classifier checkpoint (no normaliser stored)")
-    dataset = load_images(document["config"]["dataset"], "test", data_dir or document["config"].get("data_dir"))
+    dataset = test_split(path, document, data_dir, data)
     images = Normalizer(**document["normalizer"])(dataset.images)
     loss, accuracy, predicted = classify(net, images, dataset.labels)
     matrix = confusion_matrix(dataset.labels, predicted, len(dataset.classes))
@@ -38,6 +41,34 @@ def test_checkpoint(path, data_dir=None, out=None):
     report["written"] = [written(out, "confusion matrix", lambda: plot_confusion(matrix, dataset.classes, out)),
                          written(numbers, "numbers", lambda: atomic_write(numbers, lambda f: f.write(text)))]
     return report
+
+
+def test_split(path, document, data_dir=None, data=None):
+    """The images to test the checkpoint at ``path`` on, checked to be the shape the model takes.
+
+    With ``data``: the images there, in any of the forms ``mnn train --data`` takes (an .npz
+    gives its x_test and y_test), their labels matched to the model's classes by name. Else
+    the test split of the data set the model trained on: a built-in one's, or an .npz's
+    x_test and y_test; an image folder or a CSV has none, so its run needs ``data``."""
+    config, shape = document["config"], input_shape(document)
+    if data is None and config["dataset"] != "custom":
+        dataset = load_split(config["dataset"], "test", data_dir or config.get("data_dir"))
+        source = config["dataset"]
+    else:
+        source = Path(data if data is not None else config["data"])
+        if not has_test_split(source):
+            if data is None:
+                raise ValueError(f"{path} trained on {source}, which holds no test split (only an .npz's x_test and "
+                                 "y_test are one): test it on held-out images with --data PATH")
+            if config.get("data") is not None and source.resolve() == Path(config["data"]).resolve():
+                raise ValueError(f"{source} is the data set {path} trained on: test it on held-out images")
+        if "classes" not in document:
+            raise ValueError(f"{path}: holds no class names to match the labels of {source} with")
+        dataset = load_custom(source, "test", document["classes"], shape[0])
+    if tuple(dataset.images.shape[1:]) != tuple(shape):
+        raise ValueError(f"{source}: images of shape (C, H, W) = {tuple(dataset.images.shape[1:])}; the model takes "
+                         f"{tuple(shape)}")
+    return dataset
 
 
 def written(path, what, write):

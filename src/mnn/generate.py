@@ -1,4 +1,4 @@
-"""``mnn generate``: sample text from a GPT checkpoint, one character at a time."""
+"""``mnn generate``: sample text from a GPT or LSTM checkpoint, one character at a time."""
 import numpy
 
 from . import backend
@@ -16,7 +16,8 @@ def next_token_probabilities(logits, temperature, top_k):
     logits = numpy.asarray(logits, dtype=numpy.float64)
     if temperature == 0:
         return numpy.eye(len(logits))[numpy.argmax(logits)]
-    logits = logits / temperature
+    with numpy.errstate(over="ignore"):  # the largest is 0; a tiny temperature sends the others to -inf
+        logits = (logits - logits.max()) / temperature
     if 0 < top_k < len(logits):
         logits[logits < numpy.sort(logits)[-top_k]] = -numpy.inf
     return softmax(logits)
@@ -24,6 +25,9 @@ def next_token_probabilities(logits, temperature, top_k):
 
 def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, seed=0, on_text=None):
     """``prompt`` followed by ``tokens`` sampled characters; the same seed gives the same text.
+
+    Each character is predicted from the last ``context`` characters, as the model saw text in
+    training (the LSTM too: every window from a zero state).
 
     ``on_text``, if given, receives the prompt and then each character as it is sampled."""
     ids = list(tokenizer.encode(prompt))
@@ -44,6 +48,7 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
 def generate_from_checkpoint(path, prompt, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
     net, document = load_checkpoint(path)
     if "vocab" not in document:
-        raise ValueError(f"{path}: not a GPT checkpoint (no vocabulary stored)")
+        raise ValueError(f"{path}: not a text model's checkpoint (no vocabulary stored; mnn generate samples "
+                         "from a gpt or lstm run)")
     context = document["architecture"]["kwargs"]["context"]
     return generate(net, CharTokenizer(document["vocab"]), prompt, tokens, context, temperature, top_k, seed, on_text)

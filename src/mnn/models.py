@@ -17,6 +17,7 @@ from .layers import (
     GeluLayer,
     LayerNormLayer,
     LinearLayer,
+    LSTMLayer,
     MaxPool2dLayer,
     MultiHeadAttention,
     PositionalEmbeddingLayer,
@@ -105,7 +106,26 @@ def init_gpt2(net, blocks, depth):
             w[...] = backend.normal(0.02 / math.sqrt(2 * depth), w.shape, w.dtype)
 
 
-BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
+def lstm(vocab_size, context=64, width=64, hidden=(256,), dropout=0.0):
+    """A character-level LSTM: a token embedding, one ``LSTMLayer`` per hidden size, a linear head.
+
+    ``width`` is the embedding's, ``hidden`` lists each LSTM layer's hidden size (the first
+    reads the embedding, each next one the previous layer's states), and ``dropout``, if
+    not 0, drops each LSTM layer's outputs: between two layers and before the head.
+    ``context`` is the length of the windows the model trains on and samples from; no
+    weight depends on it. Every window starts from a zero state and back-propagation through
+    time covers all of it. Initialised as PyTorch's ``Embedding``, ``LSTM`` and ``Linear``.
+    """
+    layers, size = [EmbeddingLayer(vocab_size, width)], width
+    for hidden_size in hidden:
+        layers.append(LSTMLayer(size, hidden_size))
+        layers += [DropoutLayer(dropout)] if dropout else []
+        size = hidden_size
+    return SequentialLayers(layers + [LinearLayer(size, vocab_size), CrossEntropyLossLayer()])
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt, "lstm": lstm}
+TEXT_MODELS = ("gpt", "lstm")  # read characters, predict the next: trained on text, sampled by ``mnn generate``
 
 
 def resolve(architecture):
@@ -149,7 +169,8 @@ def parameter_count(architecture, buffers=False):
     tensors hold. A weight shared by two layers (``tie_weights``) counts once.
     """
     architecture = resolve(architecture)
-    counters = {"mlp": mlp_parameter_count, "cnn": cnn_parameter_count, "gpt": gpt_parameter_count}
+    counters = {"mlp": mlp_parameter_count, "cnn": cnn_parameter_count, "gpt": gpt_parameter_count,
+                "lstm": lstm_parameter_count}
     return counters[architecture["name"]](**architecture["kwargs"], buffers=buffers)
 
 
@@ -182,3 +203,11 @@ def gpt_parameter_count(vocab_size, context, layers, heads, width, dropout, tie_
     embeddings = vocab_size * width + context * width
     head = 0 if tie_weights else width * vocab_size
     return embeddings + layers * (2 * norm + attention + mlp) + norm + head
+
+
+def lstm_parameter_count(vocab_size, context, width, hidden, dropout, buffers=False):
+    count, size = vocab_size * width, width
+    for hidden_size in hidden:  # weight_ih, weight_hh and two biases, four gates each
+        count += 4 * hidden_size * (size + hidden_size + 2)
+        size = hidden_size
+    return count + linear_parameter_count(size, vocab_size)

@@ -8,25 +8,60 @@ import numpy
 from . import backend
 from .data.images import Normalizer, load_images
 
-VALIDATION_SIZE = 5000
+VALIDATION_SIZE = 5000  # images held out for validation, at most
+VALIDATION_FRACTION = 10  # ... and at most one in this many: 10%
 
 
 def to_batch(x, y):
     return backend.to_device(x), backend.to_device(y)
 
 
-class ImageClassification:
-    """Fashion-MNIST or MNIST: a seeded train/validation split, normalised with training statistics."""
+def validation_size(count):
+    """Images held out of ``count`` training images: 10%, at most 5000, at least 1.
 
-    def __init__(self, dataset="fashion-mnist", batch_size=128, seed=0, data_dir=None, limit=None):
-        full = load_images(dataset, "train", data_dir)
+    Fashion-MNIST's and MNIST's 60,000 and CIFAR-10's 50,000 give 5000, as mnn always held out."""
+    if count < 2:
+        raise ValueError(f"{count} training image{'' if count == 1 else 's'}: at least two are needed, one to train "
+                         "on and one to validate with")
+    return min(VALIDATION_SIZE, max(1, count // VALIDATION_FRACTION))
+
+
+def load_split(dataset, split, data_dir=None, data=None):
+    """The ``split`` of a built-in image data set (fashion-mnist, mnist, cifar10), or of your own
+    (``dataset`` "custom", at the path ``data``)."""
+    if dataset == "custom":
+        from .data.custom import load_custom
+        return load_custom(data, split)
+    if dataset == "cifar10":
+        from .data.cifar import load_cifar10
+        return load_cifar10(split, data_dir)
+    return load_images(dataset, split, data_dir)
+
+
+class ImageClassification:
+    """Images and classes: a seeded train/validation split, normalised with training statistics.
+
+    The data set is a built-in one (Fashion-MNIST, MNIST, CIFAR-10) or your own (``dataset``
+    "custom" and the path ``data``: see ``mnn.data.custom``). The input shape and the number
+    of classes come from the data, and the model's settings follow them (``model_defaults``).
+    """
+
+    def __init__(self, dataset="fashion-mnist", batch_size=128, seed=0, data_dir=None, limit=None, data=None,
+                 model=None):
+        full = load_split(dataset, "train", data_dir, data)
+        self.input_shape = tuple(int(n) for n in full.images.shape[1:])
+        _, height, width = self.input_shape
+        if model == "cnn" and height != width:
+            raise ValueError(f"{data or dataset}: images of {width} x {height} pixels; the CNN takes square images "
+                             "(crop or resize them, or train the mlp, which takes any shape)")
         order = numpy.random.default_rng(seed).permutation(len(full))
-        validation, training = order[:VALIDATION_SIZE], order[VALIDATION_SIZE:]
+        held_out = validation_size(len(full))
+        validation, training = order[:held_out], order[held_out:]
         if limit:
             training, validation = training[:limit], validation[:max(limit // 5, 1)]
         if len(training) < batch_size:
             raise ValueError(f"batch size {batch_size} exceeds the {len(training)} training samples")
-        self.classes = full.classes
+        self.classes, self.model = full.classes, model
         self.normalizer = Normalizer.fit(full.images[training])
         self.train_x, self.train_y = self.normalizer(full.images[training]), full.labels[training]
         self.val_x, self.val_y = self.normalizer(full.images[validation]), full.labels[validation]
@@ -35,10 +70,14 @@ class ImageClassification:
         self._epoch_order = (None, None)
 
     def model_defaults(self):
-        return {"classes": len(self.classes)}
+        """The settings the data decides: the classes, and the input the model takes."""
+        channels, height, width = self.input_shape
+        inputs = {"mlp": {"in_features": channels * height * width},
+                  "cnn": {"in_channels": channels, "image_size": height}}.get(self.model, {})
+        return {**inputs, "classes": len(self.classes)}
 
     def metadata(self):
-        return {"normalizer": vars(self.normalizer), "classes": self.classes}
+        return {"normalizer": vars(self.normalizer), "classes": self.classes, "input_shape": list(self.input_shape)}
 
     def order(self, epoch):
         """The shuffled sample order of one epoch, seeded by (seed, epoch)."""

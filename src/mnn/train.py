@@ -48,20 +48,24 @@ class TrainConfig:
     seed: int = 0
     data_dir: str = None
     limit: int = 0  # use only this many training samples (quick runs, tests)
+    data: str = None  # your own data set (dataset "custom"): a folder of class folders, an .npz or a .csv
 
 
-TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist")
+TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist", "cifar10", "custom")
 
 
 def make_task(config):
-    text_model = config.model == "gpt"
+    text_model = config.model in models.TEXT_MODELS
     fitting = TEXT_DATASETS if text_model else IMAGE_DATASETS
     if config.dataset not in fitting:
-        raise ValueError(f"model {config.model!r} trains on {' or '.join(fitting)}, not {config.dataset!r}")
+        names = [name if name != "custom" else "your own images (--data)" for name in fitting]
+        names = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+        raise ValueError(f"model {config.model!r} trains on {names}, not {config.dataset!r}")
     if text_model:
         from .text_task import TextTask
         return TextTask(config)
-    return ImageClassification(config.dataset, config.batch_size, config.seed, config.data_dir, config.limit)
+    return ImageClassification(config.dataset, config.batch_size, config.seed, config.data_dir, config.limit,
+                               data=config.data, model=config.model)
 
 
 def make_optimizer(config, net):

@@ -29,8 +29,9 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnn"
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of a file's bytes (sha256 unless another hashlib ``algorithm`` is named)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)

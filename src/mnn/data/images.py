@@ -122,7 +122,8 @@ def fetch(name, key, cache, mirrors, searched):
 
 @dataclass
 class ImageDataset:
-    """uint8 images (N, 1, 28, 28) and int64 labels, with the class names."""
+    """Images (N, C, H, W) of raw pixel values in [0, 255] (uint8, or float32 where a data set
+    stores fractions), int64 labels in [0, len(classes)), and the class names."""
 
     images: numpy.ndarray
     labels: numpy.ndarray
@@ -196,17 +197,56 @@ def check_labels(labels, path, classes):
 
 @dataclass
 class Normalizer:
-    r"""$x \mapsto (x / 255 - \mu) / \sigma$ with $\mu, \sigma$ from the training images."""
+    r"""$x \mapsto (x / 255 - \mu) / \sigma$ with $\mu, \sigma$ from the training images.
+
+    Grey images get one $\mu$ and one $\sigma$ (two numbers, as mnn has always stored them);
+    images of several channels one of each per channel (lists), as colour photographs need:
+    their red, green and blue planes differ in brightness and spread.
+    """
 
     mean: float
     std: float
 
     @classmethod
     def fit(cls, images):
+        """The statistics of ``images`` (N, C, H, W): per channel when C > 1."""
         if images.min() == images.max():  # sigma = 0: dividing by it would make every input NaN
             raise ValueError(f"cannot normalise {len(images)} images whose pixels all equal {images.flat[0]}")
+        if images.ndim == 4 and images.shape[1] > 1:
+            mean, std = channel_statistics(images)
+            constant = numpy.flatnonzero(std == 0)
+            if len(constant):
+                raise ValueError(f"cannot normalise channel {constant[0]} of {len(images)} images: every pixel in "
+                                 f"it equals {images[0, constant[0]].flat[0]}")
+            return cls(mean.tolist(), std.tolist())
         scaled = images.astype(numpy.float64) / 255
         return cls(float(scaled.mean()), float(scaled.std()))
 
+    @property
+    def channels(self):
+        """How many channels the statistics are for (None: one pair for all)."""
+        return len(self.mean) if isinstance(self.mean, (list, tuple)) else None
+
     def __call__(self, images, dtype=numpy.float32):
-        return ((images.astype(dtype) / 255 - dtype(self.mean)) / dtype(self.std)).astype(dtype)
+        if self.channels is None:
+            mean, std = dtype(self.mean), dtype(self.std)
+        else:  # shaped (C, 1, 1): broadcast over (N, C, H, W)
+            mean, std = (numpy.asarray(v, dtype).reshape(-1, 1, 1) for v in (self.mean, self.std))
+        return ((images.astype(dtype) / 255 - mean) / std).astype(dtype)
+
+
+def channel_statistics(images, chunk=2048):
+    """Per-channel mean and standard deviation of ``images / 255`` (N, C, H, W), in float64.
+
+    Two passes over chunks of images, so no float64 copy of the whole set is made (CIFAR-10's
+    training images would take 1.2 GB)."""
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    total = numpy.zeros(images.shape[1])
+    for start in range(0, len(images), chunk):
+        total += (images[start:start + chunk].astype(numpy.float64) / 255).sum(axis=(0, 2, 3))
+    mean = total / count
+    squares = numpy.zeros(images.shape[1])
+    for start in range(0, len(images), chunk):
+        centred = images[start:start + chunk].astype(numpy.float64) / 255 - mean[:, None, None]
+        squares += (centred * centred).sum(axis=(0, 2, 3))
+    return mean, numpy.sqrt(squares / count)

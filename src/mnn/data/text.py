@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy
 
-from .download import ChecksumError, cache_dir, download, sha256_of
+from .download import ChecksumError, cache_dir, download, file_digest
 
 SHIPPED_TEXT = Path(__file__).with_name("tinyshakespeare.txt")  # package data: no download, works offline
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -38,7 +38,7 @@ def downloaded_text(url, sha256):
     if not sha256:
         raise ValueError(f"a text downloaded from {url} needs its sha256, to be checked")
     cached = cache_dir() / "text" / f"{sha256}.txt"
-    if cached.is_file() and sha256_of(cached) == sha256:
+    if cached.is_file() and file_digest(cached) == sha256:
         return cached
     try:
         return download(url, cached, sha256)
@@ -53,7 +53,7 @@ def shipped_text():
     if not SHIPPED_TEXT.is_file():
         raise FileNotFoundError(f"the Tiny Shakespeare that comes with mnn is missing ({SHIPPED_TEXT}): "
                                 "reinstall mnn, or give a text file with --data-dir")
-    actual = sha256_of(SHIPPED_TEXT)
+    actual = file_digest(SHIPPED_TEXT)
     if actual != TINY_SHAKESPEARE_SHA256:
         raise ChecksumError(f"the Tiny Shakespeare that comes with mnn is damaged ({SHIPPED_TEXT}: sha256 {actual}, "
                             f"expected {TINY_SHAKESPEARE_SHA256}): reinstall mnn, or give a text file with --data-dir")

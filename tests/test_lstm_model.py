@@ -1,0 +1,151 @@
+"""The LSTM language model: gradients against PyTorch, training and sampling from the command line, resume,
+parameter count, and the PyTorch reference run."""
+import numpy
+import pytest
+import torch
+from reference import max_relative_difference
+from test_gpt import SHAKESPEARE
+from test_train import interrupt_at
+
+import mnn
+from bench.torch_mirror import mirror
+from mnn import cli, models, optim
+from mnn.checkpoint import read_checkpoint
+from mnn.train import CHECKPOINT, TrainConfig, Trainer
+
+TOL = 1e-6
+
+
+def small_lstm(dropout=0.0):
+    mnn.backend.seed(0)
+    return models.lstm(vocab_size=11, context=8, width=5, hidden=[7, 6], dropout=dropout)
+
+
+def test_the_model_is_embedding_lstm_layers_and_a_head():
+    net = models.lstm(vocab_size=11, hidden=[8, 8], dropout=0.1)
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds == ["EmbeddingLayer", "LSTMLayer", "DropoutLayer", "LSTMLayer", "DropoutLayer", "LinearLayer",
+                     "CrossEntropyLossLayer"]
+    assert [type(layer).__name__ for layer in models.lstm(vocab_size=11).layers] == [
+        "EmbeddingLayer", "LSTMLayer", "LinearLayer", "CrossEntropyLossLayer"]
+
+
+def test_whole_lstm_gradients_equal_torch(float64, rng):
+    net = small_lstm()
+    model, loss_fn, pairs = mirror(net, torch.float64)
+    x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+    loss = net(x, y)
+    net.backward()
+    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+    t_loss.backward()
+    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
+    grads = net.grads
+    assert len(pairs) == len(grads) == len(list(model.parameters())) == 11
+    for name, parameter in pairs:
+        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= TOL, name
+
+
+def test_adamw_steps_of_the_whole_lstm_equal_torch(float64, rng):
+    net = small_lstm()
+    model, loss_fn, _ = mirror(net, torch.float64)
+    net.optimizer = optim.AdamW(net, lr=1e-2, weight_decay=0.1)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+        net.zero_grads()
+        loss = float(net(x, y))
+        net.backward()
+        net.step()
+        torch_optimizer.zero_grad()
+        t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+        t_loss.backward()
+        torch_optimizer.step()
+        assert abs(loss - t_loss.item()) <= 1e-10
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"hidden": [7, 6], "width": 5, "dropout": 0.2}, {"hidden": [3] * 4}])
+def test_parameter_count_equals_the_built_networks(kwargs):
+    architecture = {"name": "lstm", "kwargs": {"vocab_size": 11, **kwargs}}
+    net = models.build(architecture)
+    assert models.parameter_count(architecture) == sum(p.size for p in net.params.values())
+    assert models.parameter_count(architecture, buffers=True) == sum(v.size for v in net.state_dict().values())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden": []}, "hidden: must hold 1 to 1000 items"),
+    ({"hidden": [0]}, "hidden[0]: must be an integer"),
+    ({"width": 0}, "width: must be"),
+    ({"dropout": 1.0}, "dropout: must be"),
+    ({"layers": 2}, "model 'lstm' has no setting layers"),
+])
+def test_settings_out_of_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        models.resolve({"name": "lstm", "kwargs": {"vocab_size": 11, **kwargs}})
+
+
+TINY_FLAGS = ["--model", "lstm", "--data-dir", str(SHAKESPEARE), "--steps", "4", "--eval-every", "2",
+              "--width", "8", "--hidden", "16,12", "--context", "8", "--batch-size", "4", "--quiet"]
+
+
+def test_cli_trains_an_lstm_then_generates_from_it(tmp_path, capsys):
+    run = tmp_path / "lstm"
+    assert cli.main(["train", *TINY_FLAGS, "--out", str(run)]) == 0
+    assert "training lstm on tinyshakespeare: 4 steps" in capsys.readouterr().out
+    net, document = mnn.checkpoint.load_checkpoint(run / CHECKPOINT)
+    assert document["architecture"] == {"name": "lstm", "kwargs": {"vocab_size": 65, "context": 8, "width": 8,
+                                                                   "hidden": [16, 12], "dropout": 0.0}}
+    assert [m["step"] for m in document["metrics"]] == [2, 4] and document["metrics"][-1]["val_loss"] < 4.2
+    assert cli.main(["generate", str(run), "--prompt", "ROMEO:", "--tokens", "30", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 36
+    assert cli.main(["train", "--model", "lstm", "--heads", "2", "--steps", "1"]) == 2
+    assert "model 'lstm' has no setting heads" in capsys.readouterr().err
+
+
+def test_a_model_and_a_dataset_that_do_not_fit(capsys):
+    assert cli.main(["train", "--model", "lstm", "--dataset", "mnist"]) == 2
+    assert "model 'lstm' trains on tinyshakespeare, not 'mnist'" in capsys.readouterr().err
+
+
+def tiny_lstm():
+    return dict(model="lstm", dataset="tinyshakespeare", data_dir=str(SHAKESPEARE), steps=30, eval_every=10,
+                batch_size=4, clip=1.0, model_kwargs={"width": 8, "hidden": [12, 10], "context": 8, "dropout": 0.1})
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = Trainer(TrainConfig(**tiny_lstm()), tmp_path / "straight", quiet=True)
+    straight.run()
+    interrupt_at(Trainer(TrainConfig(**tiny_lstm()), tmp_path / "split", quiet=True), 13).run()
+    assert read_checkpoint(tmp_path / "split" / CHECKPOINT)[1]["step"] == 13
+    resumed = Trainer.resume(tmp_path / "split", quiet=True)
+    assert resumed.step == 13 and resumed.total_steps == straight.total_steps
+    resumed.run()
+    for name, value in straight.net.state_dict().items():
+        assert numpy.array_equal(resumed.net.state_dict()[name], value), name
+    assert resumed.metrics == straight.metrics
+
+
+def test_the_vocabulary_must_fit_the_lstm_and_class_names_are_refused():
+    from mnn.checkpoint_schema import FieldError, check_task_fits_model
+    architecture = {"name": "lstm", "kwargs": {"vocab_size": 3}}
+    check_task_fits_model({"architecture": architecture, "vocab": "abc"})
+    with pytest.raises(FieldError, match="4 characters do not fit vocab_size = 3"):
+        check_task_fits_model({"architecture": architecture, "vocab": "abcd"})
+    with pytest.raises(FieldError, match="2 class names do not fit a lstm"):
+        check_task_fits_model({"architecture": architecture, "classes": ["a", "b"]})
+
+
+def test_the_torch_reference_trains_the_same_run(tmp_path):
+    """bench/lstm_reference.py runs end to end; in float64, from the same weights on the same batches, mnn's
+    and torch's validation losses agree to many digits after a few AdamW steps with clipping."""
+    from bench.lstm_reference import compare, report
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20000])
+    flags = ["--data-dir", str(text), "--steps", "6", "--eval-every", "3", "--width", "8", "--hidden", "16,12",
+             "--context", "8", "--batch-size", "4", "--clip", "0.5", "--warmup", "2"]
+    result = compare(flags, dtype="float64", threads=1, log=lambda line: None)
+    assert result["steps"] == [3, 6] and len(result["mnn_val_loss"]) == len(result["torch_val_loss"]) == 2
+    assert result["mnn_val_loss"][-1] < result["mnn_val_loss"][0] < 4.2  # it learns
+    assert result["max_difference"] <= 1e-9 and result["within_tolerance"]
+    assert result["mnn_ms_per_step"] > 0 and result["torch_ms_per_step"] > 0
+    assert "| 6 |" in report(result) and mnn.backend.default_dtype() is numpy.float32
