@@ -189,3 +189,21 @@ def test_a_training_runs_checkpoint_passes_the_resume_checks(tmp_path):
     trainer.run()
     document = read_resume_checkpoint(tmp_path / "checkpoint.safetensors")
     assert document["step"] == 2 and document["optimizer"]["name"] == "AdamW"
+
+
+def test_a_negative_running_variance_is_refused(tmp_path):
+    import json as json_module
+
+    from safetensors.numpy import load_file, save_file
+
+    from mnn import models
+    from mnn.checkpoint import CheckpointError
+    architecture = {"name": "cnn", "kwargs": {"channels": [2], "hidden": [4]}}
+    path = save_checkpoint(tmp_path / "c.safetensors", models.build(architecture), architecture)
+    tensors = load_file(path)
+    name = next(k for k in tensors if k.endswith("running_var"))
+    tensors[name][0] = -1e-5
+    metadata = {"mnn": json_module.dumps(read_checkpoint(path)[1])}
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=f'tensor "{name}": a variance below 0'):
+        read_checkpoint(path)

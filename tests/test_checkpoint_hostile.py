@@ -283,7 +283,7 @@ DOCUMENT_ATTACKS = {  # name: (change to a valid document, the field the error m
     "running-loss-count-fraction": (changed("running_loss", [1.5, 2.5]), "running_loss[1]: must be an integer"),
     "running-loss-text": (changed("running_loss", "1.5"), "running_loss: must be a list"),
     # what the task stored
-    "normalizer-std-zero": (changed("normalizer.std", 0.0), "normalizer.std: must be a finite number > 0"),
+    "normalizer-std-zero": (changed("normalizer.std", 0.0), "normalizer.std: must be a finite number >= 1e-06"),
     "normalizer-mean-nan": (changed("normalizer.mean", NAN), "normalizer.mean: must be a finite number"),
     "normalizer-std-missing": (changed("normalizer.std", DELETE), "normalizer.std: missing"),
     "normalizer-field-unknown": (changed("normalizer.scale", 2.0), "normalizer.scale: unknown field"),

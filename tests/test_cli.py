@@ -234,3 +234,19 @@ def test_a_tiny_temperature_is_nearly_greedy_not_an_error():
     logits = numpy.array([1.0, 3.0, 2.0])
     assert numpy.array_equal(next_token_probabilities(logits, 5e-324, 0), [0.0, 1.0, 0.0])
     assert numpy.array_equal(next_token_probabilities(logits, 0, 0), [0.0, 1.0, 0.0])
+
+
+def test_patience_stops_early_and_best_keeps_the_best(tmp_path, monkeypatch, capsys):
+    config = TrainConfig(limit=400, batch_size=50, steps=40, eval_every=2, patience=2, model_kwargs={"hidden": [8]})
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    scores = iter([0.5, 0.6, 0.55, 0.6, 0.7])  # the best, 0.6 at step 4, is not beaten at steps 6 and 8
+    monkeypatch.setattr(trainer.task, "evaluate", lambda net, stop: {"val_loss": 1.0, "val_accuracy": next(scores)})
+    trainer.run()
+    assert trainer.step == 8 and trainer.out_of_patience()
+    assert read_checkpoint(tmp_path / "run" / "best.safetensors")[1]["step"] == 4
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == 8
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "stopped early at step 8" in capsys.readouterr().out
+    assert cli.main(["test", str(tmp_path / "run")]) == 0
+    assert str(tmp_path / "run" / "best.safetensors") in capsys.readouterr().out

@@ -156,3 +156,35 @@ def test_backward_after_a_forward_without_targets_is_an_error(rng):
     net.zero_grads()
     net.backward()
     assert numpy.isfinite(net.grads["0.w"]).all()
+
+
+def test_import_mnn_names_every_layer_lazily():
+    import subprocess
+    import sys
+    assert sorted(mnn.__all__) == sorted({"backend", "gradcheck", "optim", "load", "SequentialLayers",
+                                          *mnn.layers.__all__})
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mnn.cli; print('numpy' in sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"  # the command starts before NumPy loads: a Ctrl-C then is caught by main
+
+
+def test_library_arguments_that_cannot_work_are_refused():
+    x = numpy.ones((2, 3))
+    with pytest.raises(ValueError, match="eps must be a step in"):
+        check_layer(mnn.ReluLayer(), x, eps=float("nan"))
+    with pytest.raises(ValueError, match="eps must be a step in"):
+        check_layer(mnn.ReluLayer(), x, eps=0)
+    with pytest.raises(ValueError, match="probes must be an integer >= 1"):
+        check_layer(mnn.ReluLayer(), x, probes=0)
+    with pytest.raises(ValueError, match=r"DropoutLayer: p must lie in \[0, 1\), got '0.5'"):
+        mnn.DropoutLayer("0.5")
+    block = mnn.ResidualBlock(mnn.LinearLayer(3, 4))
+    with pytest.raises(ValueError, match=r"ResidualBlock: its body turns \(2, 3\) into \(2, 4\)"):
+        block.forward(numpy.ones((2, 3), dtype=numpy.float32))
+
+
+def test_clip_grad_norm_takes_a_network_too():
+    net = mnn.SequentialLayers([mnn.LinearLayer(3, 2)])
+    net.grads["0.w"][...] = 10.0
+    norm = mnn.optim.clip_grad_norm(net, 1.0)
+    assert norm > 1 and abs(numpy.sqrt(sum(float((g * g).sum()) for g in net.grads.values())) - 1.0) < 1e-5

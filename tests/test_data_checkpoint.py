@@ -90,7 +90,7 @@ BAD_FIELDS = {  # change to a valid colour CNN checkpoint, what the one-line err
     "a mean list and one std": (lambda d: d["normalizer"].update(std=0.3),
                                 "normalizer: mean and std must both be numbers or both lists of the same length"),
     "a zero std in the list": (lambda d: d["normalizer"].update(std=[0.3, 0.0, 0.3]),
-                               "normalizer.std[1]: must be a finite number > 0"),
+                               "normalizer.std[1]: must be a finite number >= 1e-06"),
     "a NaN mean in the list": (lambda d: d["normalizer"].update(mean=[0.1, float("nan"), 0.2]),
                                "normalizer.mean[1]: must be a finite number"),
     "an empty mean list": (lambda d: d["normalizer"].update(mean=[], std=[]),

@@ -114,7 +114,7 @@ def test_an_image_folder_of_colour_images_trains_and_tests_on_another_folder(tmp
     assert cli.main(["test", str(run)]) == 2
     assert "holds no test split" in one_line_error(capsys)
     assert cli.main(["test", str(run), "--data", str(tmp_path / "train")]) == 2
-    assert f"{tmp_path / 'train'} is the data set {run / CHECKPOINT} trained on" in one_line_error(capsys)
+    assert f"{tmp_path / 'train'} is the data set {run / 'best.safetensors'} trained on" in one_line_error(capsys)
     assert cli.main(["test", str(run), "--data", str(tmp_path / "test")]) == 0
     report = json.loads((run / "test.json").read_text())
     assert numpy.array(report["confusion"]).sum(axis=1).tolist() == numpy.bincount(labels, minlength=3).tolist()

@@ -88,3 +88,13 @@ def test_a_text_model_generates_as_mnn_generate_does(tmp_path, capsys):
     assert greedy == model.generate("ROMEO:", tokens=10, temperature=0, seed=99)  # no randomness left
     assert cli.main(["predict", str(run), "x.png"]) == 2
     assert "not an image classifier" in capsys.readouterr().err
+
+
+def test_a_fifo_is_refused_not_read(mlp_run, tmp_path, capsys):
+    import os
+    for name in ("pipe.png", "pipe.npy"):
+        os.mkfifo(tmp_path / name)
+        assert cli.main(["predict", str(mlp_run), str(tmp_path / name)]) == 2
+        assert "not a regular file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a regular file"):
+        mnn.load(mlp_run).predict([tmp_path / "pipe.png"])

@@ -1,10 +1,32 @@
-"""mnn — Manual Neural Networks: every backward pass derived by hand, no autograd."""
-__version__ = "0.1.0"  # before the imports: checkpoints record it
+"""mnn — Manual Neural Networks: every backward pass derived by hand, no autograd.
 
-from . import backend, gradcheck, optim
-from .layers import *  # noqa: F401,F403
-from .layers import __all__ as _layer_names
-from .predict import load
-from .seq_layers import SequentialLayers
+``import mnn`` is quick: each name below is imported the first time it is used
+(``mnn.LinearLayer``, ``mnn.optim``, ...), so the ``mnn`` command starts at once.
+"""
+import importlib
 
-__all__ = ["backend", "gradcheck", "optim", "load", "SequentialLayers", *_layer_names]
+__version__ = "0.1.0"
+
+_LAYERS = [
+    "Layer", "LossLayer", "CompositeLayer", "LinearLayer", "MatrixProduct", "ReluLayer", "SigmoidLayer", "TanhLayer",
+    "GeluLayer", "SoftmaxLayer", "LogSoftmaxLayer", "MSELossLayer", "NllLossLayer", "CrossEntropyLossLayer",
+    "DropoutLayer", "FlattenLayer", "Conv2dLayer", "MaxPool2dLayer", "AvgPool2dLayer", "BatchNormLayer",
+    "BatchNorm2dLayer", "LayerNormLayer", "EmbeddingLayer", "PositionalEmbeddingLayer", "MultiHeadAttention",
+    "ResidualBlock", "RNNLayer", "LSTMLayer", "GRULayer",
+]
+_WHERE = {"load": ".predict", "SequentialLayers": ".seq_layers", **{name: ".layers" for name in _LAYERS}}
+_MODULES = ["backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint"]
+
+__all__ = ["backend", "gradcheck", "optim", "load", "SequentialLayers", *_LAYERS]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *__all__, *_MODULES})

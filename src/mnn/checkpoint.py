@@ -194,6 +194,8 @@ def load_tensors(path, data):
     for name, tensor in tensors.items():
         if not numpy.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {json.dumps(name)}: holds NaN or infinity")
+        if name.endswith("running_var") and not (tensor >= 0).all():
+            raise CheckpointError(f"{path}: tensor {json.dumps(name)}: a variance below 0")
     return tensors
 
 

@@ -253,7 +253,7 @@ def config_rules():
         "decay_vectors": boolean, "beta2": number(minimum=0, exclusive_maximum=1),
         "momentum": number(minimum=0, exclusive_maximum=1), "warmup_steps": integer(0), "clip": number(minimum=0),
         "eval_every": integer(0), "seed": integer(0), "data_dir": optional(text), "limit": integer(0),
-        "data": optional(text),
+        "data": optional(text), "patience": integer(0),
     }
     by_type = {int: integer(0), float: number(), bool: boolean, str: optional(text), dict: mapping_of(anything)}
     return {f.name: rules.get(f.name) or by_type.get(f.type, anything) for f in dataclasses.fields(TrainConfig)}
@@ -279,7 +279,7 @@ def config(value, field):
                                                f"{shown(value.get('data'))} with dataset {value['dataset']}")
 
 
-CONFIG_ADDED = ("data",)  # TrainConfig fields newer than the first checkpoints, which lack them
+CONFIG_ADDED = ("data", "patience")  # TrainConfig fields newer than the first checkpoints, which lack them
 
 
 # -- the whole document ----------------------------------------------------
@@ -315,7 +315,7 @@ DOCUMENT = {
     "metrics": METRICS,
     "running_loss": running_loss,
     "rng_state": pcg64_state,
-    "normalizer": record({"mean": per_channel(FINITE), "std": per_channel(number(exclusive_minimum=0))}),
+    "normalizer": record({"mean": per_channel(FINITE), "std": per_channel(number(minimum=1e-6))}),
     "classes": class_names,
     "input_shape": list_of(SIZE, 3, 3),  # (C, H, W) of the images a classifier takes
     "vocab": vocabulary,

@@ -1,14 +1,17 @@
-"""The ``mnn`` command: train, test, generate, gradcheck, bench."""
+"""The ``mnn`` command: train, test, generate, predict, gradcheck, bench.
+
+Only light modules are imported here; NumPy, the layers and the trainer are imported
+inside ``main``, where a Ctrl-C while they load ends in one line, not a traceback.
+"""
 import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from . import __version__, backend
-from .arguments import count, integer, non_negative, positive, positive_int, probability, non_empty, widths
-from .predict import checkpoint_file
-from .train import CHECKPOINT, TrainConfig, Trainer
+from . import __version__
+from .arguments import count, integer, non_empty, non_negative, positive, positive_int, probability, widths
+from .runs import CHECKPOINT, checkpoint_file
 
 MODEL_DEFAULTS = {
     "mlp": {},
@@ -40,6 +43,8 @@ def add_train_arguments(parser):
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: adamw")
     parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt 0")
     parser.add_argument("--clip", type=non_negative, help="global gradient-norm clip, 0: off (0; gpt 1)")
+    parser.add_argument("--patience", type=count, help="stop when this many evaluations in a row bring no better "
+                        "validation score (0, the default: never); best.safetensors keeps the best")
     parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt 250)")
     parser.add_argument("--seed", type=count, help="default: 0")
     parser.add_argument("--data-dir", help="folder with the data set's files (else cache, system, download)")
@@ -71,7 +76,7 @@ def add_common_arguments(parser):
 
 MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width", "context", "tie_weights")
 TRAINING_FLAGS = ("data", "dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2",
-                  "optimizer", "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit")
+                  "optimizer", "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit", "patience")
 GRADCHECK_TOLERANCE = 1e-6
 RESUME_FLAGS = ("steps", "epochs")  # what --resume may change: how long the run goes on
 
@@ -93,6 +98,8 @@ def config_from(args):
             raise ValueError(f"--data is your own data set; leave out --{given[0].replace('_', '-')}, which names "
                              "a built-in one")
         values.update(dataset="custom", data=str(Path(values["data"]).resolve()))
+    from .train import TrainConfig
+
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
 
 
@@ -103,6 +110,8 @@ def flags_given(args, names):
 
 
 def command_train(args):
+    from . import backend
+
     backend.use(args.backend or "numpy")
     trainer = resume_run(args) if args.resume is not None else start_run(args)
     if trainer is None:
@@ -136,6 +145,8 @@ def start_run(args):
     if (run_dir / CHECKPOINT).exists() and not args.overwrite:
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
                          "--overwrite, or choose another --out")
+    from .train import Trainer
+
     trainer = Trainer(config, run_dir, quiet=args.quiet)
     if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
         raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
@@ -155,10 +166,16 @@ def resume_run(args):
     if run_dir.is_file() and run_dir.name != CHECKPOINT:
         raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    from .train import Trainer
+
     trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
     if trainer.step >= trainer.total_steps:
         print(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")
+        return None
+    if trainer.out_of_patience():
+        print(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
+              f"{trainer.config.patience} evaluations (--patience)")
         return None
     print(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
     return trainer
@@ -167,8 +184,9 @@ def resume_run(args):
 def command_test(args):
     from .evaluate import test_checkpoint
 
-    report = test_checkpoint(checkpoint_file(args.checkpoint), args.data_dir, data=args.data)
-    print(f"test accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
+    path = checkpoint_file(args.checkpoint)
+    report = test_checkpoint(path, args.data_dir, data=args.data)
+    print(f"{path}\ntest accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
     for name, accuracy in report["per_class"].items():
         print(f"  {name:<12} {accuracy:.4f}")
     print("\n".join(report["written"]))
@@ -254,6 +272,8 @@ def main(argv=None):
     handlers = {"train": command_train, "test": command_test, "generate": command_generate, "predict": command_predict,
                 "gradcheck": command_gradcheck}
     try:
+        from . import backend
+
         backend.tune_cpu(args.threads)
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -59,6 +59,10 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
     as ``{"input0": 3e-10, "w": 1e-9}``; values near 1e-8 or below mean backward is right.
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
     """
+    if not (isinstance(probes, int) and probes >= 1):
+        raise ValueError(f"check_layer: probes must be an integer >= 1, got {probes!r}")
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):  # also refuses NaN
+        raise ValueError(f"check_layer: eps must be a step in (0, 1), got {eps!r}")
     rng = numpy.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     require_float64(layer, inputs)

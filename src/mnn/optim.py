@@ -312,6 +312,8 @@ def clip_grad_norm(parameters, max_norm):
     Returns $n$, the norm before clipping (as ``torch.nn.utils.clip_grad_norm_``).
     """
     require("clip_grad_norm", "max_norm", max_norm, POSITIVE)
+    if hasattr(parameters, "named_parameters"):  # a network or a layer
+        parameters = parameters.named_parameters()
     grads = [grad for _, _, grad in parameters]
     norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
     scale = max_norm / (norm + 1e-6)

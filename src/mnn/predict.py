@@ -18,15 +18,9 @@ from .data.images import Normalizer
 from .data.text import CharTokenizer
 from .generate import generate
 from .layers.softmax import softmax
+from .runs import checkpoint_file
 
-CHECKPOINT, BEST = "checkpoint.safetensors", "best.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def checkpoint_file(path):
-    """A checkpoint given as its file or as its run folder (then the folder's last checkpoint)."""
-    path = Path(path)
-    return path / CHECKPOINT if path.is_dir() else path
 
 
 def load(path):
@@ -123,6 +117,7 @@ def read_image(path, shape):
     """An image file as raw pixels ``(C, H, W)``: grey or RGB as the model takes, resized to its size."""
     from PIL import Image, UnidentifiedImageError
 
+    require_regular_file(path)
     channels, height, width = shape
     try:
         with Image.open(path) as image:
@@ -137,6 +132,7 @@ def read_inputs(paths, shape):
     """Image files and ``.npy`` arrays of raw pixels as one batch, with a name for each image."""
     names, batches = [], []
     for path in map(Path, paths):
+        require_regular_file(path)
         if path.suffix.lower() == ".npy":
             images = batch_of(numpy.load(path, allow_pickle=False), shape)
             names += [f"{path}[{i}]" for i in range(len(images))] if len(images) > 1 else [str(path)]
@@ -147,3 +143,10 @@ def read_inputs(paths, shape):
             raise ValueError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
         batches.append(images)
     return names, numpy.concatenate(batches)
+
+
+def require_regular_file(path):
+    """Refuse what is not a plain file: a FIFO or a device would block a read, or never end it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")

@@ -19,9 +19,9 @@ from . import backend, models, optim
 from .checkpoint import check_resume_step, load_checkpoint, read_resume_checkpoint, save_checkpoint
 from .files import atomic_write, remove_stale_temporaries
 from .plots import plot_curves
+from .runs import BEST, CHECKPOINT, CURVES, METRICS
 from .tasks import ImageClassification
 
-CHECKPOINT, METRICS, CURVES = "checkpoint.safetensors", "metrics.json", "curves.png"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -49,6 +49,7 @@ class TrainConfig:
     data_dir: str = None
     limit: int = 0  # use only this many training samples (quick runs, tests)
     data: str = None  # your own data set (dataset "custom"): a folder of class folders, an .npz or a .csv
+    patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
 
 
 TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist", "cifar10", "custom")
@@ -130,7 +131,7 @@ class Trainer:
                 while True:
                     if self.evaluation_due():
                         self.evaluate(bar)
-                    if self.step >= self.total_steps or self.stop_requested:
+                    if self.step >= self.total_steps or self.stop_requested or self.out_of_patience():
                         break
                     self.train_step(bar)
         if self.stop_requested:
@@ -197,14 +198,34 @@ class Trainer:
         self.running = [0.0, 0]
         bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         self.save()
+        if self.best_evaluation() == len(self.metrics) - 1:
+            self.write_checkpoint(self.run_dir / BEST)
+        if self.out_of_patience():
+            bar.write(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
+                      f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})")
+
+    def best_evaluation(self):
+        """Index of the record with the best validation score: accuracy, else loss (the first of equals)."""
+        def score(record):
+            return record["val_accuracy"] if "val_accuracy" in record else -record["val_loss"]
+        return max(range(len(self.metrics)), key=lambda i: (score(self.metrics[i]), -i))
+
+    def out_of_patience(self):
+        """True once ``patience`` evaluations in a row have not beaten the best one before them."""
+        patience = self.config.patience
+        return bool(patience and self.metrics) and len(self.metrics) - 1 - self.best_evaluation() >= patience
 
     def save(self):
         """Checkpoint, metrics.json and curves.png, each written whole or not at all."""
-        save_checkpoint(self.run_dir / CHECKPOINT, self.net, self.architecture, self.optimizer,
-                        config=asdict(self.config), step=self.step, metrics=self.metrics,
-                        running_loss=self.running, rng_state=backend.get_rng_state(), **self.task.metadata())
+        self.write_checkpoint(self.run_dir / CHECKPOINT)
         text = json.dumps(self.metrics, indent=1).encode()
         atomic_write(self.run_dir / METRICS, lambda handle: handle.write(text))
         if self.metrics:
             plot_curves(self.metrics, self.run_dir / CURVES)
         self.saved_at = self.step
+
+    def write_checkpoint(self, path):
+        """Everything a resumed run needs: weights, optimizer state, settings, step, metrics, RNG state."""
+        save_checkpoint(path, self.net, self.architecture, self.optimizer, config=asdict(self.config),
+                        step=self.step, metrics=self.metrics, running_loss=self.running,
+                        rng_state=backend.get_rng_state(), **self.task.metadata())

@@ -18,8 +18,8 @@ class DropoutLayer(Layer):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"DropoutLayer: p must lie in [0, 1), got {p}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"DropoutLayer: p must lie in [0, 1), got {p!r}")
         self.p = p
 
     def config(self):

@@ -29,7 +29,11 @@ class ResidualBlock(CompositeLayer):
         return self.body.named_buffers(prefix)
 
     def forward(self, x):
-        return x + self.body.forward(x)
+        y = self.body.forward(x)
+        if tuple(y.shape) != tuple(x.shape):
+            raise ValueError(f"ResidualBlock: its body turns {tuple(x.shape)} into {tuple(y.shape)}; a skip "
+                             "connection adds the input to the output, so the body must keep the shape")
+        return x + y
 
     def backward(self, g):
         return g + self.body.backward(g)  # Eq. (1)
