@@ -72,6 +72,7 @@ def read_checkpoint(path):
     data = read_regular_file(path)
     header = read_header(path, data)
     document = read_document(path, header.pop("__metadata__", None))
+    document["architecture"] = models.resolve(document["architecture"])  # every setting spelled out
     check_parameter_count(path, document["architecture"], header)
     return load_tensors(path, data), document
 
@@ -211,7 +212,8 @@ def load_checkpoint(path, net=None, optimizer=None):
     buffers = {k.removeprefix("optim/"): v for k, v in tensors.items() if k.startswith("optim/")}
     if optimizer is not None:
         optimizer_state = checked_optimizer_state(path, optimizer, document, buffers)
-    net = net or models.build(document["architecture"])
+    if net is None:
+        net = models.build(document["architecture"])
     try:
         net.load_weights(params)
     except ValueError as error:

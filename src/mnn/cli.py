@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .arguments import count, integer, non_empty, non_negative, positive, positive_int, probability, widths
-from .runs import CHECKPOINT, checkpoint_file
+from .runs import CHECKPOINT, RUN_FILES, checkpoint_file
 
 MODEL_DEFAULTS = {
     "mlp": {},
@@ -21,7 +21,7 @@ MODEL_DEFAULTS = {
     "gpt": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 12, "lr": 1e-3, "min_lr": 3e-4,
             "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 300, "clip": 1.0,
             "eval_every": 250},
-    "lstm": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 32, "lr": 2e-3, "min_lr": 1e-4,
+    "lstm": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 32, "lr": 8e-3, "min_lr": 1e-4,
              "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 100, "clip": 1.0,
              "eval_every": 250},
 }
@@ -33,19 +33,20 @@ def add_train_arguments(parser):
     parser.add_argument("--data", metavar="PATH", help="your own images: a folder of class folders, an .npz "
                         "(x_train, y_train[, x_test, y_test]) or a .csv (a label column, then pixels)")
     parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
-    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt 2000)")
-    parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12")
+    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
+    parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12, lstm 32")
     parser.add_argument("--lr", type=positive, help="peak learning rate, cosine decay after warm-up (mlp 1e-3, "
-                        "cnn 2e-3, gpt 1e-3)")
-    parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4)")
+                        "cnn 2e-3, gpt 1e-3, lstm 8e-3)")
+    parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4, "
+                        "lstm 1e-4)")
     parser.add_argument("--warmup", type=count, dest="warmup_steps", help="linear warm-up steps (100; gpt 300)")
-    parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt 0.99)")
+    parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt, lstm 0.99)")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: adamw")
-    parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt 0")
-    parser.add_argument("--clip", type=non_negative, help="global gradient-norm clip, 0: off (0; gpt 1)")
+    parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt, lstm 0")
+    parser.add_argument("--clip", type=non_negative, help="global gradient-norm clip, 0: off (0; gpt, lstm 1)")
     parser.add_argument("--patience", type=count, help="stop when this many evaluations in a row bring no better "
                         "validation score (0, the default: never); best.safetensors keeps the best")
-    parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt 250)")
+    parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt, lstm 250)")
     parser.add_argument("--seed", type=count, help="default: 0")
     parser.add_argument("--data-dir", help="folder with the data set's files (else cache, system, download)")
     parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
@@ -54,13 +55,16 @@ def add_train_arguments(parser):
     parser.add_argument("--resume", type=non_empty, metavar="RUN", help="continue the run in RUN (its folder or checkpoint); "
                         "--steps or --epochs extend it")
     size = parser.add_argument_group("model size")
-    size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128)")
+    size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128), "
+                      "or the LSTM layers' hidden sizes (lstm 256,256)")
     size.add_argument("--channels", type=widths, help="CNN channels (32,64)")
-    size.add_argument("--dropout", type=probability, help="mlp 0.2, cnn 0.3, gpt 0")
+    size.add_argument("--dropout", type=probability, help="mlp 0.2, cnn 0.3, gpt 0, lstm 0 (lstm: after each "
+                      "LSTM layer)")
     size.add_argument("--layers", type=positive_int, help="GPT blocks (4)")
     size.add_argument("--heads", type=positive_int, help="GPT attention heads (4)")
-    size.add_argument("--width", type=positive_int, help="GPT embedding width (128)")
-    size.add_argument("--context", type=positive_int, help="GPT context length (64)")
+    size.add_argument("--width", type=positive_int, help="token embedding width (gpt 128, lstm 64)")
+    size.add_argument("--context", type=positive_int, help="characters per window, for training and sampling "
+                      "(gpt, lstm 64)")
     size.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
                       help="GPT: share the token embedding with the output head (default: no)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU, the default) or cupy (NVIDIA GPU)")
@@ -151,6 +155,9 @@ def start_run(args):
     if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
         raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
                          f"{trainer.total_steps} steps")
+    if args.overwrite:  # nothing of the run replaced may be taken for the new one's
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
     print(f"training {config.model} on {config.data or config.dataset}: {trainer.total_steps} steps -> {run_dir}")
     return trainer
 
@@ -169,7 +176,7 @@ def resume_run(args):
     from .train import Trainer
 
     trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
-    if trainer.step >= trainer.total_steps:
+    if trainer.step >= trainer.total_steps and not trainer.evaluation_due():
         print(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")
         return None

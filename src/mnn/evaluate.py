@@ -8,6 +8,7 @@ from .checkpoint import load_checkpoint
 from .data.custom import has_test_split, load_custom
 from .data.images import Normalizer
 from .files import atomic_write
+from .runs import CONFUSION, TEST_NUMBERS
 from .plots import plot_confusion
 from .predict import input_shape
 from .tasks import classify, load_split
@@ -36,8 +37,8 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
     per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
     report = {"checkpoint": str(path), "test_loss": loss, "test_accuracy": accuracy,
               "per_class": dict(zip(dataset.classes, per_class.tolist())), "confusion": matrix.tolist()}
-    out = Path(out or Path(path).with_name("confusion.png"))
-    numbers, text = out.with_name("test.json"), json.dumps(report, indent=1).encode()
+    out = Path(out or Path(path).with_name(CONFUSION))
+    numbers, text = out.with_name(TEST_NUMBERS), json.dumps(report, indent=1).encode()
     report["written"] = [written(out, "confusion matrix", lambda: plot_confusion(matrix, dataset.classes, out)),
                          written(numbers, "numbers", lambda: atomic_write(numbers, lambda f: f.write(text)))]
     return report

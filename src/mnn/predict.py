@@ -14,14 +14,12 @@ import numpy
 
 from . import backend
 from .checkpoint import load_checkpoint
+from .data.custom import IMAGE_EXTENSIONS
 from .data.images import Normalizer
 from .data.text import CharTokenizer
 from .generate import generate
 from .layers.softmax import softmax
 from .runs import checkpoint_file
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 
 def load(path):
     """The model saved at ``path`` (a run folder or a checkpoint file), ready to use."""
@@ -136,11 +134,11 @@ def read_inputs(paths, shape):
         if path.suffix.lower() == ".npy":
             images = batch_of(numpy.load(path, allow_pickle=False), shape)
             names += [f"{path}[{i}]" for i in range(len(images))] if len(images) > 1 else [str(path)]
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images = read_image(path, shape)[None]
             names.append(str(path))
         else:
-            raise ValueError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
+            raise ValueError(f"{path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}) or a .npy array")
         batches.append(images)
     return names, numpy.concatenate(batches)
 

@@ -4,6 +4,8 @@ from pathlib import Path
 CHECKPOINT = "checkpoint.safetensors"  # the last state: what --resume continues
 BEST = "best.safetensors"  # the state with the best validation score so far
 METRICS, CURVES = "metrics.json", "curves.png"
+TEST_NUMBERS, CONFUSION = "test.json", "confusion.png"  # written by mnn test
+RUN_FILES = (CHECKPOINT, BEST, METRICS, CURVES, TEST_NUMBERS, CONFUSION)
 
 
 def checkpoint_file(path):

@@ -7,6 +7,7 @@ and ``curves.png``.
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import backend, models, optim
-from .checkpoint import check_resume_step, load_checkpoint, read_resume_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
+                         save_checkpoint)
 from .files import atomic_write, remove_stale_temporaries
 from .plots import plot_curves
 from .runs import BEST, CHECKPOINT, CURVES, METRICS
@@ -106,13 +108,14 @@ class Trainer:
         schedule is then recomputed for that total, so the remaining steps follow the curve
         of a run planned that long from the start."""
         path = Path(run_dir) / CHECKPOINT
-        for name in (CHECKPOINT, METRICS, CURVES):
+        for name in (CHECKPOINT, BEST, METRICS, CURVES):
             remove_stale_temporaries(Path(run_dir) / name)
         document = read_resume_checkpoint(path)  # every field checked before it is used
         config = TrainConfig(**document["config"])
         if steps is not None or epochs is not None:
             config.steps, config.epochs = steps or 0, epochs or config.epochs
         trainer = cls(config, run_dir, quiet)
+        check_same_data(path, document, trainer.task.metadata(), config)
         check_resume_step(path, document["step"], trainer.total_steps)
         load_checkpoint(path, trainer.net, trainer.optimizer)
         trainer.step, trainer.metrics = document["step"], document["metrics"]
@@ -160,8 +163,9 @@ class Trainer:
         An evaluation in progress is abandoned. A second Ctrl-C stops at once, without saving."""
         self.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if signum is not None:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)")
+        if signum is not None:  # os.write: print() may be in the middle of a write this signal interrupted
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit "
+                        "without saving)\n".encode())
 
     def train_step(self, bar):
         started = time.perf_counter()
@@ -197,9 +201,9 @@ class Trainer:
         self.metrics.append(record)
         self.running = [0.0, 0]
         bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if self.best_evaluation() == len(self.metrics) - 1:  # first: the checkpoint then never names a best
+            self.write_checkpoint(self.run_dir / BEST)  # that best.safetensors lacks
         self.save()
-        if self.best_evaluation() == len(self.metrics) - 1:
-            self.write_checkpoint(self.run_dir / BEST)
         if self.out_of_patience():
             bar.write(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
                       f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})")
@@ -229,3 +233,12 @@ class Trainer:
         save_checkpoint(path, self.net, self.architecture, self.optimizer, config=asdict(self.config),
                         step=self.step, metrics=self.metrics, running_loss=self.running,
                         rng_state=backend.get_rng_state(), **self.task.metadata())
+
+
+def check_same_data(path, document, metadata, config):
+    """A resumed run must see the data it began with: the same classes, normaliser, vocabulary."""
+    fresh = json.loads(json.dumps(metadata))  # as the checkpoint holds them: lists, plain floats
+    changed = [key for key in fresh if document.get(key, fresh[key]) != fresh[key]]  # older files lack some
+    if changed:
+        raise CheckpointError(f"{path}: {changed[0]}: the data changed since the run began "
+                              f"({config.data or config.data_dir or config.dataset})")
