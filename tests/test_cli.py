@@ -250,3 +250,50 @@ def test_patience_stops_early_and_best_keeps_the_best(tmp_path, monkeypatch, cap
     assert "stopped early at step 8" in capsys.readouterr().out
     assert cli.main(["test", str(tmp_path / "run")]) == 0
     assert str(tmp_path / "run" / "best.safetensors") in capsys.readouterr().out
+
+
+def test_a_resumed_run_refuses_data_that_changed(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefgh\n" * 300)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "gpt", "--data-dir", str(text), "--steps", "4", "--layers", "1", "--width",
+                     "8", "--heads", "1", "--context", "8", "--out", str(run), "--quiet"]) == 0
+    text.write_text("abcdefgX\n" * 300)  # as many characters, another vocabulary
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
+    assert "vocab: the data changed since the run began" in capsys.readouterr().err
+
+
+def test_a_stop_in_the_last_evaluation_is_redone_on_resume(tmp_path, monkeypatch):
+    config = TrainConfig(limit=400, batch_size=50, steps=4, eval_every=2, model_kwargs={"hidden": [8]})
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    original = trainer.task.evaluate
+
+    def stopped_in_the_last(net, stop):
+        if trainer.step == 4:
+            trainer.request_stop(None, None)
+        return original(net, stop)
+
+    monkeypatch.setattr(trainer.task, "evaluate", stopped_in_the_last)
+    trainer.run()
+    assert [m["step"] for m in trainer.metrics] == [2]
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert [m["step"] for m in read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["metrics"]] == [2, 4]
+
+
+def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    assert (run / "best.safetensors").exists()
+    assert cli.main(["test", str(run)]) == 0 and (run / "test.json").exists()
+    interrupted = [*QUICK, "--steps", "20", "--eval-every", "10", "--out", str(run), "--overwrite"]
+    original = Trainer.train_step
+
+    def stop_at_once(self, bar):
+        original(self, bar)
+        self.request_stop(None, None)
+
+    import unittest.mock
+    with unittest.mock.patch.object(Trainer, "train_step", stop_at_once):
+        assert cli.main(["train", *interrupted]) == 130
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "metrics.json"]
