@@ -179,7 +179,8 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path, rng):
     save_checkpoint(path, trained_net(rng), ARCHITECTURE)
     assert not left[0].exists() and other.exists() and folder.exists() and precious.read_bytes() == b"keep"
     assert (tmp_path / ".c.safetensors.link.tmp").is_symlink()
-    assert remove_stale_temporaries(path) == [] and read_checkpoint(path)[1]["architecture"] == models.resolve(ARCHITECTURE)
+    assert remove_stale_temporaries(path) == []
+    assert read_checkpoint(path)[1]["architecture"] == models.resolve(ARCHITECTURE)
 
 
 def test_a_training_runs_checkpoint_passes_the_resume_checks(tmp_path):

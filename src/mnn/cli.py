@@ -30,7 +30,8 @@ MODEL_DEFAULTS = {
 def add_train_arguments(parser):
     parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
     parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "cifar10", "tinyshakespeare"])
-    parser.add_argument("--data", metavar="PATH", help="your own images: a folder of class folders, an .npz "
+    parser.add_argument("--data", type=non_empty, metavar="PATH",
+                        help="your own images: a folder of class folders, an .npz "
                         "(x_train, y_train[, x_test, y_test]) or a .csv (a label column, then pixels)")
     parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
@@ -48,11 +49,13 @@ def add_train_arguments(parser):
                         "validation score (0, the default: never); best.safetensors keeps the best")
     parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt, lstm 250)")
     parser.add_argument("--seed", type=count, help="default: 0")
-    parser.add_argument("--data-dir", help="folder with the data set's files (else cache, system, download)")
+    parser.add_argument("--data-dir", type=non_empty,
+                        help="folder with the data set's files (else cache, system, download)")
     parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
     parser.add_argument("--out", type=non_empty, help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in --out")
-    parser.add_argument("--resume", type=non_empty, metavar="RUN", help="continue the run in RUN (its folder or checkpoint); "
+    parser.add_argument("--resume", type=non_empty, metavar="RUN",
+                        help="continue the run in RUN (its folder or checkpoint); "
                         "--steps or --epochs extend it")
     size = parser.add_argument_group("model size")
     size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128), "
@@ -191,6 +194,8 @@ def resume_run(args):
 def command_test(args):
     from .evaluate import test_checkpoint
 
+    if args.data is not None and args.data_dir is not None:
+        raise ValueError("--data names your own test images; --data-dir a built-in data set's folder: give one")
     path = checkpoint_file(args.checkpoint)
     report = test_checkpoint(path, args.data_dir, data=args.data)
     print(f"{path}\ntest accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
@@ -308,9 +313,10 @@ def parser():
     add_train_arguments(commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)"))
     test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
     test.add_argument("checkpoint", help="a run folder or its checkpoint file")
-    test.add_argument("--data-dir")
-    test.add_argument("--data", metavar="PATH", help="test on these images (a folder of class folders, an .npz's "
-                      "x_test and y_test, or a .csv), labels matched to the model's classes by name")
+    test.add_argument("--data-dir", type=non_empty, help="folder with the built-in data set's files")
+    test.add_argument("--data", type=non_empty, metavar="PATH",
+                      help="test on these images (a folder of class folders, an .npz's x_test and y_test, or a "
+                      ".csv), labels matched to the model's classes by name")
     add_common_arguments(test)
     generate = commands.add_parser("generate", help="sample text from a GPT or LSTM checkpoint",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
