@@ -23,6 +23,8 @@ ARCHITECTURES = [
     {"name": "gpt", "kwargs": {"vocab_size": 11, "context": 5, "layers": 3, "heads": 2, "width": 8, "bias": True}},
     {"name": "gpt", "kwargs": {"vocab_size": 7, "context": 3, "layers": 2, "heads": 4, "width": 8, "bias": True,
                                "tie_weights": True, "dropout": 0.1}},
+    {"name": "lstm", "kwargs": {"vocab_size": 65}},
+    {"name": "lstm", "kwargs": {"vocab_size": 7, "context": 3, "width": 5, "hidden": [4, 6, 3], "dropout": 0.1}},
 ]
 
 

@@ -26,8 +26,10 @@ def test_the_model_is_embedding_lstm_layers_and_a_head():
     kinds = [type(layer).__name__ for layer in net.layers]
     assert kinds == ["EmbeddingLayer", "LSTMLayer", "DropoutLayer", "LSTMLayer", "DropoutLayer", "LinearLayer",
                      "CrossEntropyLossLayer"]
-    assert [type(layer).__name__ for layer in models.lstm(vocab_size=11).layers] == [
-        "EmbeddingLayer", "LSTMLayer", "LinearLayer", "CrossEntropyLossLayer"]
+    default = models.lstm(vocab_size=11)  # mnn train --model lstm's model
+    assert [type(layer).__name__ for layer in default.layers] == [
+        "EmbeddingLayer", "LSTMLayer", "LSTMLayer", "LinearLayer", "CrossEntropyLossLayer"]
+    assert [(layer.input_size, layer.hidden_size) for layer in default.layers[1:3]] == [(64, 256), (256, 256)]
 
 
 def test_whole_lstm_gradients_equal_torch(float64, rng):

@@ -106,7 +106,7 @@ def init_gpt2(net, blocks, depth):
             w[...] = backend.normal(0.02 / math.sqrt(2 * depth), w.shape, w.dtype)
 
 
-def lstm(vocab_size, context=64, width=64, hidden=(256,), dropout=0.0):
+def lstm(vocab_size, context=64, width=64, hidden=(256, 256), dropout=0.0):
     """A character-level LSTM: a token embedding, one ``LSTMLayer`` per hidden size, a linear head.
 
     ``width`` is the embedding's, ``hidden`` lists each LSTM layer's hidden size (the first
