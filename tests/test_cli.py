@@ -297,3 +297,13 @@ def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path):
     with unittest.mock.patch.object(Trainer, "train_step", stop_at_once):
         assert cli.main(["train", *interrupted]) == 130
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "metrics.json"]
+
+
+def test_mnn_test_clears_what_a_killed_mnn_test_left(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    left = [run / ".confusion.png.k1ll3d.tmp", run / ".test.json.k1ll3d.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    assert cli.main(["test", str(run)]) == 0
+    assert not any(path.exists() for path in left) and (run / "confusion.png").exists()

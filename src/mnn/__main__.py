@@ -1,6 +1,4 @@
 """``python -m mnn`` runs the ``mnn`` command."""
-import sys
+from .cli import run_command
 
-from .cli import main
-
-sys.exit(main())
+run_command()

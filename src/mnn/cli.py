@@ -5,6 +5,7 @@ inside ``main``, where a Ctrl-C while they load ends in one line, not a tracebac
 """
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -340,5 +341,13 @@ def parser():
     return main_parser
 
 
+def run_command():
+    """The ``mnn`` command: ``main()``, then exit. Once it has returned (a stopped run has saved),
+    a late Ctrl-C while Python shuts down must not turn the exit into a traceback."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

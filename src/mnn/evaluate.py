@@ -7,7 +7,7 @@ import numpy
 from .checkpoint import load_checkpoint
 from .data.custom import has_test_split, load_custom
 from .data.images import Normalizer
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 from .runs import CONFUSION, TEST_NUMBERS
 from .plots import plot_confusion
 from .predict import input_shape
@@ -39,6 +39,8 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
               "per_class": dict(zip(dataset.classes, per_class.tolist())), "confusion": matrix.tolist()}
     out = Path(out or Path(path).with_name(CONFUSION))
     numbers, text = out.with_name(TEST_NUMBERS), json.dumps(report, indent=1).encode()
+    for path in (out, numbers):  # what an earlier mnn test, killed while writing, left
+        remove_stale_temporaries(path)
     report["written"] = [written(out, "confusion matrix", lambda: plot_confusion(matrix, dataset.classes, out)),
                          written(numbers, "numbers", lambda: atomic_write(numbers, lambda f: f.write(text)))]
     return report
