@@ -307,3 +307,17 @@ def test_mnn_test_clears_what_a_killed_mnn_test_left(tmp_path):
         path.write_bytes(b"half a file")
     assert cli.main(["test", str(run)]) == 0
     assert not any(path.exists() for path in left) and (run / "confusion.png").exists()
+
+
+@pytest.mark.parametrize("model,sizes", [("gpt", ["--layers", "1", "--width", "8", "--heads", "1"]),
+                                         ("lstm", ["--hidden", "8", "--width", "8"])])
+def test_a_text_model_trains_on_any_utf8_file_given_with_data(model, sizes, tmp_path, capsys):
+    text = tmp_path / "mine.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", model, "--data", str(text), "--steps", "2", "--context", "8", *sizes,
+                     "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"training {model} on {text}" in out and f"mnn generate {run} --tokens 500 --top-k 20\n" in out
+    assert read_checkpoint(run / CHECKPOINT)[1]["config"]["dataset"] == "text"
+    assert cli.main(["generate", str(run), "--prompt", "the ", "--tokens", "5"]) == 0

@@ -473,7 +473,7 @@ def test_an_npy_is_not_an_npz(tmp_path):
     (["--data", "{tmp}/notes.txt"], "notes.txt (--data): expected a folder of class folders of images, an .npz"),
     (["--data", "{tmp}/d.npz", "--dataset", "mnist"], "--data is your own data set; leave out --dataset"),
     (["--data", "{tmp}/d.npz", "--data-dir", "{tmp}"], "--data is your own data set; leave out --data-dir"),
-    (["--data", "{tmp}/d.npz", "--model", "gpt"], "model 'gpt' trains on tinyshakespeare, not 'custom'"),
+    (["--data", "{tmp}/d.npz", "--model", "gpt"], "d.npz is not UTF-8 text"),
     (["--data", "{tmp}/d.npz", "--batch-size", "100"], "batch size 100 exceeds the 54 training samples"),
 ])
 def test_the_command_line_refuses_bad_data_in_one_line(tmp_path, rng, capsys, flags, message):

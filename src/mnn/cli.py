@@ -106,7 +106,11 @@ def config_from(args):
             raise ValueError(f"--data is your own data set; leave out --{given[0].replace('_', '-')}, which names "
                              "a built-in one")
         values.update(dataset="custom", data=str(Path(values["data"]).resolve()))
+    from .models import TEXT_MODELS
     from .train import TrainConfig
+
+    if model in TEXT_MODELS and values.get("data") is not None:  # any UTF-8 text file
+        values.update(dataset="text", data_dir=values.pop("data"))
 
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
 
@@ -131,7 +135,8 @@ def command_train(args):
         image_model = "val_accuracy" in trainer.metrics[-1]
         test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
         print(f"evaluate on the test set: {test}" if image_model else
-              f"sample from it: mnn generate {trainer.run_dir} --prompt \"ROMEO:\" --tokens 500 --top-k 20")
+              f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
+              + (' --prompt "ROMEO:"' if trainer.config.dataset == "tinyshakespeare" else ""))
     return 130 if trainer.stop_requested else 0
 
 
@@ -162,7 +167,8 @@ def start_run(args):
     if args.overwrite:  # nothing of the run replaced may be taken for the new one's
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    print(f"training {config.model} on {config.data or config.dataset}: {trainer.total_steps} steps -> {run_dir}")
+    where = config.data or (config.data_dir if config.dataset == "text" else config.dataset)
+    print(f"training {config.model} on {where}: {trainer.total_steps} steps -> {run_dir}")
     return trainer
 
 

@@ -54,7 +54,8 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
 
 
-TEXT_DATASETS, IMAGE_DATASETS = ("tinyshakespeare",), ("fashion-mnist", "mnist", "cifar10", "custom")
+TEXT_DATASETS = ("tinyshakespeare", "text")  # text: your own UTF-8 file (--data)
+IMAGE_DATASETS = ("fashion-mnist", "mnist", "cifar10", "custom")
 
 
 def make_task(config):
