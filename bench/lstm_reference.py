@@ -6,7 +6,7 @@
 
 Any ``mnn train`` flag (``--steps``, ``--hidden``, ``--lr``, ``--seed``, ...) changes the run
 as it changes ``mnn train --model lstm``: the flags go through the command line's own parser
-and defaults (``mnn.cli.config_from``), and mnn's side is an ``mnn.train.Trainer`` built from
+and defaults (``mnn.train_command.config_from``), and mnn's side is an ``mnn.train.Trainer`` built from
 them, so it is that command's run: its batches, network, AdamW, cosine schedule and clipping.
 
 PyTorch's side is ``torch.nn.Embedding``, one ``torch.nn.LSTM`` (``batch_first``) per LSTM
@@ -34,6 +34,7 @@ import torch
 
 from mnn import backend, cli
 from mnn.train import Trainer
+from mnn.train_command import config_from
 
 from .torch_mirror import mirror
 
@@ -133,7 +134,7 @@ def compare(train_flags=(), dtype="float32", threads=None, log=print):
     previous = backend.default_dtype()
     backend.set_default_dtype(dtype)
     try:
-        trainer = Trainer(cli.config_from(args), run_dir="unused", quiet=True)
+        trainer = Trainer(config_from(args), run_dir="unused", quiet=True)
         model, loss_fn, _ = mirror(trainer.net, getattr(torch, dtype))  # the initial weights, before mnn trains
         marks = evaluation_steps(trainer)
         mnn_curve, mnn_times = train_mnn(trainer, set(marks), log)

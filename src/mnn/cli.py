@@ -7,74 +7,12 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
-from .arguments import count, integer, non_empty, non_negative, positive, positive_int, probability, widths
-from .runs import CHECKPOINT, RUN_FILES, checkpoint_file
-
-MODEL_DEFAULTS = {
-    "mlp": {},
-    "cnn": {"epochs": 12, "batch_size": 128, "lr": 2e-3},
-    # nanoGPT's small CPU run, but with the settings that measured best for 2000 steps (README):
-    # weight decay 0, warm-up 300, final learning rate 3e-4 (nanoGPT: 0.1, 100, 1e-4), untied head
-    "gpt": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 12, "lr": 1e-3, "min_lr": 3e-4,
-            "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 300, "clip": 1.0,
-            "eval_every": 250},
-    "lstm": {"dataset": "tinyshakespeare", "steps": 2000, "batch_size": 32, "lr": 8e-3, "min_lr": 1e-4,
-             "weight_decay": 0.0, "decay_vectors": False, "beta2": 0.99, "warmup_steps": 100, "clip": 1.0,
-             "eval_every": 250},
-}
-
-
-def add_train_arguments(parser):
-    parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
-    parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "cifar10", "tinyshakespeare"])
-    parser.add_argument("--data", type=non_empty, metavar="PATH",
-                        help="your own images: a folder of class folders, an .npz "
-                        "(x_train, y_train[, x_test, y_test]) or a .csv (a label column, then pixels)")
-    parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
-    parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
-    parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12, lstm 32")
-    parser.add_argument("--lr", type=positive, help="peak learning rate, cosine decay after warm-up (mlp 1e-3, "
-                        "cnn 2e-3, gpt 1e-3, lstm 8e-3)")
-    parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4, "
-                        "lstm 1e-4)")
-    parser.add_argument("--warmup", type=count, dest="warmup_steps", help="linear warm-up steps (100; gpt 300)")
-    parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt, lstm 0.99)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: adamw")
-    parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt, lstm 0")
-    parser.add_argument("--clip", type=non_negative, help="global gradient-norm clip, 0: off (0; gpt, lstm 1)")
-    parser.add_argument("--patience", type=count, help="stop when this many evaluations in a row bring no better "
-                        "validation score (0, the default: never); best.safetensors keeps the best")
-    parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt, lstm 250)")
-    parser.add_argument("--seed", type=count, help="default: 0")
-    parser.add_argument("--data-dir", type=non_empty,
-                        help="folder with the data set's files (else cache, system, download)")
-    parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
-    parser.add_argument("--out", type=non_empty, help="run folder (default runs/<model>-<time>)")
-    parser.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in --out")
-    parser.add_argument("--resume", type=non_empty, metavar="RUN",
-                        help="continue the run in RUN (its folder or checkpoint); "
-                        "--steps or --epochs extend it")
-    size = parser.add_argument_group("model size")
-    size.add_argument("--hidden", type=widths, help="hidden widths of the dense layers (mlp 512,256; cnn 128), "
-                      "or the LSTM layers' hidden sizes (lstm 256,256)")
-    size.add_argument("--channels", type=widths, help="CNN channels (32,64)")
-    size.add_argument("--dropout", type=probability, help="mlp 0.2, cnn 0.3, gpt 0, lstm 0 (lstm: after each "
-                      "LSTM layer)")
-    size.add_argument("--layers", type=positive_int, help="GPT blocks (4)")
-    size.add_argument("--heads", type=positive_int, help="GPT attention heads (4)")
-    size.add_argument("--width", type=positive_int, help="token embedding width (gpt 128, lstm 64)")
-    size.add_argument("--context", type=positive_int, help="characters per window, for training and sampling "
-                      "(gpt, lstm 64)")
-    size.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
-                      help="GPT: share the token embedding with the output head (default: no)")
-    parser.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU, the default) or cupy (NVIDIA GPU)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_common_arguments(parser)
-
+from .arguments import count, integer, non_empty, non_negative, positive_int
+from .runs import checkpoint_file
+from .train_command import add_train_arguments, command_train
 
 def add_common_arguments(parser):
     parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads (default: $OMP_NUM_THREADS, else the "
@@ -82,120 +20,8 @@ def add_common_arguments(parser):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error ($MNN_DEBUG=1 too)")
 
 
-MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width", "context", "tie_weights")
-TRAINING_FLAGS = ("data", "dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2",
-                  "optimizer", "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit", "patience")
+
 GRADCHECK_TOLERANCE = 1e-6
-RESUME_FLAGS = ("steps", "epochs")  # what --resume may change: how long the run goes on
-
-
-def config_from(args):
-    model = args.model or "mlp"
-    values = dict(MODEL_DEFAULTS[model])
-    values.update({name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None})
-    kwargs = {flag: getattr(args, flag) for flag in MODEL_SIZE_FLAGS if getattr(args, flag) is not None}
-    if args.epochs is not None and args.steps is None:
-        values["steps"] = 0  # the epochs asked for, not the model's default step count
-    if args.beta2 is not None and values.get("optimizer") == "sgd":
-        raise ValueError("--beta2 is Adam's second-moment decay; --optimizer sgd has none")
-    if values.get("min_lr", 0) > values.get("lr", 1e-3):
-        raise ValueError(f"--min-lr {values['min_lr']} exceeds the peak learning rate --lr {values.get('lr', 1e-3)}")
-    if values.get("data") is not None:
-        given = [flag for flag in ("dataset", "data_dir") if getattr(args, flag) is not None]
-        if given:
-            raise ValueError(f"--data is your own data set; leave out --{given[0].replace('_', '-')}, which names "
-                             "a built-in one")
-        values.update(dataset="custom", data=str(Path(values["data"]).resolve()))
-    from .models import TEXT_MODELS
-    from .train import TrainConfig
-
-    if model in TEXT_MODELS and values.get("data") is not None:  # any UTF-8 text file
-        values.update(dataset="text", data_dir=values.pop("data"))
-
-    return TrainConfig(model=model, model_kwargs=kwargs, **values)
-
-
-def flags_given(args, names):
-    """The flags among ``names`` given on the command line (every train flag's default is None)."""
-    spelled = {"warmup_steps": "warmup"}  # a flag whose setting has another name
-    return [f"--{spelled.get(name, name).replace('_', '-')}" for name in names if getattr(args, name) is not None]
-
-
-def command_train(args):
-    from . import backend
-
-    backend.use(args.backend or "numpy")
-    trainer = resume_run(args) if args.resume is not None else start_run(args)
-    if trainer is None:
-        return 0
-    started = time.perf_counter()
-    trainer.run()
-    print(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
-    if trainer.metrics and trainer.step == trainer.total_steps:
-        image_model = "val_accuracy" in trainer.metrics[-1]
-        test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
-        print(f"evaluate on the test set: {test}" if image_model else
-              f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
-              + (' --prompt "ROMEO:"' if trainer.config.dataset == "tinyshakespeare" else ""))
-    return 130 if trainer.stop_requested else 0
-
-
-def test_data_flag(config):
-    """What ``mnn test`` needs besides the run: held-out images, where the run's own data has no test split."""
-    from .data.custom import has_test_split
-
-    if config.dataset != "custom":
-        return ""
-    try:
-        return "" if has_test_split(config.data) else " --data HELD_OUT_IMAGES"
-    except (OSError, ValueError):  # the data moved or changed since: mnn test will say what is wrong
-        return ""
-
-
-def start_run(args):
-    config = config_from(args)
-    run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / CHECKPOINT).exists() and not args.overwrite:
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
-                         "--overwrite, or choose another --out")
-    from .train import Trainer
-
-    trainer = Trainer(config, run_dir, quiet=args.quiet)
-    if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
-        raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
-                         f"{trainer.total_steps} steps")
-    if args.overwrite:  # nothing of the run replaced may be taken for the new one's
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-    where = config.data or (config.data_dir if config.dataset == "text" else config.dataset)
-    print(f"training {config.model} on {where}: {trainer.total_steps} steps -> {run_dir}")
-    return trainer
-
-
-def resume_run(args):
-    """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
-    fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
-    fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS)]
-    if fixed:
-        raise ValueError(f"{', '.join(fixed)} cannot change when resuming: the run goes on with the settings in its "
-                         "checkpoint (only --steps or --epochs, to extend it, and --threads, --quiet, --backend)")
-    run_dir = Path(args.resume)
-    if run_dir.is_file() and run_dir.name != CHECKPOINT:
-        raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
-    run_dir = run_dir.parent if run_dir.is_file() else run_dir
-    from .train import Trainer
-
-    trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
-    if trainer.step >= trainer.total_steps and not trainer.evaluation_due():
-        print(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
-              "extend it with --steps or --epochs")
-        return None
-    if trainer.out_of_patience():
-        print(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
-              f"{trainer.config.patience} evaluations (--patience)")
-        return None
-    print(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
-    return trainer
 
 
 def command_test(args):
@@ -317,7 +143,9 @@ def parser():
     main_parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
     main_parser.add_argument("--version", action="version", version=f"mnn {__version__}")
     commands = main_parser.add_subparsers(dest="command", required=True)
-    add_train_arguments(commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)"))
+    train = commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)")
+    add_train_arguments(train)
+    add_common_arguments(train)
     test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
     test.add_argument("checkpoint", help="a run folder or its checkpoint file")
     test.add_argument("--data-dir", type=non_empty, help="folder with the built-in data set's files")
