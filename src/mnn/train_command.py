@@ -27,8 +27,9 @@ def add_train_arguments(parser):
     parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
     parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "cifar10", "tinyshakespeare"])
     parser.add_argument("--data", type=non_empty, metavar="PATH",
-                        help="your own images: a folder of class folders, an .npz "
-                        "(x_train, y_train[, x_test, y_test]) or a .csv (a label column, then pixels)")
+                        help="your own data: images for mlp and cnn (a folder of class folders, an .npz with "
+                        "x_train, y_train[, x_test, y_test], or a .csv: a label column, then pixels), any UTF-8 text "
+                        "file for gpt and lstm")
     parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
     parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12, lstm 32")
