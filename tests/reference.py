@@ -47,3 +47,44 @@ def assert_matches_torch(layer, torch_fn, *inputs, targets=None, tol=1e-6, seed=
         assert max_relative_difference(g, tg) <= tol, f"input {i} gradient differs from torch"
     for name, tg in t_param_grads.items():
         assert max_relative_difference(layer.grads[name], tg) <= tol, f"gradient of {name} differs from torch"
+
+
+def whole_model_matches_torch(net, rng, vocab, tol=1e-6):
+    """A language model's loss and every parameter gradient equal its torch mirror's (float64);
+    returns the (mnn name, torch parameter) pairs compared."""
+    from bench.torch_mirror import mirror
+
+    model, loss_fn, pairs = mirror(net, torch.float64)
+    x, y = rng.integers(0, vocab, (3, 8)), rng.integers(0, vocab, (3, 8))
+    loss = net(x, y)
+    net.backward()
+    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+    t_loss.backward()
+    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
+    grads = net.grads
+    assert len(pairs) == len(grads) == len(list(model.parameters()))
+    for name, parameter in pairs:
+        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= tol, name
+    return pairs
+
+
+def adamw_steps_match_torch(net, rng, vocab, steps=4):
+    """Four AdamW steps of a language model and of its torch mirror give the same losses (float64)."""
+    from bench.torch_mirror import mirror
+
+    from mnn import optim
+
+    model, loss_fn, _ = mirror(net, torch.float64)
+    net.optimizer = optim.AdamW(net, lr=1e-2, weight_decay=0.1)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        x, y = rng.integers(0, vocab, (3, 8)), rng.integers(0, vocab, (3, 8))
+        net.zero_grads()
+        loss = float(net(x, y))
+        net.backward()
+        net.step()
+        torch_optimizer.zero_grad()
+        t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
+        t_loss.backward()
+        torch_optimizer.step()
+        assert abs(loss - t_loss.item()) <= 1e-10

@@ -3,11 +3,12 @@
 import numpy
 import pytest
 import torch
-from reference import assert_matches_torch, max_relative_difference
+from reference import (adamw_steps_match_torch, assert_matches_torch, max_relative_difference,
+                       whole_model_matches_torch)
 
 import mnn
 from bench.torch_mirror import mirror
-from mnn import models, optim
+from mnn import models
 from mnn.data.text import CharTokenizer, locate_text
 from mnn.generate import generate
 from mnn.gradcheck import check_layer
@@ -86,36 +87,11 @@ def small_gpt(tie_weights=True, bias=False):
 
 @pytest.mark.parametrize("tie_weights,bias", [(True, False), (False, True)])
 def test_whole_gpt_gradients_equal_torch(tie_weights, bias, float64, rng):
-    net = small_gpt(tie_weights, bias)
-    model, loss_fn, pairs = mirror(net, torch.float64)
-    x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
-    loss = net(x, y)
-    net.backward()
-    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
-    t_loss.backward()
-    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
-    grads = net.grads
-    assert len(pairs) == len(grads) == len(list(model.parameters()))
-    for name, parameter in pairs:
-        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= TOL, name
+    whole_model_matches_torch(small_gpt(tie_weights, bias), rng, vocab=11, tol=TOL)
 
 
 def test_adamw_steps_of_the_whole_gpt_equal_torch(float64, rng):
-    net = small_gpt()
-    model, loss_fn, _ = mirror(net, torch.float64)
-    net.optimizer = optim.AdamW(net, lr=1e-2, weight_decay=0.1)
-    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(4):
-        x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
-        net.zero_grads()
-        loss = float(net(x, y))
-        net.backward()
-        net.step()
-        torch_optimizer.zero_grad()
-        t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
-        t_loss.backward()
-        torch_optimizer.step()
-        assert abs(loss - t_loss.item()) <= 1e-10
+    adamw_steps_match_torch(small_gpt(), rng, vocab=11)
 
 
 def test_generation_is_reproducible_and_checks_the_prompt():

@@ -2,16 +2,13 @@
 parameter count, and the PyTorch reference run."""
 import numpy
 import pytest
-import torch
-from reference import max_relative_difference
+from reference import adamw_steps_match_torch, whole_model_matches_torch
 from test_gpt import SHAKESPEARE
-from test_train import interrupt_at
+from test_train import assert_resumed_run_equals_uninterrupted_run
 
 import mnn
-from bench.torch_mirror import mirror
-from mnn import cli, models, optim
-from mnn.checkpoint import read_checkpoint
-from mnn.train import CHECKPOINT, TrainConfig, Trainer
+from mnn import cli, models
+from mnn.train import CHECKPOINT
 
 TOL = 1e-6
 
@@ -33,36 +30,11 @@ def test_the_model_is_embedding_lstm_layers_and_a_head():
 
 
 def test_whole_lstm_gradients_equal_torch(float64, rng):
-    net = small_lstm()
-    model, loss_fn, pairs = mirror(net, torch.float64)
-    x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
-    loss = net(x, y)
-    net.backward()
-    t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
-    t_loss.backward()
-    assert abs(float(loss) - t_loss.item()) <= 1e-12 * abs(t_loss.item())
-    grads = net.grads
-    assert len(pairs) == len(grads) == len(list(model.parameters())) == 11
-    for name, parameter in pairs:
-        assert max_relative_difference(grads[name], parameter.grad.numpy()) <= TOL, name
+    assert len(whole_model_matches_torch(small_lstm(), rng, vocab=11, tol=TOL)) == 11
 
 
 def test_adamw_steps_of_the_whole_lstm_equal_torch(float64, rng):
-    net = small_lstm()
-    model, loss_fn, _ = mirror(net, torch.float64)
-    net.optimizer = optim.AdamW(net, lr=1e-2, weight_decay=0.1)
-    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(4):
-        x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
-        net.zero_grads()
-        loss = float(net(x, y))
-        net.backward()
-        net.step()
-        torch_optimizer.zero_grad()
-        t_loss = loss_fn(model(torch.tensor(x)), torch.tensor(y))
-        t_loss.backward()
-        torch_optimizer.step()
-        assert abs(loss - t_loss.item()) <= 1e-10
+    adamw_steps_match_torch(small_lstm(), rng, vocab=11)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"hidden": [7, 6], "width": 5, "dropout": 0.2}, {"hidden": [3] * 4}])
@@ -115,16 +87,7 @@ def tiny_lstm():
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    straight = Trainer(TrainConfig(**tiny_lstm()), tmp_path / "straight", quiet=True)
-    straight.run()
-    interrupt_at(Trainer(TrainConfig(**tiny_lstm()), tmp_path / "split", quiet=True), 13).run()
-    assert read_checkpoint(tmp_path / "split" / CHECKPOINT)[1]["step"] == 13
-    resumed = Trainer.resume(tmp_path / "split", quiet=True)
-    assert resumed.step == 13 and resumed.total_steps == straight.total_steps
-    resumed.run()
-    for name, value in straight.net.state_dict().items():
-        assert numpy.array_equal(resumed.net.state_dict()[name], value), name
-    assert resumed.metrics == straight.metrics
+    assert_resumed_run_equals_uninterrupted_run(tiny_lstm(), tmp_path)
 
 
 def test_the_vocabulary_must_fit_the_lstm_and_class_names_are_refused():

@@ -34,10 +34,15 @@ def tiny_gpt():
 
 @pytest.mark.parametrize("settings", [TINY, TINY_CNN, "gpt"], ids=["mlp", "cnn", "gpt"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, settings):
-    settings = tiny_gpt() if settings == "gpt" else settings
+    assert_resumed_run_equals_uninterrupted_run(tiny_gpt() if settings == "gpt" else settings, tmp_path)
+
+
+def assert_resumed_run_equals_uninterrupted_run(settings, tmp_path):
+    """Stopped after step 13 and resumed, a run ends with the weights and metrics of one never stopped."""
     straight = Trainer(TrainConfig(**settings), tmp_path / "straight", quiet=True)
     straight.run()
     interrupt_at(Trainer(TrainConfig(**settings), tmp_path / "split", quiet=True), 13).run()
+    assert read_checkpoint(tmp_path / "split" / CHECKPOINT)[1]["step"] == 13
     resumed = Trainer.resume(tmp_path / "split", quiet=True)
     assert resumed.step == 13 and resumed.total_steps == straight.total_steps
     resumed.run()

@@ -37,7 +37,7 @@ from safetensors.numpy import save as save_safetensors
 
 from . import __version__, backend, models
 from .checkpoint_schema import FieldError, check_document, check_resume_document, choice, integer, list_of, record
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, one_line, remove_stale_temporaries
 
 PICKLE_SIGNATURES = (b"\x80", b"PK\x03\x04")  # a pickle protocol header, or torch.save's zip
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself applies
@@ -169,10 +169,6 @@ def without_duplicate_keys(pairs):
     if len(counts) != len(pairs):
         raise ValueError(f"key {json.dumps(counts.most_common(1)[0][0])} appears twice")
     return dict(pairs)
-
-
-def one_line(error):
-    return " ".join(str(error).split())
 
 
 def check_parameter_count(path, architecture, header):

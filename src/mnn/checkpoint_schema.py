@@ -10,7 +10,6 @@ The same rules check a model's settings when ``models.resolve`` spells them out,
 command line and a checkpoint are held to one standard.
 """
 import collections
-import dataclasses
 import json
 import operator
 
@@ -187,8 +186,8 @@ def check_model_settings(name, settings):
     record(MODEL_SETTINGS[name])(settings, "")
     if name == "gpt" and settings["width"] % settings["heads"]:
         raise FieldError("width", f"{settings['width']} is not divisible by heads = {settings['heads']}")
-    stages = len(settings["channels"]) if name == "cnn" else 0
-    if name == "cnn" and settings["image_size"] >> stages < 1:
+    if name == "cnn" and settings["image_size"] >> len(settings["channels"]) < 1:
+        stages = len(settings["channels"])
         raise FieldError("image_size", f"{settings['image_size']} is too small for {stages} convolution stages, "
                                        f"each halving it (needs >= {2 ** stages})")
 
@@ -367,10 +366,12 @@ def check_input_fits_model(document, name, kwargs):
         if not fits:
             raise FieldError("input_shape", f"{shape} does not fit a {name} that takes {takes}")
     normalizer = document.get("normalizer")
-    if normalizer is None or type(normalizer["mean"]) is not list and type(normalizer["std"]) is not list:
+    if normalizer is None:
         return
-    if type(normalizer["mean"]) is not list or type(normalizer["std"]) is not list \
-            or len(normalizer["mean"]) != len(normalizer["std"]):
+    mean, std = normalizer["mean"], normalizer["std"]
+    if type(mean) is not list and type(std) is not list:
+        return  # one mean and one deviation for every channel
+    if type(mean) is not list or type(std) is not list or len(mean) != len(std):
         raise FieldError("normalizer", "mean and std must both be numbers or both lists of the same length")
     channels = shape[0] if shape is not None else kwargs.get("in_channels")
     if channels != len(normalizer["mean"]):

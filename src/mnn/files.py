@@ -72,3 +72,8 @@ def is_regular_file(path):
         return stat.S_ISREG(os.lstat(path).st_mode)  # lstat: a link is not followed, nor removed
     except OSError:
         return False
+
+
+def one_line(error):
+    """An exception's message on one line (a library's may span several), for errors naming a file."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy
 
+from ..files import one_line
 from .download import ChecksumError, cache_dir, download_from_mirrors, file_digest
 from .images import ImageDataset, check_labels
 
@@ -174,7 +175,7 @@ def read_archive(path, names):
                     limit = MAX_META_BYTES if name == META else RECORDS_PER_BATCH * RECORD
                     files[name] = archive.extractfile(member).read(limit + 1)
         except (tarfile.TarError, EOFError, OSError) as error:
-            raise ValueError(f"{path}: not a readable .tar.gz ({' '.join(str(error).split())})") from error
+            raise ValueError(f"{path}: not a readable .tar.gz ({one_line(error)})") from error
         while stream.read(1 << 20):  # the rest, up to the end of the file, for the checksums
             pass
     md5, sha256 = stream.md5.hexdigest(), stream.sha256.hexdigest()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy
 
+from ..files import one_line
 from .images import ImageDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -234,10 +235,6 @@ def image_array(array, where):
         raise ValueError(f"{where}: shape {array.shape} looks channels-last (N, H, W, C); mnn takes (N, C, H, W): "
                          "save x.transpose(0, 3, 1, 2)")
     return array
-
-
-def one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # -- a .csv ----------------------------------------------------------------------
