@@ -240,7 +240,7 @@ def test_patience_stops_early_and_best_keeps_the_best(tmp_path, monkeypatch, cap
     config = TrainConfig(limit=400, batch_size=50, steps=40, eval_every=2, patience=2, model_kwargs={"hidden": [8]})
     trainer = Trainer(config, tmp_path / "run", quiet=True)
     scores = iter([0.5, 0.6, 0.55, 0.6, 0.7])  # the best, 0.6 at step 4, is not beaten at steps 6 and 8
-    monkeypatch.setattr(trainer.task, "evaluate", lambda net, stop: {"val_loss": 1.0, "val_accuracy": next(scores)})
+    monkeypatch.setattr(trainer.task, "evaluate", lambda net, stop, ranks: {"val_loss": 1.0, "val_accuracy": next(scores)})
     trainer.run()
     assert trainer.step == 8 and trainer.out_of_patience()
     assert read_checkpoint(tmp_path / "run" / "best.safetensors")[1]["step"] == 4
@@ -269,10 +269,10 @@ def test_a_stop_in_the_last_evaluation_is_redone_on_resume(tmp_path, monkeypatch
     trainer = Trainer(config, tmp_path / "run", quiet=True)
     original = trainer.task.evaluate
 
-    def stopped_in_the_last(net, stop):
+    def stopped_in_the_last(net, stop, ranks):
         if trainer.step == 4:
             trainer.request_stop(None, None)
-        return original(net, stop)
+        return original(net, stop, ranks)
 
     monkeypatch.setattr(trainer.task, "evaluate", stopped_in_the_last)
     trainer.run()

@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -123,12 +124,30 @@ def main(argv=None):
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print(f"mnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return stop_other_ranks(130)
     except Exception as error:  # anything that reaches here gets one line, unless --debug asks for more
-        if debug:
+        ranks = other_ranks()
+        if debug and ranks is None:
             raise
-        print(f"mnn {args.command}: error: {describe(error)}", file=sys.stderr)
-        return 2
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"mnn {args.command}{f' ({ranks})' if ranks else ''}: error: {describe(error)}", file=sys.stderr)
+        return stop_other_ranks(2)
+
+
+def other_ranks():
+    """The ranks this process trains with under mpiexec, if there are others; else None."""
+    distributed = sys.modules.get("mnn.distributed")
+    return distributed.connected() if distributed else None
+
+
+def stop_other_ranks(code):
+    """After an error: under mpiexec, end every rank (the others may be waiting for this one)."""
+    ranks = other_ranks()
+    if ranks is not None:
+        ranks.abort(code)
+    return code
 
 
 def describe(error):

@@ -65,6 +65,7 @@ class SequentialLayers(CompositeLayer):
         reject_repeated_layers(self)
         self.optimizer = optimizer
         self.loss_is_current = False  # did the last forward pass end in the loss?
+        self.flat = None  # the flat buffers, once flatten() made them
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
@@ -183,6 +184,20 @@ class SequentialLayers(CompositeLayer):
     # -- parameters ---------------------------------------------------------
     def sublayers(self):
         return {str(index): layer for index, layer in enumerate(self.layers)}
+
+    def flatten(self):
+        """Make every parameter and gradient a view into one flat buffer per dtype (``mnn.flat``),
+        so that ``zero_grads`` is one pass and data-parallel training sends the gradients in one
+        message. Call it before creating the optimizer. Returns the ``FlatBuffers``."""
+        from .flat import flatten
+
+        self.flat = flatten(self)
+        return self.flat
+
+    def zero_grads(self):
+        if self.flat is None:
+            return super().zero_grads()
+        self.flat.zero_grads()
 
     # -- optimisation -------------------------------------------------------
     def step(self):

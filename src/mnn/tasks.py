@@ -7,6 +7,7 @@ import numpy
 
 from . import backend
 from .data.images import Normalizer, load_images
+from .distributed import ONE_PROCESS
 
 VALIDATION_SIZE = 5000  # images held out for validation, at most
 VALIDATION_FRACTION = 10  # ... and at most one in this many: 10%
@@ -86,34 +87,58 @@ class ImageClassification:
             self._epoch_order = (epoch, rng.permutation(len(self.train_y)))
         return self._epoch_order[1]
 
-    def batch(self, step):
+    def batch(self, step, share=slice(None)):
+        """The global batch of ``step``, or the ``share`` of its rows that one rank trains on."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size][share]
         return to_batch(self.train_x[rows], self.train_y[rows])
 
-    def evaluate(self, net, stop=None):
-        """Validation loss and accuracy; None where ``stop()`` turned true midway (the evaluation is abandoned)."""
-        result = classify(net, self.val_x, self.val_y, stop=stop)
-        if result is None:
+    def evaluate(self, net, stop=None, ranks=ONE_PROCESS):
+        """Validation loss and accuracy; None where ``stop()`` turned true midway (the evaluation is abandoned).
+        With several ``ranks``, each evaluates its own chunks and the sums are added up."""
+        def loss_and_hits(start, end):
+            scores, labels = net(backend.to_device(self.val_x[start:end])), self.val_y[start:end]
+            loss = float(net.loss_layer.forward(scores, backend.to_device(labels))) * (end - start)
+            return loss, int((backend.to_numpy(scores.argmax(axis=-1)) == labels).sum())
+
+        totals = chunk_sums(net, len(self.val_y), 1000, loss_and_hits, 2, ranks, stop)
+        if totals is None:
             return None
-        loss, accuracy, _ = result
-        return {"val_loss": loss, "val_accuracy": accuracy}
+        loss, hits = totals / len(self.val_y)
+        return {"val_loss": float(loss), "val_accuracy": float(hits)}
 
 
-def classify(net, images, labels, chunk=1000, stop=None):
-    """Mean loss, accuracy and predicted labels of ``net`` in eval mode over a data set;
-    None where ``stop()`` turns true between two chunks."""
+def chunk_sums(net, count, chunk, measure, width, ranks=ONE_PROCESS, stop=None):
+    """The sums, over the chunks of ``range(count)``, of the ``width`` numbers ``measure(start, end)``
+    returns, with ``net`` in eval mode; None where ``stop()`` turns true between two chunks.
+
+    The chunks are dealt to the ranks in turn, and the ranks decide together whether to stop,
+    so that all of them abandon the same round."""
+    starts = range(0, count, chunk)
+    totals = numpy.zeros(width)
     net.eval()
-    losses, predictions = [], []
     try:
-        for start in range(0, len(labels), chunk):
-            if stop is not None and stop():
+        for first in range(0, len(starts), ranks.size):
+            if stop is not None and ranks.any(stop()):
                 return None
-            x, y = to_batch(images[start:start + chunk], labels[start:start + chunk])
-            scores = net(x)
-            losses.append(float(net.loss_layer.forward(scores, y)) * len(y))
-            predictions.append(backend.to_numpy(scores.argmax(axis=-1)))
+            if first + ranks.rank < len(starts):
+                start = starts[first + ranks.rank]
+                totals += measure(start, min(start + chunk, count))
     finally:
         net.train()
+    return ranks.sum(totals)
+
+
+def classify(net, images, labels, chunk=1000):
+    """Mean loss, accuracy and predicted labels of ``net`` in eval mode over a data set."""
+    predictions = []
+
+    def loss_and_predictions(start, end):
+        x, y = to_batch(images[start:end], labels[start:end])
+        scores = net(x)
+        predictions.append(backend.to_numpy(scores.argmax(axis=-1)))
+        return [float(net.loss_layer.forward(scores, y)) * len(y)]
+
+    (loss,) = chunk_sums(net, len(labels), chunk, loss_and_predictions, 1)
     predicted = numpy.concatenate(predictions)
-    return sum(losses) / len(labels), float((predicted == labels).mean()), predicted
+    return loss / len(labels), float((predicted == labels).mean()), predicted

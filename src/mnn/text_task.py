@@ -2,7 +2,8 @@
 import numpy
 
 from .data.text import CharTokenizer, locate_text, read_text
-from .tasks import to_batch
+from .distributed import ONE_PROCESS
+from .tasks import chunk_sums, to_batch
 
 EVAL_CHUNK = 128  # validation windows per forward pass
 
@@ -42,31 +43,28 @@ class TextTask:
     def metadata(self):
         return {"vocab": self.tokenizer.chars}
 
-    def windows(self, data, rng):
-        starts = rng.integers(0, len(data) - self.context, self.batch_size)
+    def windows(self, data, rng, share=slice(None)):
+        starts = rng.integers(0, len(data) - self.context, self.batch_size)[share]
         chunk = data[starts[:, None] + numpy.arange(self.context + 1)]
         return to_batch(chunk[:, :-1], chunk[:, 1:])
 
-    def batch(self, step):
-        return self.windows(self.train, numpy.random.default_rng([self.seed, step]))
+    def batch(self, step, share=slice(None)):
+        """The global batch of ``step``, or the ``share`` of its windows that one rank trains on."""
+        return self.windows(self.train, numpy.random.default_rng([self.seed, step]), share)
 
-    def evaluate(self, net, stop=None):
+    def evaluate(self, net, stop=None, ranks=ONE_PROCESS):
         """Mean loss over the whole validation split, cut into non-overlapping context windows;
         None where ``stop()`` turns true between two chunks (the evaluation is abandoned).
+        With several ``ranks``, each evaluates its own chunks and the sums are added up.
 
         Every character after the first of its window is predicted once, so the number has
         no sampling noise (nanoGPT's 20 random batches move by about 0.02 from run to run)."""
         count = (len(self.val) - 1) // self.context
         inputs = self.val[:count * self.context].reshape(count, self.context)
         targets = self.val[1:count * self.context + 1].reshape(count, self.context)
-        total = 0.0
-        net.eval()
-        try:
-            for start in range(0, count, EVAL_CHUNK):
-                if stop is not None and stop():
-                    return None
-                x, y = inputs[start:start + EVAL_CHUNK], targets[start:start + EVAL_CHUNK]
-                total += float(net(*to_batch(x, y))) * len(x)  # chunk mean, weighted by its size
-        finally:
-            net.train()
-        return {"val_loss": total / count}
+
+        def loss(start, end):  # the chunk's mean, weighted by its size
+            return [float(net(*to_batch(inputs[start:end], targets[start:end]))) * (end - start)]
+
+        totals = chunk_sums(net, count, EVAL_CHUNK, loss, 1, ranks, stop)
+        return None if totals is None else {"val_loss": float(totals[0]) / count}

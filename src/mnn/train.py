@@ -2,7 +2,8 @@
 
 It knows nothing of layer math: it calls ``net(x, y)``, ``net.backward()`` and the
 optimizer, and writes a run folder with ``checkpoint.safetensors``, ``metrics.json``
-and ``curves.png``.
+and ``curves.png``. Under ``mpiexec`` it is one of several ranks (``mnn.distributed``):
+each trains on its share of every batch, and rank 0 alone prints and writes.
 """
 import contextlib
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import backend, models, optim
+from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
 from .files import atomic_write, remove_stale_temporaries
@@ -84,14 +86,18 @@ def make_optimizer(config, net):
 class Trainer:
     """One run: a task, a network, its optimizer and schedule, and where the run is written."""
 
-    def __init__(self, config, run_dir, quiet=False):
-        self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
+    def __init__(self, config, run_dir, quiet=False, ranks=ONE_PROCESS):
+        self.config, self.run_dir, self.ranks = config, Path(run_dir), ranks
+        self.quiet = quiet or not ranks.is_root
+        self.share = ranks.share(config.batch_size)  # the rows of each batch this rank trains on
         backend.seed(config.seed)
         self.task = make_task(config)
         kwargs = {**self.task.model_defaults(), **config.model_kwargs}
         self.architecture = models.resolve({"name": config.model, "kwargs": kwargs})
         self.net = models.build(self.architecture)
         self.net.input_grad = False  # training needs parameter gradients only
+        self.flat = self.net.flatten()  # one buffer per dtype: zeroed in one pass, all-reduced in one message
+        join(ranks, self.net, self.flat)
         self.optimizer = make_optimizer(config, self.net)
         self.net.optimizer = self.optimizer
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.task.steps_per_epoch))
@@ -99,23 +105,25 @@ class Trainer:
         warmup = min(config.warmup_steps, self.total_steps - 1)
         self.schedule = optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)
         self.step, self.metrics, self.running = 0, [], [0.0, 0]
-        self.stop_requested, self.saved_at = False, None
+        self.stop_signalled = False  # a signal reached this process
+        self.stop_requested = False  # ... and the ranks agreed to stop (at once, with one rank)
+        self.saved_at = None
 
     @classmethod
-    def resume(cls, run_dir, quiet=False, steps=None, epochs=None):
+    def resume(cls, run_dir, quiet=False, steps=None, epochs=None, ranks=ONE_PROCESS):
         """Rebuild a run from its checkpoint and continue exactly where it stopped.
 
         ``steps`` or ``epochs`` extend (or shorten) the run to a new total; the cosine
         schedule is then recomputed for that total, so the remaining steps follow the curve
         of a run planned that long from the start."""
         path = Path(run_dir) / CHECKPOINT
-        for name in (CHECKPOINT, BEST, METRICS, CURVES):
+        for name in (CHECKPOINT, BEST, METRICS, CURVES) if ranks.is_root else ():
             remove_stale_temporaries(Path(run_dir) / name)
         document = read_resume_checkpoint(path)  # every field checked before it is used
         config = TrainConfig(**document["config"])
         if steps is not None or epochs is not None:
             config.steps, config.epochs = steps or 0, epochs or config.epochs
-        trainer = cls(config, run_dir, quiet)
+        trainer = cls(config, run_dir, quiet, ranks)
         check_same_data(path, document, trainer.task.metadata(), config)
         check_resume_step(path, document["step"], trainer.total_steps)
         load_checkpoint(path, trainer.net, trainer.optimizer)
@@ -128,22 +136,29 @@ class Trainer:
     # -- the loop -----------------------------------------------------------
     def run(self):
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ranks.is_root:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.stop_signals_caught():
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
                       dynamic_ncols=True) as bar:
                 while True:
                     if self.evaluation_due():
                         self.evaluate(bar)
+                    self.stop_requested = self.stop_requested or self.ranks.any(self.stop_signalled)
                     if self.step >= self.total_steps or self.stop_requested or self.out_of_patience():
                         break
                     self.train_step(bar)
         if self.stop_requested:
             if self.saved_at != self.step:
                 self.save()
-            print(f"interrupted: checkpoint saved at step {self.step}; continue with "
-                  f"`mnn train --resume {self.run_dir}`")
+            self.say(f"interrupted: checkpoint saved at step {self.step}; continue with "
+                     f"`mnn train --resume {self.run_dir}`")
         return self.metrics
+
+    def say(self, text, bar=None):
+        """Print ``text`` (above the progress bar, if given): rank 0 alone talks to the user."""
+        if self.ranks.is_root:
+            (bar.write if bar is not None else print)(text)
 
     @contextlib.contextmanager
     def stop_signals_caught(self):
@@ -162,27 +177,31 @@ class Trainer:
         """Ctrl-C or SIGTERM: finish the step in flight, save, and exit (never a half-updated network).
 
         An evaluation in progress is abandoned. A second Ctrl-C stops at once, without saving."""
-        self.stop_requested = True
+        self.stop_signalled = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if signum is not None:  # os.write: print() may be in the middle of a write this signal interrupted
+        if signum is not None and self.ranks.is_root:  # os.write: print() may be in the middle of a write this signal interrupted
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit "
                         "without saving)\n".encode())
 
     def train_step(self, bar):
         started = time.perf_counter()
-        x, y = self.task.batch(self.step)
+        x, y = self.task.batch(self.step, self.share)
         self.optimizer.lr = self.schedule(self.step)
+        if self.ranks.size > 1:  # each rank's dropout masks: reproducible for a given number of ranks
+            backend.seed([self.config.seed, self.step, self.ranks.rank])
         self.net.zero_grads()
-        loss = float(self.net(x, y))
+        loss = self.net(x, y)
+        self.net.backward()
+        self.ranks.average(self.flat.grads.values())  # the global batch's gradient (mnn.distributed, Eq. (1))
+        loss = self.ranks.mean(float(loss))
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
-        self.net.backward()
         if self.config.clip:
             optim.clip_grad_norm(self.optimizer.parameters, self.config.clip)
         self.net.step()
         self.step += 1
         self.running = [self.running[0] + loss, self.running[1] + 1]
-        rate = len(y) / (time.perf_counter() - started)
+        rate = self.config.batch_size / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
         bar.update()
 
@@ -194,20 +213,21 @@ class Trainer:
 
     def evaluate(self, bar):
         """Evaluate, record and save; a stop requested meanwhile abandons it (a resumed run redoes it)."""
-        scores = self.task.evaluate(self.net, stop=lambda: self.stop_requested)
+        scores = self.task.evaluate(self.net, stop=lambda: self.stop_signalled, ranks=self.ranks)
         if scores is None:
+            self.stop_requested = True
             return
         record = {"step": self.step, "epoch": round(self.step / self.task.steps_per_epoch, 3),
                   "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr, **scores}
         self.metrics.append(record)
         self.running = [0.0, 0]
-        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), bar)
         if self.best_evaluation() == len(self.metrics) - 1:  # first: the checkpoint then never names a best
             self.write_checkpoint(self.run_dir / BEST)  # that best.safetensors lacks
         self.save()
         if self.out_of_patience():
-            bar.write(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
-                      f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})")
+            self.say(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
+                      f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
 
     def best_evaluation(self):
         """Index of the record with the best validation score: accuracy, else loss (the first of equals)."""
@@ -221,19 +241,35 @@ class Trainer:
         return bool(patience and self.metrics) and len(self.metrics) - 1 - self.best_evaluation() >= patience
 
     def save(self):
-        """Checkpoint, metrics.json and curves.png, each written whole or not at all."""
+        """Checkpoint, metrics.json and curves.png, each written whole or not at all (by rank 0)."""
+        self.saved_at = self.step
+        if not self.ranks.is_root:
+            return
         self.write_checkpoint(self.run_dir / CHECKPOINT)
         text = json.dumps(self.metrics, indent=1).encode()
         atomic_write(self.run_dir / METRICS, lambda handle: handle.write(text))
         if self.metrics:
             plot_curves(self.metrics, self.run_dir / CURVES)
-        self.saved_at = self.step
 
     def write_checkpoint(self, path):
         """Everything a resumed run needs: weights, optimizer state, settings, step, metrics, RNG state."""
+        if not self.ranks.is_root:
+            return
         save_checkpoint(path, self.net, self.architecture, self.optimizer, config=asdict(self.config),
                         step=self.step, metrics=self.metrics, running_loss=self.running,
                         rng_state=backend.get_rng_state(), **self.task.metadata())
+
+
+def join(ranks, net, flat):
+    """Make this rank's network rank 0's (weights and running statistics), and synchronise its batch norms."""
+    ranks.broadcast([*flat.params.values(), *(buffer for _, buffer in net.named_buffers())])
+    if ranks.size > 1:
+        from .layers import BatchNormLayer
+        from .seq_layers import walk
+
+        for _, layer in walk(net):
+            if isinstance(layer, BatchNormLayer):
+                layer.batch_total = ranks.sum
 
 
 def check_same_data(path, document, metadata, config):

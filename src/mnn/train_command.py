@@ -114,21 +114,25 @@ def flags_given(args, names):
 
 
 def command_train(args):
-    from . import backend
+    from . import backend, distributed
 
+    ranks = distributed.connect(args.backend or "numpy")  # under mpiexec -n N: one of N ranks
+    if ranks.size > 1 and args.threads is None:
+        backend.tune_cpu(ranks.threads())
     backend.use(args.backend or "numpy")
-    trainer = resume_run(args) if args.resume is not None else start_run(args)
+    say = print if ranks.is_root else (lambda *_: None)
+    trainer = resume_run(args, ranks, say) if args.resume is not None else start_run(args, ranks, say)
     if trainer is None:
         return 0
     started = time.perf_counter()
     trainer.run()
-    print(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
+    say(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
     if trainer.metrics and trainer.step == trainer.total_steps:
         image_model = "val_accuracy" in trainer.metrics[-1]
         test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
-        print(f"evaluate on the test set: {test}" if image_model else
-              f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
-              + (' --prompt "ROMEO:"' if trainer.config.dataset == "tinyshakespeare" else ""))
+        say(f"evaluate on the test set: {test}" if image_model else
+            f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
+            + (' --prompt "ROMEO:"' if trainer.config.dataset == "tinyshakespeare" else ""))
     return 130 if trainer.stop_requested else 0
 
 
@@ -144,7 +148,7 @@ def test_data_flag(config):
         return ""
 
 
-def start_run(args):
+def start_run(args, ranks, say):
     config = config_from(args)
     run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run_dir / CHECKPOINT).exists() and not args.overwrite:
@@ -152,19 +156,20 @@ def start_run(args):
                          "--overwrite, or choose another --out")
     from .train import Trainer
 
-    trainer = Trainer(config, run_dir, quiet=args.quiet)
+    trainer = Trainer(config, run_dir, quiet=args.quiet, ranks=ranks)
     if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
         raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
                          f"{trainer.total_steps} steps")
-    if args.overwrite:  # nothing of the run replaced may be taken for the new one's
+    if args.overwrite and ranks.is_root:  # nothing of the run replaced may be taken for the new one's
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     where = config.data or (config.data_dir if config.dataset == "text" else config.dataset)
-    print(f"training {config.model} on {where}: {trainer.total_steps} steps -> {run_dir}")
+    on_ranks = f" on {ranks.size} ranks" if ranks.size > 1 else ""
+    say(f"training {config.model} on {where}{on_ranks}: {trainer.total_steps} steps -> {run_dir}")
     return trainer
 
 
-def resume_run(args):
+def resume_run(args, ranks, say):
     """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
     fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
     fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS)]
@@ -177,14 +182,14 @@ def resume_run(args):
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     from .train import Trainer
 
-    trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs)
+    trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs, ranks=ranks)
     if trainer.step >= trainer.total_steps and not trainer.evaluation_due():
-        print(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
+        say(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")
         return None
     if trainer.out_of_patience():
-        print(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
+        say(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
               f"{trainer.config.patience} evaluations (--patience)")
         return None
-    print(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
+    say(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
     return trainer

@@ -37,12 +37,16 @@ def column_dots(a, b):
     return backend.array_module(a).einsum("nc,nc->c", a, b)
 
 
-def normalize_rows(rows, eps):
-    """``normalize`` along axis 0 of a (N, C) array, with BLAS sums: (x_hat, 1/sigma, mean, var)."""
-    xp = backend.array_module(rows)
-    mean = column_sums(rows) / rows.shape[0]
+def normalize_rows(rows, eps, total=None, count=None):
+    """``normalize`` along axis 0 of a (N, C) array, with BLAS sums: (x_hat, 1/sigma, mean, var).
+
+    ``total`` (synchronised batch norm) turns each sum over these rows into the sum over every
+    rank's rows, ``count`` of them in all."""
+    xp, total = backend.array_module(rows), total or (lambda sums: sums)
+    count = count or rows.shape[0]
+    mean = total(column_sums(rows)) / count
     x_hat = rows - mean
-    var = column_dots(x_hat, x_hat) / rows.shape[0]
+    var = total(column_dots(x_hat, x_hat)) / count
     inv_std = 1 / xp.sqrt(var + eps)
     x_hat *= inv_std
     return x_hat, inv_std, mean, var
@@ -82,8 +86,18 @@ class BatchNormLayer(Layer):
     **Eval.** $\hat x = (x - \bar\mu)/\sqrt{\bar\sigma^2 + \epsilon}$ is affine in $x$, so
     $\partial L / \partial x = \gamma g / \sqrt{\bar\sigma^2 + \epsilon}$. (5)
 
+    **Synchronised** (data-parallel training, ``mnn.distributed``). When $R$ ranks each hold
+    $N/R$ rows of the batch, $\mu_B$, $\sigma_B^2$ and the two sums of Eq. (3) must run over all
+    $N$: each rank sums its own rows and ``batch_total`` adds those sums over the ranks (an
+    all-reduce). Each rank's $g$ is then $R$ times the one-process gradient of its rows (its
+    loss is the mean over its $N/R$ samples), and so is its $\partial L/\partial x$, consistently:
+    Eq. (3) is linear in $g$. Eq. (2) stays a sum over this rank's rows; averaging it over the
+    ranks with the other parameter gradients gives the one-process sum.
+
     The code works on rows: one row per sample here, one per pixel in ``BatchNorm2dLayer``.
     """
+
+    batch_total = None  # synchronised batch norm: a function summing a number or an array over every rank
 
     ndim = 2  # of the input
 
@@ -118,17 +132,24 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         rows = self.to_rows(x)
+        count = self.rows_in_batch(rows) if self.training else rows.shape[0]
         if self.training:
-            x_hat, inv_std, mean, var = normalize_rows(rows, self.eps)  # Eq. (1)
-            self.update_running_stats(mean, var, rows.shape[0])
+            x_hat, inv_std, mean, var = normalize_rows(rows, self.eps, self.batch_total, count)  # Eq. (1)
+            self.update_running_stats(mean, var, count)
         else:
             xp = backend.array_module(x)
             inv_std = 1 / xp.sqrt(self.buffers["running_var"] + self.eps)
             x_hat = (rows - self.buffers["running_mean"]) * inv_std
-        self.save(x_hat, inv_std, self.training, x.shape)
+        self.save(x_hat, inv_std, self.training, x.shape, count)
         y = x_hat * self.params["weight"]
         y += self.params["bias"]
         return self.from_rows(y, x.shape)
+
+    def rows_in_batch(self, rows):
+        """N: the rows the statistics run over, every rank's when synchronised."""
+        if self.batch_total is None:
+            return rows.shape[0]
+        return self.batch_total(rows.shape[0])
 
     def update_running_stats(self, mean, var, count):
         m = self.momentum
@@ -138,7 +159,7 @@ class BatchNormLayer(Layer):
         self.buffers["running_var"] += (m * count / max(count - 1, 1)) * var
 
     def backward(self, g):
-        x_hat, inv_std, training, shape = self.saved()
+        x_hat, inv_std, training, shape, count = self.saved()
         g = self.to_rows(g)
         d_weight, d_bias = column_dots(g, x_hat), column_sums(g)
         self.grads["weight"] += d_weight  # Eq. (2)
@@ -146,7 +167,8 @@ class BatchNormLayer(Layer):
         scale = self.params["weight"] * inv_std
         if not training:
             return self.from_rows(g * scale, shape)  # Eq. (5)
-        count = g.shape[0]
+        if self.batch_total is not None:  # synchronised: Eq. (3)'s sums over every rank's rows
+            d_weight, d_bias = self.batch_total(d_weight), self.batch_total(d_bias)
         grad = x_hat * (-scale * d_weight / count)  # Eq. (3), term by term
         grad += scale * -d_bias / count
         grad += g * scale

@@ -1,0 +1,82 @@
+"""Flat buffers: every parameter and every gradient as a view into one array per dtype.
+
+A network's tensors are many small arrays. Laid end to end in one buffer, they can be
+sent in one message (the data-parallel all-reduce: ``mnn.distributed``), cleared in one
+pass, and updated by one kernel, while each layer still reads and writes its own
+``params[name]`` and ``grads[name]``: those become views into the buffers, so the layer
+contract does not change.
+
+``flatten(net)`` copies the values into the buffers and points every layer at its views.
+A parameter shared by two layers (tied weights) gets one place, seen by both.
+"""
+from . import backend
+
+ALIGN = 16  # each tensor starts at a multiple of 16 entries (64 bytes in float32): a cache line
+
+
+class FlatBuffers:
+    """``params[dtype]`` and ``grads[dtype]``: one 1-D array each, holding every tensor of that dtype."""
+
+    def __init__(self, params, grads):
+        self.params, self.grads = params, grads
+
+    def zero_grads(self):
+        for grad in self.grads.values():
+            grad[...] = 0
+
+    @property
+    def size(self):
+        """Entries in all the gradient buffers together (padding included)."""
+        return sum(grad.size for grad in self.grads.values())
+
+
+def flatten(net):
+    """Move ``net``'s parameters and gradients into flat buffers, one per dtype; return them.
+
+    Every array is copied into its place, then every layer that held the old array holds
+    the view instead (tied weights included). Call it before creating the optimizer,
+    which keeps references to the arrays it updates."""
+    layout = plan(net.named_parameters())
+    xp = backend.array_module(next(iter(layout.values()))[0][0]) if layout else backend.xp()
+    buffers = {}
+    for dtype, placed in layout.items():
+        total = placed[-1][1] + placed[-1][0].size if placed else 0
+        buffers[dtype] = (xp.zeros(total, dtype=dtype), xp.zeros(total, dtype=dtype))
+    moved = {}
+    for dtype, placed in layout.items():
+        flat_param, flat_grad = buffers[dtype]
+        for param, offset, grad in placed:
+            views = view(flat_param, offset, param), view(flat_grad, offset, grad)
+            views[0][...], views[1][...] = param, grad
+            moved[id(param)], moved[id(grad)] = views
+    point_layers_at(net, moved)
+    return FlatBuffers({dtype: pair[0] for dtype, pair in buffers.items()},
+                       {dtype: pair[1] for dtype, pair in buffers.items()})
+
+
+def plan(triples):
+    """{dtype: [(parameter, offset, gradient)]}: where each tensor goes, in the order given."""
+    layout, ends = {}, {}
+    for _, param, grad in triples:
+        dtype = param.dtype
+        offset = -(-ends.get(dtype, 0) // ALIGN) * ALIGN
+        layout.setdefault(dtype, []).append((param, offset, grad))
+        ends[dtype] = offset + param.size
+    return layout
+
+
+def view(flat, offset, like):
+    return flat[offset:offset + like.size].reshape(like.shape)
+
+
+def point_layers_at(layer, moved):
+    """Replace, in ``layer`` and every layer inside it, each array found in ``moved`` by its view."""
+    from .layers.base import CompositeLayer
+
+    if isinstance(layer, CompositeLayer):
+        for sub in layer.sublayers().values():
+            point_layers_at(sub, moved)
+        return
+    for name in layer.params:
+        layer.params[name] = moved.get(id(layer.params[name]), layer.params[name])
+        layer.grads[name] = moved.get(id(layer.grads[name]), layer.grads[name])

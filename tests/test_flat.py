@@ -1,0 +1,85 @@
+"""Flat parameter and gradient buffers, and synchronised batch norm, in one process."""
+import numpy
+import pytest
+
+from mnn import backend, models, optim
+from mnn.flat import ALIGN
+from mnn.layers import BatchNorm2dLayer, BatchNormLayer
+
+
+def small_gpt(tie_weights=False):
+    backend.seed(3)
+    return models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, tie_weights=tie_weights)
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_flatten_keeps_every_value_and_makes_every_tensor_a_view(tie_weights):
+    net = small_gpt(tie_weights)
+    before = {name: (param.copy(), grad) for name, param, grad in net.named_parameters()}
+    flat = net.flatten()
+    (params,), (grads,) = flat.params.values(), flat.grads.values()
+    for name, param, grad in net.named_parameters():
+        numpy.testing.assert_array_equal(param, before[name][0])
+        assert param.base is params and grad.base is grads
+        offset = (param.__array_interface__["data"][0] - params.__array_interface__["data"][0]) // param.itemsize
+        assert offset % ALIGN == 0
+    assert sum(param.size for _, param, _ in net.named_parameters()) <= params.size
+
+
+def test_tied_weights_share_one_place_in_the_buffer():
+    net = small_gpt(tie_weights=True)
+    net.flatten()
+    embedding, head = net[0], net[-2]
+    assert head.params["w"] is embedding.params["weight"] and head.grads["w"] is embedding.grads["weight"]
+
+
+def test_a_flattened_network_trains_exactly_as_before():
+    x = numpy.random.default_rng(0).integers(0, 11, (4, 8))
+    y = numpy.random.default_rng(1).integers(0, 11, (4, 8))
+    finals = []
+    for flatten in (False, True):
+        net = small_gpt(tie_weights=True)
+        if flatten:
+            net.flatten()
+        net.optimizer = optim.AdamW(net, lr=1e-2)
+        for _ in range(3):
+            net.zero_grads()
+            net(x, y)
+            net.backward()
+            net.step()
+        finals.append({name: param.copy() for name, param in net.state_dict().items()})
+    for name in finals[0]:
+        numpy.testing.assert_array_equal(finals[0][name], finals[1][name])
+
+
+def test_zero_grads_clears_the_whole_buffer():
+    net = small_gpt()
+    flat = net.flatten()
+    net(numpy.zeros((2, 8), dtype=int), numpy.ones((2, 8), dtype=int))
+    net.backward()
+    assert numpy.abs(next(iter(flat.grads.values()))).sum() > 0
+    net.zero_grads()
+    assert not next(iter(flat.grads.values())).any()
+
+
+@pytest.mark.parametrize("layer_class, shape", [(BatchNormLayer, (6, 3)), (BatchNorm2dLayer, (3, 3, 4, 5))])
+def test_synchronised_batch_norm_equals_batch_norm_of_the_global_batch(layer_class, shape):
+    """Two ranks that hold the same rows: sums over the ranks are twice the local sums, and
+    the layer must act as batch norm over the batch the two make together."""
+    backend.set_default_dtype(numpy.float64)
+    try:
+        rng = numpy.random.default_rng(0)
+        x, g = rng.normal(size=shape), rng.normal(size=shape)
+        local, together = layer_class(3), layer_class(3)
+        local.batch_total = lambda sums: 2 * sums
+        y = local.forward(x)
+        y_both = together.forward(numpy.concatenate([x, x]))
+        numpy.testing.assert_allclose(y, y_both[:len(x)], rtol=1e-12, atol=1e-12)
+        for name in ("running_mean", "running_var"):  # the unbiased variance counts every rank's rows
+            numpy.testing.assert_allclose(local.buffers[name], together.buffers[name], rtol=1e-12)
+        dx, dx_both = local.backward(g), together.backward(numpy.concatenate([g, g]))
+        numpy.testing.assert_allclose(dx, dx_both[:len(x)], rtol=1e-10, atol=1e-12)
+        for name in ("weight", "bias"):  # this rank's own sums: averaged over the ranks later
+            numpy.testing.assert_allclose(2 * local.grads[name], together.grads[name], rtol=1e-12)
+    finally:
+        backend.set_default_dtype(numpy.float32)
