@@ -39,6 +39,9 @@ class OneProcess:
     rank, size, local_rank, local_size = 0, 1, 0, 1
     is_root = True
 
+    def __repr__(self):
+        return "ONE_PROCESS"
+
     def share(self, batch_size):
         return slice(None)
 
