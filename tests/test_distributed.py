@@ -132,15 +132,16 @@ def wait_for(path, seconds=60):
         time.sleep(0.05)
 
 
-def test_ctrl_c_stops_every_rank_and_the_run_resumes_bit_for_bit(tmp_path):
-    """With dropout: each rank's masks depend on (seed, step, rank), so a resumed run on the same number of
-    ranks is the uninterrupted one exactly."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_ends_every_rank_and_the_run_resumes_bit_for_bit(tmp_path, stop):
+    """Ctrl-C or SIGTERM to mpiexec. With dropout: each rank's masks depend on (seed, step, rank), so a
+    resumed run on the same number of ranks is the uninterrupted one exactly."""
     flags = [*MLP, "--dropout", "0.2", "--steps", "300", "--eval-every", "10"]
     assert mpiexec(2, [*flags, "--out", str(tmp_path / "whole")]).returncode == 0
     job = subprocess.Popen([str(MPIEXEC), "-n", "2", *MNN, *flags, "--out", str(tmp_path / "stopped")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     wait_for(tmp_path / "stopped" / CHECKPOINT)
-    job.send_signal(signal.SIGINT)  # mpiexec passes it to every rank
+    job.send_signal(stop)  # mpiexec passes it to every rank
     out, err = job.communicate(timeout=60)
     assert job.returncode == 130, err
     step = weights(tmp_path / "stopped")[1]["step"]

@@ -116,10 +116,10 @@ def flags_given(args, names):
 def command_train(args):
     from . import backend, distributed
 
+    backend.use(args.backend or "numpy")
     ranks = distributed.connect(args.backend or "numpy")  # under mpiexec -n N: one of N ranks
     if ranks.size > 1 and args.threads is None:
         backend.tune_cpu(ranks.threads())
-    backend.use(args.backend or "numpy")
     say = print if ranks.is_root else (lambda *_: None)
     trainer = resume_run(args, ranks, say) if args.resume is not None else start_run(args, ranks, say)
     if trainer is None:
