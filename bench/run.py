@@ -192,8 +192,16 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def blas_kernel():
+    """NumPy's BLAS and the kernel it runs (threadpoolctl): ``openblas Haswell``, for instance."""
+    from threadpoolctl import threadpool_info
+
+    blas = next((pool for pool in threadpool_info() if pool["user_api"] == "blas"), {})
+    return f"{blas.get('internal_api', '?')} {blas.get('architecture') or ''}".strip()
+
+
 def machine(device):
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), **device.describe(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "blas": blas_kernel(), **device.describe(),
             "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "mnn": mnn.__version__}
 
@@ -253,7 +261,8 @@ def run(args, device, argv):
             for framework in ("mnn", "torch"):
                 results[name][f"{framework}_peak_mb"] = peak_memory_mb(name, framework, args)
         print(f"{name}: mnn {results[name]['mnn_ms']:.2f} ms, torch {results[name]['torch_ms']:.2f} ms", flush=True)
-    where = f"{args.threads} threads" if device.name == "cpu" else device.describe()["gpu"]
+    where = (f"{cpu_name()}, {args.threads} threads, NumPy's BLAS: {blas_kernel()}" if device.name == "cpu"
+             else device.describe()["gpu"])
     print(table(results, rate, where))
     if args.json:
         with open(args.json, "w") as handle:
