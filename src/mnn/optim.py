@@ -15,7 +15,7 @@ import functools
 import math
 import numbers
 
-from . import backend
+from . import backend, kernels
 
 
 def is_finite_number(value):
@@ -217,7 +217,8 @@ class Adam(Optimizer):
     $$\theta \leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
       \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
 
-    On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``fused_adam_update``).
+    On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``fused_adam_update``), and on
+    NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``).
     """
 
     decoupled = False
@@ -249,6 +250,8 @@ class Adam(Optimizer):
         xp = backend.array_module(param)
         if xp.__name__ == "cupy":
             return fused_adam_update()(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
+        if kernels.fused(param) and all(a.flags.c_contiguous for a in (grad, param, m, v)):
+            return kernels.cpu.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
         work = self.workspace(name, param)  # no temporaries on the hot path
         m *= self.beta1
         m += xp.multiply(grad, 1 - self.beta1, out=work)  # Eq. (2)

@@ -1,7 +1,7 @@
 r"""Two-dimensional convolution by im2col and one GEMM per product."""
 import math
 
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_size
 from .windows import channels_first, channels_last, pad_channels_last, windows
 
@@ -49,7 +49,10 @@ class Conv2dLayer(Layer):
       \quad \text{for each offset } (p, q). \tag{6}$$
 
     Eqs. (4) and (5) are one GEMM each; Eq. (6) is $k_h k_w$ thin ones, with no col2im
-    buffer. The columns run over $(p, q, c)$ and images are channels-last in memory (see
+    buffer. The fused CPU kernels (``mnn.kernels.cpu``) instead copy the windows (padding
+    included) in one pass, and compute Eq. (6) as one GEMM,
+    $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$, whose rows col2im adds back
+    onto the pixels they were copied from (Eq. (3) again, summed in another order). The columns run over $(p, q, c)$ and images are channels-last in memory (see
     ``windows``), so im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
     """
 
@@ -88,8 +91,11 @@ class Conv2dLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         (kh, kw), pad = self.kernel_size, self.padding
-        padded = pad_channels_last(x, pad) if pad else channels_last(x)
-        cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
+        if kernels.fused(x):
+            cols, (batch, out_h, out_w) = kernels.cpu.im2col(x, kh, kw, self.stride, pad)
+        else:
+            padded = pad_channels_last(x, pad) if pad else channels_last(x)
+            cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
         w_col = self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
         y = cols @ w_col.T  # Eq. (4)
         if self.bias:
@@ -113,6 +119,9 @@ class Conv2dLayer(Layer):
         (kh, kw), s, pad = self.kernel_size, self.stride, self.padding
         batch, channels, height, width = input_shape
         out_h, out_w = out_size
+        if kernels.fused(g_col):
+            w_col = self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+            return kernels.cpu.col2im(g_col @ w_col, input_shape, kh, kw, s, pad, out_size)
         grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=g_col.dtype)
         for p in range(kh):
             for q in range(kw):

@@ -11,7 +11,7 @@ using $\partial \mu/\partial x_k = 1/N$ and $\partial \sigma/\partial x_k = \hat
 $\partial \hat x_i/\partial x_k = (\delta_{ik} - 1/N - \hat x_i \hat x_k / N)/\sigma$, and
 $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 """
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_size
 from .windows import channels_first, channels_last
 
@@ -95,6 +95,8 @@ class BatchNormLayer(Layer):
     ranks with the other parameter gradients gives the one-process sum.
 
     The code works on rows: one row per sample here, one per pixel in ``BatchNorm2dLayer``.
+    In training on one process, the fused CPU kernels (``mnn.kernels.cpu``) compute Eq. (1)
+    in three passes over the rows and Eqs. (2)-(3) in two.
     """
 
     batch_total = None  # synchronised batch norm: a function summing a number or an array over every rank
@@ -132,6 +134,12 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         rows = self.to_rows(x)
+        if self.fused(rows):  # Eq. (1) in three passes: the same numbers as the lines below
+            y, x_hat, inv_std, mean, var = kernels.cpu.batch_norm(rows, self.params["weight"], self.params["bias"],
+                                                                  self.eps)
+            self.update_running_stats(mean, var, rows.shape[0])
+            self.save(x_hat, inv_std, True, x.shape, rows.shape[0])
+            return self.from_rows(y, x.shape)
         count = self.rows_in_batch(rows) if self.training else rows.shape[0]
         if self.training:
             x_hat, inv_std, mean, var = normalize_rows(rows, self.eps, self.batch_total, count)  # Eq. (1)
@@ -144,6 +152,10 @@ class BatchNormLayer(Layer):
         y = x_hat * self.params["weight"]
         y += self.params["bias"]
         return self.from_rows(y, x.shape)
+
+    def fused(self, rows):
+        """Whether the fused CPU kernels run Eqs. (1)-(3): in training, on one process's batch."""
+        return self.training and self.batch_total is None and kernels.fused(rows)
 
     def rows_in_batch(self, rows):
         """N: the rows the statistics run over, every rank's when synchronised."""
@@ -161,6 +173,11 @@ class BatchNormLayer(Layer):
     def backward(self, g):
         x_hat, inv_std, training, shape, count = self.saved()
         g = self.to_rows(g)
+        if training and self.fused(g):  # Eqs. (2)-(3) in two passes
+            grad, d_weight, d_bias = kernels.cpu.batch_norm_backward(g, x_hat, self.params["weight"], inv_std)
+            self.grads["weight"] += d_weight
+            self.grads["bias"] += d_bias
+            return self.from_rows(grad, shape)
         d_weight, d_bias = column_dots(g, x_hat), column_sums(g)
         self.grads["weight"] += d_weight  # Eq. (2)
         self.grads["bias"] += d_bias

@@ -5,7 +5,7 @@ $H_o \times W_o$) holds, for every output $(i, j)$ at once, the window entry at 
 $(p, q)$. Pooling is then $k^2$ whole-array operations, never a loop over pixels, and it
 keeps the input's memory layout.
 """
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_size
 from .windows import offset_slices, output_size
 
@@ -43,20 +43,27 @@ class MaxPool2dLayer(PoolLayer):
 
     Forward is $k^2 - 1$ element-wise maxima. Backward finds each window's arg-max as the
     first offset whose entry equals the max (ties go to the first, as in PyTorch) and adds
-    $g$ into that offset's slice.
+    $g$ into that offset's slice. The fused CPU kernels (``mnn.kernels.cpu``) take one pass
+    each: forward keeps every window's arg-max (a byte per output), backward adds $g$ there.
     """
 
     def forward(self, x):
         slices = self.slices_for(x)
+        if kernels.fused(x):
+            y, argmax = kernels.cpu.max_pool(x, self.kernel_size, self.stride)  # Eq. (1)
+            self.save("fused", argmax, x.shape)
+            return y
         xp = backend.array_module(x)
         y = x[slices[0]].copy(order="K")  # keep the memory layout (channels-last)
         for where in slices[1:]:
             xp.maximum(y, x[where], out=y)  # Eq. (1)
-        self.save(x, y)
+        self.save("reference", x, y)
         return y
 
     def backward(self, g):
-        x, y = self.saved()
+        path, x, y = self.saved()
+        if path == "fused":  # x: the arg-max, y: the input's shape
+            return kernels.cpu.max_pool_backward(g, x, self.kernel_size, self.stride, y)  # Eq. (2)
         xp = backend.array_module(g)
         slices = self.slices_for(x)
         tiled = self.stride == self.kernel_size and all(n % self.stride == 0 for n in x.shape[2:])

@@ -1,0 +1,48 @@
+"""Fused kernels: a layer's element-wise chain or loop as one compiled pass over memory.
+
+Each layer computes its equations with plain NumPy lines, next to their derivation: the
+reference, what a learner steps through. Where a kernel here computes the same equation
+for the arrays at hand, the layer calls it instead, on the line after the reference:
+
+    if kernels.fused(x):
+        return kernels.cpu.max_pool(x, k, s)   # the same Eq. (1), in one pass over memory
+
+CPU kernels (``mnn.kernels.cpu``) are compiled by numba the first time they run and cached
+on disk. ``MNN_KERNELS=numpy`` in the environment, or ``kernels.use("numpy")``, runs the
+reference everywhere; ``tests/test_kernels.py`` compares every kernel with its reference.
+"""
+import importlib
+import os
+
+MODES = ("fused", "numpy")
+_state = {"mode": None}
+
+
+def use(mode):
+    """Run the fused kernels (``"fused"``, the default) or the NumPy reference everywhere (``"numpy"``)."""
+    if mode not in MODES:
+        raise ValueError(f"kernels: unknown mode {mode!r}; expected 'fused' or 'numpy' (MNN_KERNELS)")
+    _state["mode"] = mode
+
+
+def mode():
+    """The mode in use: ``use``'s, else ``$MNN_KERNELS``, else ``"fused"``."""
+    if _state["mode"] is None:
+        use(os.environ.get("MNN_KERNELS", "fused") or "fused")
+    return _state["mode"]
+
+
+COMPILED_DTYPES = ("float32", "float64")  # numba has no float16
+
+
+def fused(*arrays):
+    """True where the CPU kernels apply: fused mode, and NumPy arrays of float32 or float64 (CuPy
+    arrays, and float16 ones, take the reference lines)."""
+    return mode() == "fused" and all(type(array).__module__ == "numpy" and array.dtype.name in COMPILED_DTYPES
+                                     for array in arrays)
+
+
+def __getattr__(name):  # kernels.cpu: numba is imported on first use
+    if name == "cpu":
+        return importlib.import_module(".cpu", __name__)
+    raise AttributeError(f"module 'mnn.kernels' has no attribute {name!r}")

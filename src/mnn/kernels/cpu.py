@@ -1,0 +1,224 @@
+"""CPU kernels, compiled by numba: one pass over memory per equation.
+
+Each function computes one equation of a layer, named after it, in one pass over memory; the layer's docstring
+derives it and its NumPy lines are the reference these must equal (``tests/test_kernels.py``).
+Images are channels-last in memory (``layers.windows``): the kernels loop over
+(batch, row, column) and keep the channels innermost, where memory is contiguous.
+"""
+import numpy
+from numba import njit
+
+from ..layers.windows import channels_first, channels_last, output_size
+
+# One thread each. OpenBLAS's threads spin for a while after every matrix product, and on
+# two cores numba's threads then fight them: parallel kernels (prange) made the CNN's step
+# slower here (26.5-28.1 ms against 25.4-25.7 ms), and the product after im2col 2x slower
+# with numba's OpenMP layer. One pass over memory is what these kernels win.
+COMPILE = dict(cache=True, fastmath=False)
+
+
+def max_pool(x, kernel, stride):
+    """Max-pooling's Eq. (1) for a (B, C, H, W) batch: the maxima, and the offset p k + q of each window's
+    first maximum (its arg-max, for Eq. (2)), both (B, C, Ho, Wo) views of channels-last arrays."""
+    rows = channels_last(x)
+    batch, height, width, channels = rows.shape
+    shape = (batch, output_size(height, kernel, stride), output_size(width, kernel, stride), channels)
+    y = numpy.empty(shape, dtype=x.dtype)
+    argmax = numpy.empty(shape, dtype=numpy.uint8 if kernel <= 16 else numpy.int32)
+    if kernel == stride == 2:
+        max_pool_2x2(rows, y, argmax)
+    else:
+        max_pool_windows(rows, kernel, stride, y, argmax)
+    return channels_first(y), channels_first(argmax)
+
+
+@njit(**COMPILE)
+def max_pool_2x2(x, y, argmax):
+    """The common 2 x 2 windows, stride 2, written out: the compiler then vectorises over channels."""
+    for b in range(y.shape[0]):
+        for i in range(y.shape[1]):
+            for j in range(y.shape[2]):
+                for c in range(y.shape[3]):
+                    best, at = x[b, 2 * i, 2 * j, c], 0
+                    value = x[b, 2 * i, 2 * j + 1, c]
+                    if (value > best) | (value != value):  # a NaN wins, as in numpy.maximum
+                        best, at = value, 1
+                    value = x[b, 2 * i + 1, 2 * j, c]
+                    if (value > best) | (value != value):
+                        best, at = value, 2
+                    value = x[b, 2 * i + 1, 2 * j + 1, c]
+                    if (value > best) | (value != value):
+                        best, at = value, 3
+                    y[b, i, j, c], argmax[b, i, j, c] = best, at
+
+
+@njit(**COMPILE)
+def max_pool_windows(x, kernel, stride, y, argmax):
+    best = numpy.empty(y.shape[3], dtype=y.dtype)  # one window's, per channel
+    at = numpy.empty(y.shape[3], dtype=argmax.dtype)
+    for b in range(y.shape[0]):
+        for i in range(y.shape[1]):
+            for j in range(y.shape[2]):
+                best[:] = x[b, i * stride, j * stride]
+                at[:] = 0
+                for offset in range(1, kernel * kernel):
+                    row, column = i * stride + offset // kernel, j * stride + offset % kernel
+                    for c in range(y.shape[3]):  # contiguous: vectorised, with selects for the ifs
+                        value = x[b, row, column, c]
+                        larger = (value > best[c]) | (value != value)
+                        best[c] = value if larger else best[c]
+                        at[c] = offset if larger else at[c]
+                y[b, i, j] = best
+                argmax[b, i, j] = at
+
+
+def max_pool_backward(g, argmax, kernel, stride, input_shape):
+    """Max-pooling's Eq. (2): each gradient added at its window's arg-max; (B, C, H, W), channels-last."""
+    batch, channels, height, width = input_shape
+    shape = (batch, height, width, channels)
+    if kernel == stride == 2 and height % 2 == 0 and width % 2 == 0:  # every pixel in one window: written once
+        grad = numpy.empty(shape, dtype=g.dtype)
+        max_pool_2x2_backward(channels_last(g), channels_last(argmax), grad)
+    else:
+        grad = numpy.zeros(shape, dtype=g.dtype)
+        max_pool_windows_backward(channels_last(g), channels_last(argmax), kernel, stride, grad)
+    return channels_first(grad)
+
+
+@njit(**COMPILE)
+def max_pool_2x2_backward(g, argmax, grad):
+    for b in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            for j in range(g.shape[2]):
+                for c in range(g.shape[3]):
+                    value, at = g[b, i, j, c], argmax[b, i, j, c]
+                    grad[b, 2 * i, 2 * j, c] = value if at == 0 else 0
+                    grad[b, 2 * i, 2 * j + 1, c] = value if at == 1 else 0
+                    grad[b, 2 * i + 1, 2 * j, c] = value if at == 2 else 0
+                    grad[b, 2 * i + 1, 2 * j + 1, c] = value if at == 3 else 0
+
+
+@njit(**COMPILE)
+def max_pool_windows_backward(g, argmax, kernel, stride, grad):
+    for b in range(g.shape[0]):  # grad starts at zero: overlapping windows add up
+        for i in range(g.shape[1]):
+            for j in range(g.shape[2]):
+                for c in range(g.shape[3]):
+                    offset = argmax[b, i, j, c]
+                    grad[b, i * stride + offset // kernel, j * stride + offset % kernel, c] += g[b, i, j, c]
+
+
+def im2col(x, kh, kw, stride, padding):
+    """Convolution's im2col for a (B, C, H, W) batch, zero padding included: the rows
+    X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q] (B Ho Wo, kh kw C), and (B, Ho, Wo)."""
+    rows = channels_last(x)
+    batch, height, width, channels = rows.shape
+    out_h = output_size(height + 2 * padding, kh, stride)
+    out_w = output_size(width + 2 * padding, kw, stride)
+    cols = numpy.empty((batch, out_h, out_w, kh, kw, channels), dtype=x.dtype)
+    im2col_rows(rows, stride, padding, cols)
+    return cols.reshape(batch * out_h * out_w, -1), (batch, out_h, out_w)
+
+
+@njit(**COMPILE)
+def im2col_rows(x, stride, padding, cols):
+    height, width = x.shape[1], x.shape[2]
+    for b in range(cols.shape[0]):
+        for i in range(cols.shape[1]):
+            for j in range(cols.shape[2]):
+                for p in range(cols.shape[3]):
+                    for q in range(cols.shape[4]):
+                        row, column = i * stride + p - padding, j * stride + q - padding
+                        inside = 0 <= row < height and 0 <= column < width
+                        for c in range(cols.shape[5]):
+                            cols[b, i, j, p, q, c] = x[b, row, column, c] if inside else 0
+
+
+def col2im(d_cols, input_shape, kh, kw, stride, padding, out_size):
+    """Convolution's Eq. (3) from the gradient of the im2col rows: every window entry added back onto the
+    pixel it was copied from (the padding dropped); (B, C, H, W), channels-last in memory."""
+    batch, channels, height, width = input_shape
+    grad = numpy.zeros((batch, height, width, channels), dtype=d_cols.dtype)
+    col2im_rows(d_cols.reshape(batch, *out_size, kh, kw, channels), stride, padding, grad)
+    return channels_first(grad)
+
+
+@njit(**COMPILE)
+def col2im_rows(d_cols, stride, padding, grad):
+    height, width = grad.shape[1], grad.shape[2]
+    for b in range(d_cols.shape[0]):
+        for i in range(d_cols.shape[1]):
+            for j in range(d_cols.shape[2]):
+                for p in range(d_cols.shape[3]):
+                    for q in range(d_cols.shape[4]):
+                        row, column = i * stride + p - padding, j * stride + q - padding
+                        if 0 <= row < height and 0 <= column < width:
+                            for c in range(d_cols.shape[5]):
+                                grad[b, row, column, c] += d_cols[b, i, j, p, q, c]
+
+
+def batch_norm(rows, weight, bias, eps):
+    """Batch norm's Eq. (1) over the rows of a (N, C) array: (y, x_hat, 1/sigma, mean, biased variance),
+    in three passes (the sums accumulated in float64)."""
+    x_hat, y = numpy.empty_like(rows), numpy.empty_like(rows)
+    mean, var = numpy.zeros(rows.shape[1]), numpy.zeros(rows.shape[1])
+    batch_norm_rows(rows, weight, bias, eps, x_hat, y, mean, var)
+    inv_std = (1 / numpy.sqrt(var + eps)).astype(rows.dtype)
+    return y, x_hat, inv_std, mean.astype(rows.dtype), var.astype(rows.dtype)
+
+
+@njit(**COMPILE)
+def batch_norm_rows(rows, weight, bias, eps, x_hat, y, mean, var):
+    count, channels = rows.shape
+    for n in range(count):
+        for c in range(channels):
+            mean[c] += rows[n, c]
+    mean /= count
+    for n in range(count):
+        for c in range(channels):
+            deviation = rows[n, c] - mean[c]
+            var[c] += deviation * deviation
+    var /= count
+    inv_std = (1 / numpy.sqrt(var + eps)).astype(rows.dtype)
+    centre = mean.astype(rows.dtype)
+    for n in range(count):
+        for c in range(channels):
+            x_hat[n, c] = (rows[n, c] - centre[c]) * inv_std[c]
+            y[n, c] = x_hat[n, c] * weight[c] + bias[c]
+
+
+def batch_norm_backward(g, x_hat, weight, inv_std):
+    """Batch norm's Eqs. (2)-(3) for (N, C) rows: (dL/dx, dL/dgamma, dL/dbeta), in two passes."""
+    d_weight, d_bias = numpy.zeros(g.shape[1]), numpy.zeros(g.shape[1])
+    grad = numpy.empty_like(g)
+    batch_norm_backward_rows(g, x_hat, weight * inv_std, grad, d_weight, d_bias)
+    return grad, d_weight.astype(g.dtype), d_bias.astype(g.dtype)
+
+
+@njit(**COMPILE)
+def batch_norm_backward_rows(g, x_hat, scale, grad, d_weight, d_bias):
+    count, channels = g.shape
+    for n in range(count):
+        for c in range(channels):
+            d_weight[c] += g[n, c] * x_hat[n, c]
+            d_bias[c] += g[n, c]
+    mean_gx = (d_weight / count).astype(g.dtype)
+    mean_g = (d_bias / count).astype(g.dtype)
+    for n in range(count):
+        for c in range(channels):
+            grad[n, c] = scale[c] * (g[n, c] - mean_g[c] - x_hat[n, c] * mean_gx[c])
+
+
+def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
+    """Adam's Eqs. (2)-(3) in place, in one pass over contiguous arrays, in their dtype and in the
+    reference's order of operations (so float32 gives the same numbers)."""
+    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps)]
+    adam_update_flat(grad.reshape(-1), *scalars, param.reshape(-1), m.reshape(-1), v.reshape(-1))
+
+
+@njit(**COMPILE)
+def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, unbias, eps, param, m, v):
+    for k in range(param.size):
+        m[k] = m[k] * beta1 + grad[k] * one_minus_beta1
+        v[k] = v[k] * beta2 + grad[k] * grad[k] * one_minus_beta2
+        param[k] -= m[k] / (numpy.sqrt(v[k]) * unbias + eps) * step_size

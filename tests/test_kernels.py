@@ -1,0 +1,148 @@
+"""Every fused CPU kernel against the NumPy lines it replaces (``MNN_KERNELS=numpy``).
+
+float64 agrees to ~1e-12 (sums may be taken in another order), float32 to its rounding;
+max-pooling and Adam's update take the same steps as the reference, so they agree exactly.
+"""
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from mnn import backend, kernels, optim
+from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, MaxPool2dLayer
+from mnn.layers.windows import channels_first
+
+TOLERANCE = {numpy.float64: 1e-12, numpy.float32: 2e-6}
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    kernels.use("fused")
+
+
+def both_ways(make_layer, x, dtype, seed=1):
+    """(output, input gradient, parameter gradients) of a fresh layer, by the reference and fused."""
+    results = []
+    backend.set_default_dtype(dtype)
+    try:
+        for mode in ("numpy", "fused"):
+            kernels.use(mode)
+            backend.seed(0)
+            layer = make_layer()
+            y = layer.forward(x.astype(dtype))
+            g = numpy.random.default_rng(seed).standard_normal(y.shape).astype(dtype)
+            grad = layer.backward(g)
+            results.append((y, grad, {name: value.copy() for name, value in layer.grads.items()}, layer))
+    finally:
+        backend.set_default_dtype(numpy.float32)
+    return results
+
+
+def assert_close(reference, fused, dtype, what):
+    scale = max(float(numpy.abs(reference).max()), 1e-30)
+    error = float(numpy.abs(numpy.asarray(reference, dtype=numpy.float64) - fused).max()) / scale
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e}"
+
+
+def channels_last_batch(shape, rng, decimals=None):
+    """A (B, C, H, W) batch laid out channels-last in memory, as mnn's layers write images."""
+    batch, channels, height, width = shape
+    x = rng.standard_normal((batch, height, width, channels))
+    return channels_first(numpy.round(x, decimals) if decimals is not None else x)
+
+
+POOLS = [(2, 2, (3, 4, 8, 8)), (2, 2, (2, 3, 7, 9)), (3, 2, (2, 3, 9, 9)), (3, 1, (2, 2, 6, 7)),
+         (2, 1, (2, 2, 5, 5)), (3, 3, (2, 2, 9, 9))]
+
+
+@pytest.mark.parametrize("kernel, stride, shape", POOLS)
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_max_pool_kernels_route_exactly_as_the_reference(kernel, stride, shape, dtype, ties):
+    x = channels_last_batch(shape, numpy.random.default_rng(0), decimals=0 if ties else None)
+    (y, grad, _, _), (y_fused, grad_fused, _, _) = both_ways(lambda: MaxPool2dLayer(kernel, stride), x, dtype)
+    numpy.testing.assert_array_equal(y_fused, y)
+    if stride == kernel:  # windows apart: each pixel gets one gradient or none, exactly
+        numpy.testing.assert_array_equal(grad_fused, grad)
+    else:  # overlapping windows add in another order
+        assert_close(grad, grad_fused, dtype, "max-pool input gradient")
+
+
+def test_max_pool_kernel_propagates_nan_as_numpy_maximum():
+    x = channels_last_batch((1, 2, 4, 4), numpy.random.default_rng(0))
+    x[0, 1, 2, 3] = numpy.nan
+    kernels.use("fused")
+    y = MaxPool2dLayer(2).forward(x)
+    assert numpy.isnan(y[0, 1, 1, 1]) and numpy.isfinite(numpy.delete(y.ravel(), 7)).all()
+
+
+@pytest.mark.parametrize("cin, cout, size, kernel, stride, padding", [
+    (3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0)])
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_im2col_and_col2im_kernels_equal_the_reference(cin, cout, size, kernel, stride, padding, dtype):
+    x = channels_last_batch((4, cin, size, size), numpy.random.default_rng(0))
+    reference, fused = both_ways(lambda: Conv2dLayer(cin, cout, kernel, stride=stride, padding=padding), x, dtype)
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], fused[index], dtype, what)
+    for name in reference[2]:
+        assert_close(reference[2][name], fused[2][name], dtype, name)
+
+
+def test_im2col_kernel_takes_any_memory_layout():
+    x = numpy.random.default_rng(0).standard_normal((2, 3, 7, 7))  # channels-first in memory
+    reference, fused = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)
+    assert_close(reference[0], fused[0], numpy.float64, "output")
+
+
+@pytest.mark.parametrize("layer_class, shape", [(BatchNormLayer, (16, 5)), (BatchNorm2dLayer, (8, 3, 6, 6))])
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_batch_norm_kernels_equal_the_reference(layer_class, shape, dtype):
+    x = numpy.random.default_rng(0).standard_normal(shape) * 3 + 1
+    reference, fused = both_ways(lambda: layer_class(shape[1]), x, dtype)
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], fused[index], dtype, what)
+        assert fused[index].dtype == dtype
+    for name in ("weight", "bias"):
+        assert_close(reference[2][name], fused[2][name], dtype, name)
+    for name in ("running_mean", "running_var"):
+        assert_close(reference[3].buffers[name], fused[3].buffers[name], dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("optimizer", [optim.Adam, optim.AdamW])
+def test_adam_kernel_takes_the_reference_steps_exactly(dtype, optimizer):
+    finals = []
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        rng = numpy.random.default_rng(0)
+        param = rng.standard_normal((7, 5)).astype(dtype)
+        grad = numpy.zeros_like(param)
+        adam = optimizer([("w", param, grad)], lr=1e-2, weight_decay=0.1)
+        for _ in range(5):
+            grad[...] = rng.standard_normal(param.shape)
+            adam.step()
+        finals.append(param)
+    numpy.testing.assert_array_equal(finals[0], finals[1])
+
+
+def test_the_switch_reads_mnn_kernels_and_refuses_other_values():
+    script = "from mnn import kernels; print(kernels.mode())"
+    for value, expected in (("numpy", "numpy"), ("", "fused"), ("fused", "fused")):
+        env = {**os.environ, "MNN_KERNELS": value}
+        assert subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip() == expected
+    with pytest.raises(ValueError, match="expected 'fused' or 'numpy'"):
+        kernels.use("numba")
+
+
+def test_cupy_and_float16_arrays_take_the_reference_lines():
+    class FakeCupyArray:
+        __module__ = "cupy"
+
+    assert kernels.fused(numpy.zeros(2)) and not kernels.fused(numpy.zeros(2), FakeCupyArray())
+    assert not kernels.fused(numpy.zeros(2, dtype=numpy.float16))
+    kernels.use("numpy")
+    assert not kernels.fused(numpy.zeros(2))
