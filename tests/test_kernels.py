@@ -11,7 +11,8 @@ import numpy
 import pytest
 
 from mnn import backend, kernels, optim
-from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, MaxPool2dLayer
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, EmbeddingLayer, GeluLayer, LayerNormLayer,
+                        MaxPool2dLayer)
 from mnn.layers.windows import channels_first
 
 TOLERANCE = {numpy.float64: 1e-12, numpy.float32: 2e-6}
@@ -146,3 +147,46 @@ def test_cupy_and_float16_arrays_take_the_reference_lines():
     assert not kernels.fused(numpy.zeros(2, dtype=numpy.float16))
     kernels.use("numpy")
     assert not kernels.fused(numpy.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_gelu_kernels_equal_the_reference(dtype):
+    x = numpy.random.default_rng(0).standard_normal((3, 5, 7)) * 3
+    reference, fused = both_ways(GeluLayer, x, dtype)
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], fused[index], dtype, what)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_layer_norm_kernels_equal_the_reference(bias, dtype):
+    x = numpy.random.default_rng(0).standard_normal((3, 5, 16)) * 2 + 0.5
+
+    def make_layer():
+        layer = LayerNormLayer(16, bias=bias)
+        layer.params["weight"][...] = numpy.linspace(0.5, 1.5, 16)
+        return layer
+
+    reference, fused = both_ways(make_layer, x, dtype)
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], fused[index], dtype, what)
+    for name in reference[2]:
+        assert_close(reference[2][name], fused[2][name], dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_embedding_kernel_adds_repeated_tokens_as_the_reference(dtype):
+    indices = numpy.array([[1, 3, 1, 1], [0, 3, 2, 1]])
+    results = []
+    backend.set_default_dtype(dtype)
+    try:
+        for mode in ("numpy", "fused"):
+            kernels.use(mode)
+            backend.seed(0)
+            layer = EmbeddingLayer(5, 3)
+            layer.forward(indices)
+            layer.backward(numpy.random.default_rng(1).standard_normal((2, 4, 3)).astype(dtype))
+            results.append(layer.grads["weight"])
+    finally:
+        backend.set_default_dtype(numpy.float32)
+    assert_close(results[0], results[1], dtype, "embedding gradient")

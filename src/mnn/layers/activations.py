@@ -10,7 +10,7 @@ Each class derives its own $f'$, preferably in terms of the output it saved.
 """
 import math
 
-from .. import backend
+from .. import backend, kernels
 from .base import Layer
 
 
@@ -101,18 +101,26 @@ class GeluLayer(ElementwiseLayer):
 
     $$\frac{\partial L}{\partial x} = g \odot f'(x). \tag{3}$$
 
-    This matches ``torch.nn.GELU(approximate="tanh")``.
+    This matches ``torch.nn.GELU(approximate="tanh")``. The fused CPU kernels
+    (``mnn.kernels.cpu``) compute Eq. (1) in two passes around NumPy's tanh, and Eqs. (2)-(3)
+    in one.
     """
 
     C = math.sqrt(2 / math.pi)
     K = 0.044715
 
     def apply(self, x):
+        if kernels.fused(x):
+            y, t = kernels.cpu.gelu(x, self.C, self.K)  # Eq. (1)
+            self.save(x, t)
+            return y
         t = backend.array_module(x).tanh(self.C * (x + self.K * x * x * x))
         self.save(x, t)
         return 0.5 * x * (1 + t)  # Eq. (1)
 
     def backward(self, g):
         x, t = self.saved()
+        if kernels.fused(g, x):
+            return kernels.cpu.gelu_backward(g, x, t, self.C, self.K)  # Eqs. (2)-(3)
         slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.K * x * x)  # Eq. (2)
         return g * slope  # Eq. (3)

@@ -1,5 +1,5 @@
 r"""Embeddings: a table lookup for tokens, and learned positions added to them."""
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_array, check_size
 
 
@@ -38,6 +38,9 @@ class EmbeddingLayer(Layer):
 
     def backward(self, g):
         (indices,) = self.saved()
+        if kernels.fused(g, self.grads["weight"]):
+            kernels.cpu.embedding_backward(self.grads["weight"], indices, g)  # Eq. (2), a loop over the rows
+            return None
         xp = backend.array_module(g)
         xp.add.at(self.grads["weight"], indices.reshape(-1), g.reshape(-1, self.dim))  # Eq. (2)
         return None  # integer inputs have no gradient

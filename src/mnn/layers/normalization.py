@@ -226,7 +226,8 @@ class LayerNormLayer(Layer):
 
     and the input gradient is Eq. (N) of the module with $\hat g = \gamma \odot g$, its sums taken
     along the row. (3) Same in training and eval: no batch statistics. With ``bias=False``
-    there is no $\beta$ (as ``torch.nn.LayerNorm(dim, bias=False)``).
+    there is no $\beta$ (as ``torch.nn.LayerNorm(dim, bias=False)``). The fused CPU kernels
+    (``mnn.kernels.cpu``) normalise each row, and back-propagate through it, in one pass from cache.
     """
 
     def __init__(self, dim, eps=1e-5, bias=True):
@@ -242,6 +243,11 @@ class LayerNormLayer(Layer):
 
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
+        if kernels.fused(x):  # Eq. (1), each row in one pass
+            shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(self.params["weight"])
+            y, x_hat, inv_std = kernels.cpu.layer_norm(x, self.params["weight"], shift, self.eps)
+            self.save(x_hat, inv_std)
+            return y
         x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
         self.save(x_hat, inv_std)
         y = x_hat * self.params["weight"]
@@ -251,6 +257,12 @@ class LayerNormLayer(Layer):
 
     def backward(self, g):
         x_hat, inv_std = self.saved()
+        if kernels.fused(g, x_hat):  # Eqs. (2)-(3), each row in one pass
+            grad, d_weight, d_bias = kernels.cpu.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)
+            self.grads["weight"] += d_weight
+            if self.bias:
+                self.grads["bias"] += d_bias
+            return grad
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
         if self.bias:
