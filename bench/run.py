@@ -10,11 +10,14 @@ threads and ``torch.set_num_threads`` torch's. On a GPU mnn runs on CuPy and tor
 CUDA, with TF32 turned off in torch so that both multiply in float32. Steps are timed in
 alternating blocks (see ``measure``); the table reports medians, the ratio mnn/torch, the
 GEMM FLOPs of a step and the GFLOP/s they imply, beside the measured float32 GEMM rate. Peak memory of a
-training step is measured in a fresh subprocess per framework: peak RSS growth on the CPU,
-the bytes its memory pool holds on a GPU (CuPy's pool, torch's peak reserved memory).
+training step is measured in a fresh subprocess per framework, over three steps, after one step
+at batch 2 that loads the code a framework loads once (numba's compiled kernels for mnn, about
+130 MB of RSS, as torch's libraries when it is imported): peak RSS growth on the CPU, the bytes
+its memory pool holds on a GPU (CuPy's pool, torch's peak reserved memory).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,9 +115,9 @@ def layer_flops(layer):
     if isinstance(layer, mnn.LinearLayer):
         rows = layer.saved()[0]
         return 2 * rows.size * layer.out_features
-    if isinstance(layer, mnn.Conv2dLayer):
-        cols = layer.saved()[0]
-        return 2 * cols.size * layer.out_channels
+    if isinstance(layer, mnn.Conv2dLayer):  # each output entry: a dot product of kh kw C
+        (kh, kw), outputs = layer.kernel_size, math.prod(layer._output_shape)
+        return 2 * outputs * kh * kw * layer.in_channels
     if isinstance(layer, mnn.MatrixProduct):
         a, b = layer.saved()
         return 2 * a.size * b.shape[-1]
@@ -170,8 +173,9 @@ def rss_kib(field):
 
 
 def memory_child(name, framework, cases, device):
-    mnn_step, torch_step, _, _ = step_functions(cases[name], device)
-    step = mnn_step if framework == "mnn" else torch_step
+    index = 0 if framework == "mnn" else 1
+    step_functions({**cases[name], "batch": 2}, device)[index]()  # loads the code (numba's kernels), not the data
+    step = step_functions(cases[name], device)[index]
     if device.name == "cuda":
         device.reset_peak()
         before, peak = device.pool_bytes(framework), lambda: device.pool_bytes(framework)

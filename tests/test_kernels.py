@@ -190,3 +190,15 @@ def test_embedding_kernel_adds_repeated_tokens_as_the_reference(dtype):
     finally:
         backend.set_default_dtype(numpy.float32)
     assert_close(results[0], results[1], dtype, "embedding gradient")
+
+
+def test_the_fused_convolution_gives_the_same_numbers_in_chunks_of_one_image(monkeypatch):
+    from mnn.layers import conv
+
+    x = channels_last_batch((5, 3, 8, 8), numpy.random.default_rng(0))
+    whole = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)[1]
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    chunked = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)[1]
+    for index in (0, 1):
+        assert_close(whole[index], chunked[index], numpy.float64, "output" if index == 0 else "input gradient")
+    assert_close(whole[2]["w"], chunked[2]["w"], numpy.float64, "weight gradient")

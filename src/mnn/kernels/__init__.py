@@ -12,6 +12,7 @@ on disk. ``MNN_KERNELS=numpy`` in the environment, or ``kernels.use("numpy")``, 
 reference everywhere; ``tests/test_kernels.py`` compares every kernel with its reference.
 """
 import importlib
+import importlib.util
 import os
 
 MODES = ("fused", "numpy")
@@ -26,9 +27,9 @@ def use(mode):
 
 
 def mode():
-    """The mode in use: ``use``'s, else ``$MNN_KERNELS``, else ``"fused"``."""
+    """The mode in use: ``use``'s, else ``$MNN_KERNELS``, else ``"fused"`` (``"numpy"`` without numba)."""
     if _state["mode"] is None:
-        use(os.environ.get("MNN_KERNELS", "fused") or "fused")
+        use(os.environ.get("MNN_KERNELS", "") or ("fused" if importlib.util.find_spec("numba") else "numpy"))
     return _state["mode"]
 
 

@@ -111,16 +111,15 @@ def max_pool_windows_backward(g, argmax, kernel, stride, grad):
                     grad[b, i * stride + offset // kernel, j * stride + offset % kernel, c] += g[b, i, j, c]
 
 
-def im2col(x, kh, kw, stride, padding):
-    """Convolution's im2col for a (B, C, H, W) batch, zero padding included: the rows
-    X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q] (B Ho Wo, kh kw C), and (B, Ho, Wo)."""
-    rows = channels_last(x)
-    batch, height, width, channels = rows.shape
+def im2col(images, kh, kw, stride, padding):
+    """Convolution's im2col, zero padding included, for (b, H, W, C) channels-last images: the rows
+    X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q], shaped (b Ho Wo, kh kw C)."""
+    batch, height, width, channels = images.shape
     out_h = output_size(height + 2 * padding, kh, stride)
     out_w = output_size(width + 2 * padding, kw, stride)
-    cols = numpy.empty((batch, out_h, out_w, kh, kw, channels), dtype=x.dtype)
-    im2col_rows(rows, stride, padding, cols)
-    return cols.reshape(batch * out_h * out_w, -1), (batch, out_h, out_w)
+    cols = numpy.empty((batch, out_h, out_w, kh, kw, channels), dtype=images.dtype)
+    im2col_rows(images, stride, padding, cols)
+    return cols.reshape(batch * out_h * out_w, -1)
 
 
 @njit(**COMPILE)
@@ -137,13 +136,14 @@ def im2col_rows(x, stride, padding, cols):
                             cols[b, i, j, p, q, c] = x[b, row, column, c] if inside else 0
 
 
-def col2im(d_cols, input_shape, kh, kw, stride, padding, out_size):
-    """Convolution's Eq. (3) from the gradient of the im2col rows: every window entry added back onto the
-    pixel it was copied from (the padding dropped); (B, C, H, W), channels-last in memory."""
-    batch, channels, height, width = input_shape
-    grad = numpy.zeros((batch, height, width, channels), dtype=d_cols.dtype)
-    col2im_rows(d_cols.reshape(batch, *out_size, kh, kw, channels), stride, padding, grad)
-    return channels_first(grad)
+def col2im(d_cols, kh, kw, stride, padding, grad):
+    """Convolution's Eq. (3) from the gradient of the im2col rows: every window entry added back onto
+    the pixel it was copied from (the padding dropped), into ``grad``, (b, H, W, C) images set to 0 first."""
+    batch, height, width, channels = grad.shape
+    out_h = output_size(height + 2 * padding, kh, stride)
+    out_w = output_size(width + 2 * padding, kw, stride)
+    grad[...] = 0
+    col2im_rows(d_cols.reshape(batch, out_h, out_w, kh, kw, channels), stride, padding, grad)
 
 
 @njit(**COMPILE)
@@ -227,15 +227,19 @@ def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_
         param[k] -= m[k] / (numpy.sqrt(v[k]) * unbias + eps) * step_size
 
 
-def gelu(x, c, k):
-    """GELU's Eq. (1) as (y, t), t = tanh(c (x + k x^3)): the polynomial and the product in one pass each;
-    the tanh is NumPy's, vectorised already (numba's would call the C library once per entry)."""
+def gelu_tanh(x, c, k):
+    """GELU's t = tanh(c (x + k x^3)): the polynomial in one pass, then NumPy's tanh in place (vectorised
+    already; numba's would call the C library once per entry)."""
     t = numpy.empty_like(x)
     gelu_argument(x.reshape(-1), x.dtype.type(c), x.dtype.type(k), t.reshape(-1))
-    numpy.tanh(t, out=t)
+    return numpy.tanh(t, out=t)
+
+
+def gelu(x, t):
+    """GELU's Eq. (1), y = x (1 + t) / 2, in one pass."""
     y = numpy.empty_like(x)
     gelu_product(x.reshape(-1), t.reshape(-1), y.reshape(-1))
-    return y, t
+    return y
 
 
 @njit(**COMPILE)

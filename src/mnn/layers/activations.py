@@ -101,25 +101,31 @@ class GeluLayer(ElementwiseLayer):
 
     $$\frac{\partial L}{\partial x} = g \odot f'(x). \tag{3}$$
 
-    This matches ``torch.nn.GELU(approximate="tanh")``. The fused CPU kernels
-    (``mnn.kernels.cpu``) compute Eq. (1) in two passes around NumPy's tanh, and Eqs. (2)-(3)
-    in one.
+    This matches ``torch.nn.GELU(approximate="tanh")``. Backward computes $t$ again from $x$
+    (a tanh costs less than keeping a tensor the size of the layer's output, as PyTorch does).
+    The fused CPU kernels (``mnn.kernels.cpu``) compute $t$ in two passes around NumPy's tanh,
+    and Eq. (1) and Eqs. (2)-(3) in one pass each.
     """
 
     C = math.sqrt(2 / math.pi)
     K = 0.044715
 
     def apply(self, x):
+        self.save(x)
+        t = self.tanh_argument(x)
         if kernels.fused(x):
-            y, t = kernels.cpu.gelu(x, self.C, self.K)  # Eq. (1)
-            self.save(x, t)
-            return y
-        t = backend.array_module(x).tanh(self.C * (x + self.K * x * x * x))
-        self.save(x, t)
+            return kernels.cpu.gelu(x, t)  # Eq. (1)
         return 0.5 * x * (1 + t)  # Eq. (1)
 
+    def tanh_argument(self, x):
+        """$t = \tanh u(x)$."""
+        if kernels.fused(x):
+            return kernels.cpu.gelu_tanh(x, self.C, self.K)
+        return backend.array_module(x).tanh(self.C * (x + self.K * x * x * x))
+
     def backward(self, g):
-        x, t = self.saved()
+        (x,) = self.saved()
+        t = self.tanh_argument(x)
         if kernels.fused(g, x):
             return kernels.cpu.gelu_backward(g, x, t, self.C, self.K)  # Eqs. (2)-(3)
         slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.K * x * x)  # Eq. (2)

@@ -75,7 +75,8 @@ class MultiHeadAttention(CompositeLayer):
         xp = backend.array_module(x)
         q, k, v = (self.split_heads(part) for part in xp.split(self.qkv.forward(x), 3, axis=-1))  # Eq. (1)
         scale = 1 / math.sqrt(self.dim // self.heads)
-        s = self.scores.forward(q * scale, k.swapaxes(-1, -2))  # Eq. (2)
+        s = self.scores.forward(q, k.swapaxes(-1, -2))  # Eq. (2), scaled below: q k^T keeps views of qkv
+        s *= scale
         if self.causal:
             length = x.shape[1]
             s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
@@ -89,7 +90,7 @@ class MultiHeadAttention(CompositeLayer):
         d_o = self.split_heads(self.proj.backward(g))  # Eq. (4)
         d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
         d_s = self.softmax.backward(d_a)  # Eq. (6)
-        d_q, d_k_t = self.scores.backward(d_s)  # Eq. (7)
-        d_qkv = xp.concatenate([self.merge_heads(d_q * scale), self.merge_heads(d_k_t.swapaxes(-1, -2)),
+        d_q, d_k_t = self.scores.backward(d_s * scale)  # Eq. (7)
+        d_qkv = xp.concatenate([self.merge_heads(d_q), self.merge_heads(d_k_t.swapaxes(-1, -2)),
                                 self.merge_heads(d_v)], axis=-1)
         return self.qkv.backward(d_qkv)  # through Eq. (1)

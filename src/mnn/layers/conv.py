@@ -3,7 +3,10 @@ import math
 
 from .. import backend, kernels
 from .base import Layer, check_size
-from .windows import channels_first, channels_last, pad_channels_last, windows
+from .normalization import column_sums
+from .windows import channels_first, channels_last, output_size, pad_channels_last, windows
+
+CHUNK_BYTES = 4 << 20  # fused path: im2col rows made and multiplied at a time (a few MiB, in cache)
 
 
 def im2col(x, kh, kw, stride):
@@ -49,10 +52,13 @@ class Conv2dLayer(Layer):
       \quad \text{for each offset } (p, q). \tag{6}$$
 
     Eqs. (4) and (5) are one GEMM each; Eq. (6) is $k_h k_w$ thin ones, with no col2im
-    buffer. The fused CPU kernels (``mnn.kernels.cpu``) instead copy the windows (padding
-    included) in one pass, and compute Eq. (6) as one GEMM,
-    $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$, whose rows col2im adds back
-    onto the pixels they were copied from (Eq. (3) again, summed in another order). The columns run over $(p, q, c)$ and images are channels-last in memory (see
+    buffer.
+
+    **Fused** (the CPU kernels, ``mnn.kernels.cpu``): a few images at a time, their windows
+    are copied in one pass (padding included) and multiplied, so the whole $X_{\text{col}}$
+    never exists; backward keeps the input instead and copies the windows again for Eq. (5),
+    and computes Eq. (6) as one GEMM, $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$,
+    whose rows col2im adds back onto the pixels they came from (Eq. (3), summed in another order). The columns run over $(p, q, c)$ and images are channels-last in memory (see
     ``windows``), so im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
     """
 
@@ -92,19 +98,23 @@ class Conv2dLayer(Layer):
         self.check_shape(x)
         (kh, kw), pad = self.kernel_size, self.padding
         if kernels.fused(x):
-            cols, (batch, out_h, out_w) = kernels.cpu.im2col(x, kh, kw, self.stride, pad)
-        else:
-            padded = pad_channels_last(x, pad) if pad else channels_last(x)
-            cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
-        w_col = self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
-        y = cols @ w_col.T  # Eq. (4)
+            return self.forward_by_chunks(x)
+        padded = pad_channels_last(x, pad) if pad else channels_last(x)
+        cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
+        y = cols @ self.w_col().T  # Eq. (4)
         if self.bias:
             y += self.params["b"]
-        self.save(cols, x.shape)
+        self.save("reference", cols, x.shape)
         return channels_first(y.reshape(batch, out_h, out_w, self.out_channels))
 
+    def w_col(self):
+        """$W_{\text{col}}$: the weights as an (O, kh kw C) matrix, columns in im2col's order."""
+        return self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+
     def backward(self, g):
-        cols, input_shape = self.saved()
+        path, cols, input_shape = self.saved()
+        if path == "fused":  # cols: the input
+            return self.backward_by_chunks(g, cols)
         g_col = channels_last(g).reshape(-1, self.out_channels)  # free when g is channels-last
         (kh, kw), cin = self.kernel_size, self.in_channels
         d_w_col = g_col.T @ cols  # Eq. (5)
@@ -119,12 +129,50 @@ class Conv2dLayer(Layer):
         (kh, kw), s, pad = self.kernel_size, self.stride, self.padding
         batch, channels, height, width = input_shape
         out_h, out_w = out_size
-        if kernels.fused(g_col):
-            w_col = self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
-            return kernels.cpu.col2im(g_col @ w_col, input_shape, kh, kw, s, pad, out_size)
         grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=g_col.dtype)
         for p in range(kh):
             for q in range(kw):
                 pixels = grad[:, p:p + s * out_h:s, q:q + s * out_w:s]
                 xp.add(pixels, (g_col @ self.params["w"][:, :, p, q]).reshape(pixels.shape), out=pixels)
         return channels_first(grad[:, pad:pad + height, pad:pad + width])
+
+    # -- the fused path: a few images at a time ------------------------------------------------
+    def image_chunks(self, batch, out_size):
+        """Slices of the batch whose im2col rows take about ``CHUNK_BYTES``: they stay in cache."""
+        row_bytes = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * self.params["w"].itemsize
+        per_chunk = max(1, CHUNK_BYTES // (out_size[0] * out_size[1] * row_bytes))
+        return [slice(start, start + per_chunk) for start in range(0, batch, per_chunk)]
+
+    def out_size(self, input_shape):
+        (kh, kw), pad, s = self.kernel_size, self.padding, self.stride
+        return output_size(input_shape[2] + 2 * pad, kh, s), output_size(input_shape[3] + 2 * pad, kw, s)
+
+    def forward_by_chunks(self, x):
+        """Eq. (4), with the fused im2col, chunk by chunk into one (B, Ho, Wo, O) output."""
+        (kh, kw), xp, images = self.kernel_size, backend.array_module(x), channels_last(x)
+        out_h, out_w = self.out_size(x.shape)
+        y, w_col_t = xp.empty((x.shape[0], out_h, out_w, self.out_channels), dtype=x.dtype), self.w_col().T
+        for chunk in self.image_chunks(x.shape[0], (out_h, out_w)):
+            cols = kernels.cpu.im2col(images[chunk], kh, kw, self.stride, self.padding)
+            xp.matmul(cols, w_col_t, out=y[chunk].reshape(-1, self.out_channels))  # Eq. (4)
+        if self.bias:
+            y += self.params["b"]
+        self.save("fused", x, x.shape)
+        return channels_first(y)
+
+    def backward_by_chunks(self, g, x):
+        """Eqs. (5) and (6), chunk by chunk: the windows copied again from the input, col2im for Eq. (6)."""
+        (kh, kw), xp, images = self.kernel_size, backend.array_module(g), channels_last(x)
+        g_rows, w_col = channels_last(g), self.w_col()
+        d_w_col = xp.zeros_like(w_col)
+        grad = xp.empty(images.shape, dtype=g.dtype) if self.input_grad else None
+        for chunk in self.image_chunks(x.shape[0], g.shape[2:]):
+            cols = kernels.cpu.im2col(images[chunk], kh, kw, self.stride, self.padding)
+            g_col = g_rows[chunk].reshape(-1, self.out_channels)
+            d_w_col += g_col.T @ cols  # Eq. (5)
+            if grad is not None:
+                kernels.cpu.col2im(g_col @ w_col, kh, kw, self.stride, self.padding, grad[chunk])  # Eq. (6)
+        self.grads["w"] += d_w_col.reshape(self.out_channels, kh, kw, self.in_channels).transpose(0, 3, 1, 2)
+        if self.bias:
+            self.grads["b"] += column_sums(g_rows.reshape(-1, self.out_channels))  # Eq. (5)
+        return channels_first(grad) if grad is not None else None
