@@ -16,3 +16,13 @@ def float64():
 @pytest.fixture
 def rng():
     return numpy.random.default_rng(1234)
+
+
+@pytest.fixture(params=["fused", "numpy"])
+def kernel_mode(request):
+    """Run a test with the fused CPU kernels and with the NumPy reference lines (MNN_KERNELS=numpy)."""
+    from mnn import kernels
+
+    kernels.use(request.param)
+    yield request.param
+    kernels.use("fused")

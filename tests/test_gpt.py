@@ -86,11 +86,11 @@ def small_gpt(tie_weights=True, bias=False):
 
 
 @pytest.mark.parametrize("tie_weights,bias", [(True, False), (False, True)])
-def test_whole_gpt_gradients_equal_torch(tie_weights, bias, float64, rng):
+def test_whole_gpt_gradients_equal_torch(tie_weights, bias, float64, rng, kernel_mode):
     whole_model_matches_torch(small_gpt(tie_weights, bias), rng, vocab=11, tol=TOL)
 
 
-def test_adamw_steps_of_the_whole_gpt_equal_torch(float64, rng):
+def test_adamw_steps_of_the_whole_gpt_equal_torch(float64, rng, kernel_mode):
     adamw_steps_match_torch(small_gpt(), rng, vocab=11)
 
 

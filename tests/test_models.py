@@ -23,7 +23,7 @@ def torch_cnn(net):
     return model, pairs
 
 
-def test_cnn_gradients_equal_torch(float64, rng):
+def test_cnn_gradients_equal_torch(float64, rng, kernel_mode):
     net = models.cnn(channels=(4, 6), hidden=[16], dropout=0.0)
     model, pairs = torch_cnn(net)
     x, labels = rng.standard_normal((5, 1, 28, 28)), rng.integers(0, 10, 5)
