@@ -89,6 +89,7 @@ def worker_torch(case, steps, warmup):
 
     times = timed_steps(step, steps, warmup, barrier=dist.barrier)
     rank = dist.get_rank()
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborted at exit without this)
     dist.destroy_process_group()
     return {"step_s": times} if rank == 0 else None
 

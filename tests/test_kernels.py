@@ -81,7 +81,8 @@ def test_max_pool_kernel_propagates_nan_as_numpy_maximum():
 
 
 @pytest.mark.parametrize("cin, cout, size, kernel, stride, padding", [
-    (3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0)])
+    (3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0),
+    (6, 4, 9, 3, 1, 1), (5, 3, 10, 3, 2, 2), (8, 2, 7, 2, 2, 0)])  # fewer than 4 channels: NumPy's copy
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 def test_im2col_and_col2im_kernels_equal_the_reference(cin, cout, size, kernel, stride, padding, dtype):
     x = channels_last_batch((4, cin, size, size), numpy.random.default_rng(0))
@@ -93,8 +94,8 @@ def test_im2col_and_col2im_kernels_equal_the_reference(cin, cout, size, kernel, 
 
 
 def test_im2col_kernel_takes_any_memory_layout():
-    x = numpy.random.default_rng(0).standard_normal((2, 3, 7, 7))  # channels-first in memory
-    reference, fused = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)
+    x = numpy.random.default_rng(0).standard_normal((2, 5, 7, 7))  # channels-first in memory
+    reference, fused = both_ways(lambda: Conv2dLayer(5, 4, 3, padding=1), x, numpy.float64)
     assert_close(reference[0], fused[0], numpy.float64, "output")
 
 
@@ -195,10 +196,10 @@ def test_embedding_kernel_adds_repeated_tokens_as_the_reference(dtype):
 def test_the_fused_convolution_gives_the_same_numbers_in_chunks_of_one_image(monkeypatch):
     from mnn.layers import conv
 
-    x = channels_last_batch((5, 3, 8, 8), numpy.random.default_rng(0))
-    whole = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)[1]
+    x = channels_last_batch((5, 6, 8, 8), numpy.random.default_rng(0))
+    whole = both_ways(lambda: Conv2dLayer(6, 4, 3, padding=1), x, numpy.float64)[1]
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
-    chunked = both_ways(lambda: Conv2dLayer(3, 4, 3, padding=1), x, numpy.float64)[1]
+    chunked = both_ways(lambda: Conv2dLayer(6, 4, 3, padding=1), x, numpy.float64)[1]
     for index in (0, 1):
         assert_close(whole[index], chunked[index], numpy.float64, "output" if index == 0 else "input gradient")
     assert_close(whole[2]["w"], chunked[2]["w"], numpy.float64, "weight gradient")

@@ -8,7 +8,7 @@ Images are channels-last in memory (``layers.windows``): the kernels loop over
 import numpy
 from numba import njit
 
-from ..layers.windows import channels_first, channels_last, output_size
+from ..layers.windows import channels_first, channels_last, output_size, windows
 
 # One thread each. OpenBLAS's threads spin for a while after every matrix product, and on
 # two cores numba's threads then fight them: parallel kernels (prange) made the CNN's step
@@ -117,6 +117,10 @@ def im2col(images, kh, kw, stride, padding):
     batch, height, width, channels = images.shape
     out_h = output_size(height + 2 * padding, kh, stride)
     out_w = output_size(width + 2 * padding, kw, stride)
+    if channels < 4:  # a pixel of one value or few: NumPy's strided copy is faster (1.0 ms against 1.7 ms
+        # for 128 grey 28 x 28 images), the loop below spending its time on the loops, not the copies
+        padded = numpy.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else images
+        return windows(padded, kh, kw, stride).reshape(batch * out_h * out_w, -1)
     cols = numpy.empty((batch, out_h, out_w, kh, kw, channels), dtype=images.dtype)
     im2col_rows(images, stride, padding, cols)
     return cols.reshape(batch * out_h * out_w, -1)
@@ -124,16 +128,21 @@ def im2col(images, kh, kw, stride, padding):
 
 @njit(**COMPILE)
 def im2col_rows(x, stride, padding, cols):
-    height, width = x.shape[1], x.shape[2]
-    for b in range(cols.shape[0]):
-        for i in range(cols.shape[1]):
-            for j in range(cols.shape[2]):
-                for p in range(cols.shape[3]):
-                    for q in range(cols.shape[4]):
-                        row, column = i * stride + p - padding, j * stride + q - padding
-                        inside = 0 <= row < height and 0 <= column < width
-                        for c in range(cols.shape[5]):
-                            cols[b, i, j, p, q, c] = x[b, row, column, c] if inside else 0
+    batch, height, width, channels = x.shape
+    _, out_h, out_w, kh, kw, _ = cols.shape
+    for b in range(batch):
+        for i in range(out_h):
+            for j in range(out_w):
+                for p in range(kh):
+                    row = i * stride + p - padding
+                    for q in range(kw):
+                        column = j * stride + q - padding
+                        if 0 <= row < height and 0 <= column < width:  # tested once per pixel, not per entry
+                            for c in range(channels):
+                                cols[b, i, j, p, q, c] = x[b, row, column, c]
+                        else:  # the zero padding
+                            for c in range(channels):
+                                cols[b, i, j, p, q, c] = 0
 
 
 def col2im(d_cols, kh, kw, stride, padding, grad):
