@@ -256,12 +256,12 @@ def test_an_lstm_learns_to_remember_the_first_input(rng):
     x = rng.standard_normal((64, 12, 1)).astype(numpy.float32)
     targets = numpy.repeat(numpy.sign(x[:, :1]), 12, axis=1)  # predicting 0 would give loss 1
     losses = []
-    for _ in range(150):
+    for _ in range(300):  # at 150 steps float32 rounding decided whether a passing spike was over
         net.zero_grads()
         losses.append(float(net(x, targets)))
         net.backward()
         net.step()
-    assert losses[0] > 0.9 and losses[-1] < 0.2, (losses[0], losses[-1])  # here: 1.01, then 0.046
+    assert losses[0] > 0.9 and losses[-1] < 0.2, (losses[0], losses[-1])  # here: 1.01, then 0.025
 
 
 @pytest.mark.cupy
