@@ -12,6 +12,7 @@ import pytest
 
 from mnn import backend, kernels, optim
 from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, EmbeddingLayer, GeluLayer, LayerNormLayer,
+                        LSTMLayer,
                         MaxPool2dLayer)
 from mnn.layers.windows import channels_first
 
@@ -203,3 +204,14 @@ def test_the_fused_convolution_gives_the_same_numbers_in_chunks_of_one_image(mon
     for index in (0, 1):
         assert_close(whole[index], chunked[index], numpy.float64, "output" if index == 0 else "input gradient")
     assert_close(whole[2]["w"], chunked[2]["w"], numpy.float64, "weight gradient")
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_lstm_step_kernel_equals_the_reference(dtype):
+    x = numpy.random.default_rng(0).standard_normal((3, 6, 4))
+    reference, fused = both_ways(lambda: LSTMLayer(4, 5), x, dtype)
+    assert_close(reference[1], fused[1], dtype, "input gradient")
+    for name in reference[2]:
+        assert_close(reference[2][name], fused[2][name], dtype, name)
+    for part in (0, 1):
+        assert_close(reference[3].state_grad[part], fused[3].state_grad[part], dtype, "initial state gradient")

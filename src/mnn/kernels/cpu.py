@@ -340,3 +340,27 @@ def embedding_backward(grad, indices, g):
 def embedding_backward_rows(grad, indices, g):
     for n in range(indices.size):
         grad[indices[n]] += g[n]
+
+
+def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
+    """The LSTM's Eqs. (4)-(7) for one step, in one pass: fills ``delta`` (B, 4H) from the saved gates
+    [i, f, c~, o] and returns dL/dc_t * f_t, the cell-state path's carry into step t - 1."""
+    carry_out = numpy.empty_like(carry_c)
+    lstm_step_backward_rows(g, carry_h, carry_c, gates, tanh_c, c_prev, g.dtype.type(1), delta, carry_out)
+    return carry_out
+
+
+@njit(**COMPILE)
+def lstm_step_backward_rows(g, carry_h, carry_c, gates, tanh_c, c_prev, one, delta, carry_out):
+    size = g.shape[1]
+    for b in range(g.shape[0]):
+        for k in range(size):
+            i, f = gates[b, k], gates[b, size + k]
+            c_tilde, o = gates[b, 2 * size + k], gates[b, 3 * size + k]
+            dh = g[b, k] + carry_h[b, k]  # Eq. (4)
+            dc = dh * o * (one - tanh_c[b, k] * tanh_c[b, k]) + carry_c[b, k]  # Eq. (5)
+            delta[b, k] = (dc * c_tilde) * (i * (one - i))  # Eqs. (6), (7)
+            delta[b, size + k] = (dc * c_prev[b, k]) * (f * (one - f))
+            delta[b, 2 * size + k] = (dc * i) * (one - c_tilde * c_tilde)
+            delta[b, 3 * size + k] = (dh * tanh_c[b, k]) * (o * (one - o))
+            carry_out[b, k] = dc * f

@@ -5,7 +5,7 @@ for the weights, the state carried between calls); each cell derives its own gat
 """
 import math
 
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_floating, check_size
 from .normalization import column_sums
 
@@ -270,7 +270,9 @@ class LSTMLayer(RecurrentLayer):
       \frac{\partial L}{\partial \tilde c_t}; \frac{\partial L}{\partial o_t}\Big] \odot
       \big[i_t (1 - i_t);\ f_t (1 - f_t);\ 1 - \tilde c_t^2;\ o_t (1 - o_t)\big]. \tag{7}$$
 
-    The second factor depends only on the saved gates: one product for all four blocks.
+    The second factor depends only on the saved gates: one product for all four blocks. The
+    fused CPU kernel (``mnn.kernels.cpu.lstm_step_backward``) computes Eqs. (4)-(7) of a step
+    in one pass.
     At $t = T$ the final state's gradients (zero unless given) stand in for the terms from
     step $T + 1$. The initial state receives $\partial L/\partial h_0 = W_{hh}^\top \delta_1$
     and $\partial L/\partial c_0 = \partial L/\partial c_1 \odot f_1$; the weights, Eq. (T6).
@@ -308,9 +310,14 @@ class LSTMLayer(RecurrentLayer):
         g = swap_batch_time(g)
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
+        fused = kernels.fused(g, gates)
         for t in reversed(range(y.shape[0])):
             i, f, c_tilde, o = (gates[t, :, k * size:(k + 1) * size] for k in range(4))
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
+            if fused:  # Eqs. (4)-(7) in one pass
+                carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h, carry_c, gates[t], tanh_c, c_prev, delta[t])
+                carry_h = self.state_gradient(delta[t], w_hh_t)
+                continue
             dh = g[t] + carry_h  # Eq. (4)
             dc = dh * o * (1 - tanh_c * tanh_c) + carry_c  # Eq. (5)
             d = delta[t]  # a view: filled with Eq. (6), then multiplied by the slopes of Eq. (7)
