@@ -23,6 +23,7 @@ def kernel_mode(request):
     """Run a test with the fused CPU kernels and with the NumPy reference lines (MNN_KERNELS=numpy)."""
     from mnn import kernels
 
+    before = kernels.mode()
     kernels.use(request.param)
     yield request.param
-    kernels.use("fused")
+    kernels.use(before)

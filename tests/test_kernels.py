@@ -21,8 +21,9 @@ TOLERANCE = {numpy.float64: 1e-12, numpy.float32: 2e-6}
 
 @pytest.fixture(autouse=True)
 def restore_mode():
+    before = kernels.mode()
     yield
-    kernels.use("fused")
+    kernels.use(before)
 
 
 def both_ways(make_layer, x, dtype, seed=1):
@@ -152,8 +153,10 @@ def test_cupy_and_float16_arrays_take_the_reference_lines():
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
-def test_gelu_kernels_equal_the_reference(dtype):
-    x = numpy.random.default_rng(0).standard_normal((3, 5, 7)) * 3
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_gelu_kernels_equal_the_reference(dtype, layout):
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7)) * 3 if layout == "contiguous" else channels_last_batch((2, 3, 4, 5), rng) * 3
     reference, fused = both_ways(GeluLayer, x, dtype)
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], fused[index], dtype, what)

@@ -1,8 +1,8 @@
 """Flat buffers: every parameter and every gradient as a view into one array per dtype.
 
 A network's tensors are many small arrays. Laid end to end in one buffer, they can be
-sent in one message (the data-parallel all-reduce: ``mnn.distributed``), cleared in one
-pass, and updated by one kernel, while each layer still reads and writes its own
+sent in one message (the data-parallel all-reduce: ``mnn.distributed``) and cleared in one
+pass, while each layer still reads and writes its own
 ``params[name]`` and ``grads[name]``: those become views into the buffers, so the layer
 contract does not change.
 

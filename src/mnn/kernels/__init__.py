@@ -23,6 +23,8 @@ def use(mode):
     """Run the fused kernels (``"fused"``, the default) or the NumPy reference everywhere (``"numpy"``)."""
     if mode not in MODES:
         raise ValueError(f"kernels: unknown mode {mode!r}; expected 'fused' or 'numpy' (MNN_KERNELS)")
+    if mode == "fused" and importlib.util.find_spec("numba") is None:
+        raise RuntimeError("kernels: the fused kernels need numba (pip install numba), or MNN_KERNELS=numpy")
     _state["mode"] = mode
 
 

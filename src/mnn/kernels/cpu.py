@@ -239,14 +239,16 @@ def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_
 def gelu_tanh(x, c, k):
     """GELU's t = tanh(c (x + k x^3)): the polynomial in one pass, then NumPy's tanh in place (vectorised
     already; numba's would call the C library once per entry)."""
-    t = numpy.empty_like(x)
+    x = numpy.ascontiguousarray(x)  # the loops run over flat views: C order, whatever layout came in
+    t = numpy.empty(x.shape, dtype=x.dtype)
     gelu_argument(x.reshape(-1), x.dtype.type(c), x.dtype.type(k), t.reshape(-1))
     return numpy.tanh(t, out=t)
 
 
 def gelu(x, t):
     """GELU's Eq. (1), y = x (1 + t) / 2, in one pass."""
-    y = numpy.empty_like(x)
+    x, t = numpy.ascontiguousarray(x), numpy.ascontiguousarray(t)
+    y = numpy.empty(x.shape, dtype=x.dtype)
     gelu_product(x.reshape(-1), t.reshape(-1), y.reshape(-1))
     return y
 
@@ -265,7 +267,8 @@ def gelu_product(x, t, y):
 
 def gelu_backward(g, x, t, c, k):
     """GELU's Eqs. (2)-(3): g f'(x) in one pass."""
-    grad = numpy.empty_like(g)
+    g, x, t = (numpy.ascontiguousarray(a) for a in (g, x, t))
+    grad = numpy.empty(g.shape, dtype=g.dtype)
     gelu_backward_flat(g.reshape(-1), x.reshape(-1), t.reshape(-1), x.dtype.type(c), x.dtype.type(3 * k),
                        grad.reshape(-1))
     return grad

@@ -134,7 +134,7 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         rows = self.to_rows(x)
-        if self.fused(rows):  # Eq. (1) in three passes: the same numbers as the lines below
+        if self.fused(rows):  # Eq. (1) in three passes: the lines below' numbers, to rounding
             y, x_hat, inv_std, mean, var = kernels.cpu.batch_norm(rows, self.params["weight"], self.params["bias"],
                                                                   self.eps)
             self.update_running_stats(mean, var, rows.shape[0])
