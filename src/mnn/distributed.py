@@ -175,12 +175,13 @@ class MpiRanks:
 
         devices = cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(self.local_rank % devices).use()
-        if self.local_size > devices:  # NCCL refuses two ranks on one GPU: sums go through host memory
-            return
         try:
             from cupy.cuda import nccl
         except ImportError:
-            return
+            nccl = None
+        own_gpu = self.local_size <= devices  # NCCL refuses two ranks on one GPU
+        if not self.comm.allreduce(nccl is not None and own_gpu, op=self.MPI.LAND):
+            return  # on some rank NCCL cannot run: every rank sums through host memory
         unique_id = self.comm.bcast(nccl.get_unique_id() if self.is_root else None, root=0)
         self.nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
 
