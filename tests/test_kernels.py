@@ -199,11 +199,32 @@ def test_the_fused_convolution_gives_the_same_numbers_in_chunks_of_one_image(mon
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
-def test_lstm_step_kernel_equals_the_reference(dtype):
+@pytest.mark.parametrize("hidden, bias", [(5, True), (8, False), (17, True)])  # 4H: a tile and a rest, whole tiles
+def test_lstm_step_kernels_equal_the_reference(dtype, hidden, bias):
     x = numpy.random.default_rng(0).standard_normal((3, 6, 4))
-    reference, fused = both_ways(lambda: LSTMLayer(4, 5), x, dtype)
+    reference, fused = both_ways(lambda: LSTMLayer(4, hidden, bias=bias), x, dtype)
+    assert_close(reference[0], fused[0], dtype, "output")
     assert_close(reference[1], fused[1], dtype, "input gradient")
     for name in reference[2]:
         assert_close(reference[2][name], fused[2][name], dtype, name)
     for part in (0, 1):
+        assert_close(reference[3].final_state[part], fused[3].final_state[part], dtype, "final state")
         assert_close(reference[3].state_grad[part], fused[3].state_grad[part], dtype, "initial state gradient")
+
+
+def test_lstm_kernels_carry_a_given_state_and_final_state_gradient_as_the_reference():
+    rng = numpy.random.default_rng(2)
+    x, state = rng.standard_normal((2, 5, 3)), (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
+    final_grad = (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
+    results = []
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        backend.seed(0)
+        layer = LSTMLayer(3, 6)
+        y = layer.forward(x, state=state)
+        grad = layer.backward(numpy.ones_like(y), final_state_grad=final_grad)
+        results.append((y, grad, layer.state_grad))
+    for reference, fused, what in zip(*results, ("output", "input gradient", "initial state gradient")):
+        for a, b in zip(reference if isinstance(reference, tuple) else (reference,),
+                        fused if isinstance(fused, tuple) else (fused,)):
+            assert_close(a, b, numpy.float64, what)

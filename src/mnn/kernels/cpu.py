@@ -345,25 +345,86 @@ def embedding_backward_rows(grad, indices, g):
         grad[indices[n]] += g[n]
 
 
+TILE = 16  # a transposed read goes tile by tile: 16 rows of the source share each cache line read
+
+
+def lstm_step_forward(gates, state_product, bias, c_prev, c, tanh_c, h):
+    r"""The LSTM's Eqs. (T1), (1)-(3) for one step. ``gates`` (B, 4H) holds $x_t W_{ih}^\top$ and is
+    overwritten by [i, f, c~, o]; ``state_product`` is $W_{hh} h_{t-1}^\top$ (4H, B), as the faster
+    matrix product returns it; writes $c_t$, $\tanh c_t$ and $h_t$. Each sigmoid is
+    $\tfrac12(1 + \tanh(a/2))$, as in the reference, so NumPy's vectorised tanh does all four gates
+    in one call; the kernels around it do the rest in one pass each."""
+    half, one = gates.dtype.type(0.5), gates.dtype.type(1)
+    add_transposed(gates, bias, state_product)  # Eq. (T1)
+    halve_sigmoid_blocks(gates, half)
+    numpy.tanh(gates, out=gates)  # Eq. (1)
+    lstm_cell(gates, c_prev, one, half, c)  # Eqs. (1), (2)
+    numpy.tanh(c, out=tanh_c)
+    numpy.multiply(gates[:, 3 * c.shape[1]:], tanh_c, out=h)  # Eq. (3)
+
+
+@njit(**COMPILE)
+def add_transposed(rows, bias, columns):
+    """rows[b, k] += bias[k] + columns[k, b]: ``columns`` is read tile by tile."""
+    batch, width = rows.shape
+    whole = width - width % TILE
+    for k0 in range(0, whole, TILE):
+        for b in range(batch):
+            row = rows[b, k0:k0 + TILE]
+            for k in range(TILE):  # a constant count: the compiler gathers it as one vector
+                row[k] = (row[k] + bias[k0 + k]) + columns[k0 + k, b]
+    for b in range(batch):
+        for k in range(whole, width):
+            rows[b, k] = (rows[b, k] + bias[k]) + columns[k, b]
+
+
+@njit(**COMPILE)
+def halve_sigmoid_blocks(gates, half):
+    """a/2 in the i, f and o blocks: the argument of tanh in sigma(a) = (1 + tanh(a/2)) / 2."""
+    size = gates.shape[1] // 4
+    for b in range(gates.shape[0]):
+        i_f, o = gates[b, :2 * size], gates[b, 3 * size:]
+        for k in range(2 * size):
+            i_f[k] *= half
+        for k in range(size):
+            o[k] *= half
+
+
+@njit(**COMPILE)
+def lstm_cell(gates, c_prev, one, half, c):
+    """i, f, o = (1 + tanh) / 2 in place (the c~ block is tanh already); c = f c_prev + i c~."""
+    size = c.shape[1]
+    for b in range(c.shape[0]):  # a row's blocks as 1-D slices: the compiler vectorises these loops
+        i, f, c_tilde, o = gates[b, :size], gates[b, size:2 * size], gates[b, 2 * size:3 * size], gates[b, 3 * size:]
+        c_old, c_new = c_prev[b], c[b]
+        for k in range(size):
+            i[k] = (i[k] + one) * half
+            f[k] = (f[k] + one) * half
+            o[k] = (o[k] + one) * half
+            c_new[k] = f[k] * c_old[k] + i[k] * c_tilde[k]
+
+
 def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
-    """The LSTM's Eqs. (4)-(7) for one step, in one pass: fills ``delta`` (B, 4H) from the saved gates
-    [i, f, c~, o] and returns dL/dc_t * f_t, the cell-state path's carry into step t - 1."""
-    carry_out = numpy.empty_like(carry_c)
-    lstm_step_backward_rows(g, carry_h, carry_c, gates, tanh_c, c_prev, g.dtype.type(1), delta, carry_out)
+    r"""The LSTM's Eqs. (4)-(7) for one step: fills ``delta`` (B, 4H) from the saved gates [i, f, c~, o]
+    and returns dL/dc_t * f_t, the cell-state path's carry into step t - 1. ``carry_h`` is
+    $W_{hh}^\top \delta_{t+1}$ as (H, B) columns, as the faster matrix product returns it."""
+    carry_out, dh = numpy.empty_like(carry_c), g.copy()
+    add_transposed(dh, numpy.zeros(g.shape[1], dtype=g.dtype), carry_h)  # Eq. (4)
+    lstm_step_backward_rows(dh, carry_c, gates, tanh_c, c_prev, g.dtype.type(1), delta, carry_out)
     return carry_out
 
 
 @njit(**COMPILE)
-def lstm_step_backward_rows(g, carry_h, carry_c, gates, tanh_c, c_prev, one, delta, carry_out):
-    size = g.shape[1]
-    for b in range(g.shape[0]):
+def lstm_step_backward_rows(dh, carry_c, gates, tanh_c, c_prev, one, delta, carry_out):
+    size = dh.shape[1]
+    for b in range(dh.shape[0]):  # a row's blocks as 1-D slices: the compiler vectorises these loops
+        i, f, c_tilde, o = gates[b, :size], gates[b, size:2 * size], gates[b, 2 * size:3 * size], gates[b, 3 * size:]
+        d_i, d_f, d_c, d_o = delta[b, :size], delta[b, size:2 * size], delta[b, 2 * size:3 * size], delta[b, 3 * size:]
+        dh_row, carry_row, tanh_row, c_old, out = dh[b], carry_c[b], tanh_c[b], c_prev[b], carry_out[b]
         for k in range(size):
-            i, f = gates[b, k], gates[b, size + k]
-            c_tilde, o = gates[b, 2 * size + k], gates[b, 3 * size + k]
-            dh = g[b, k] + carry_h[b, k]  # Eq. (4)
-            dc = dh * o * (one - tanh_c[b, k] * tanh_c[b, k]) + carry_c[b, k]  # Eq. (5)
-            delta[b, k] = (dc * c_tilde) * (i * (one - i))  # Eqs. (6), (7)
-            delta[b, size + k] = (dc * c_prev[b, k]) * (f * (one - f))
-            delta[b, 2 * size + k] = (dc * i) * (one - c_tilde * c_tilde)
-            delta[b, 3 * size + k] = (dh * tanh_c[b, k]) * (o * (one - o))
-            carry_out[b, k] = dc * f
+            dc = dh_row[k] * o[k] * (one - tanh_row[k] * tanh_row[k]) + carry_row[k]  # Eq. (5)
+            d_i[k] = (dc * c_tilde[k]) * (i[k] * (one - i[k]))  # Eqs. (6), (7)
+            d_f[k] = (dc * c_old[k]) * (f[k] * (one - f[k]))
+            d_c[k] = (dc * i[k]) * (one - c_tilde[k] * c_tilde[k])
+            d_o[k] = (dh_row[k] * tanh_row[k]) * (o[k] * (one - o[k]))
+            out[k] = dc * f[k]

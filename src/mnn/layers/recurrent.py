@@ -271,8 +271,8 @@ class LSTMLayer(RecurrentLayer):
       \big[i_t (1 - i_t);\ f_t (1 - f_t);\ 1 - \tilde c_t^2;\ o_t (1 - o_t)\big]. \tag{7}$$
 
     The second factor depends only on the saved gates: one product for all four blocks. The
-    fused CPU kernel (``mnn.kernels.cpu.lstm_step_backward``) computes Eqs. (4)-(7) of a step
-    in one pass.
+    fused CPU kernels compute a step's Eqs. (1)-(3) (``mnn.kernels.cpu.lstm_step_forward``) and
+    Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain.
     At $t = T$ the final state's gradients (zero unless given) stand in for the terms from
     step $T + 1$. The initial state receives $\partial L/\partial h_0 = W_{hh}^\top \delta_1$
     and $\partial L/\partial c_0 = \partial L/\partial c_1 \odot f_1$; the weights, Eq. (T6).
@@ -284,13 +284,19 @@ class LSTMLayer(RecurrentLayer):
 
     def forward(self, x, state=None):
         rows, a, (h0, c0) = self.start(x, state)  # Eq. (T5)
-        if self.bias:
-            a += self.params["bias_ih"] + self.params["bias_hh"]  # Eq. (T5); b_hh enters every step, so here
         xp, size = backend.array_module(a), self.hidden_size
+        bias = self.params["bias_ih"] + self.params["bias_hh"] if self.bias else xp.zeros(4 * size, a.dtype)
+        fused = kernels.fused(a, h0, c0, self.params["weight_hh"], bias)
+        if self.bias and not fused:
+            a += bias  # Eq. (T5); b_hh enters every step, so here
         y, cells, tanh_cells = (xp.empty(a.shape[:2] + (size,), dtype=a.dtype) for _ in range(3))
         h, c = h0, c0
         for t in range(a.shape[0]):
             gates = a[t]  # a view: the pre-activations, overwritten by the gates
+            if fused:  # Eqs. (T1), (1)-(3) of a step in six passes, the bias added here
+                kernels.cpu.lstm_step_forward(gates, self.params["weight_hh"] @ h.T, bias, c, cells[t], tanh_cells[t], y[t])
+                h, c = y[t], cells[t]
+                continue
             gates += self.state_product(h)  # Eq. (T1)
             c_tilde = xp.tanh(gates[:, 2 * size:3 * size])  # Eq. (1)
             sigmoid(gates, out=gates)  # Eq. (1): i, f, o (and the g block, replaced next)
@@ -312,12 +318,12 @@ class LSTMLayer(RecurrentLayer):
         delta = xp.empty_like(gates)
         fused = kernels.fused(g, gates)
         for t in reversed(range(y.shape[0])):
-            i, f, c_tilde, o = (gates[t, :, k * size:(k + 1) * size] for k in range(4))
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
-            if fused:  # Eqs. (4)-(7) in one pass
-                carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h, carry_c, gates[t], tanh_c, c_prev, delta[t])
+            if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
+                carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h.T, carry_c, gates[t], tanh_c, c_prev, delta[t])
                 carry_h = self.state_gradient(delta[t], w_hh_t)
                 continue
+            i, f, c_tilde, o = (gates[t, :, k * size:(k + 1) * size] for k in range(4))
             dh = g[t] + carry_h  # Eq. (4)
             dc = dh * o * (1 - tanh_c * tanh_c) + carry_c  # Eq. (5)
             d = delta[t]  # a view: filled with Eq. (6), then multiplied by the slopes of Eq. (7)
