@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from mnn import cli
+from mnn import cli, distributed
 from mnn.checkpoint import read_checkpoint
 from mnn.distributed import ONE_PROCESS, MpiRanks, OneProcess
 from mnn.runs import CHECKPOINT
@@ -122,7 +122,25 @@ def test_a_batch_the_ranks_cannot_share_equally_is_refused():
     with pytest.raises(ValueError, match="--batch-size 101 is the global batch, shared equally by 2 ranks"):
         ranks_of(2)[1].share(101)
     result = mpiexec(2, [*MLP, "--batch-size", "101", "--steps", "4"], timeout=60)
-    assert result.returncode != 0 and "give a multiple of 2" in result.stderr
+    assert result.returncode != 0 and result.stderr.count("give a multiple of 2") == 1  # told once, by rank 0
+
+
+@pytest.mark.parametrize("variable", distributed.WORLD_SIZE_VARIABLES)
+def test_each_launchers_variable_gives_the_world_size(monkeypatch, variable):
+    for name in distributed.WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world_size() == 1
+    monkeypatch.setenv(variable, "3")
+    assert distributed.world_size() == 3
+
+
+def test_an_mpi_library_that_does_not_see_the_launchers_ranks_is_refused(tmp_path):
+    # MVAPICH's variable says 3 ranks; MPICH's singleton start sees this process alone
+    env = {**ENV, "MV2_COMM_WORLD_SIZE": "3"}
+    result = subprocess.run([*MNN, *MLP, "--steps", "1", "--out", str(tmp_path / "run")], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "the launcher started 3 ranks, but mpi4py's MPI library sees 1" in result.stderr
 
 
 def wait_for(path, seconds=60):

@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def add_common_arguments(parser):
 
 
 GRADCHECK_TOLERANCE = 1e-6
+RANK_ERROR_DELAY_S = 2  # how long a rank other than 0 waits before telling its error (see main)
 
 
 def command_test(args):
@@ -129,6 +131,10 @@ def main(argv=None):
         ranks = other_ranks()
         if debug and ranks is None:
             raise
+        if ranks is not None and not ranks.is_root:
+            # An error every rank meets (a bad argument, a missing file) is told once: rank 0 tells it and
+            # ends the job while the others wait here. An error of this rank alone is told after the wait.
+            time.sleep(RANK_ERROR_DELAY_S)
         if debug:
             traceback.print_exc()
         else:

@@ -28,8 +28,9 @@ import numpy
 
 from . import backend
 
-# Set by the launcher in every rank it starts: MPICH's and Intel MPI's Hydra, Open MPI.
-WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+# Set by the launcher in every rank it starts: MPICH's and Intel MPI's Hydra, Open MPI, MVAPICH,
+# and Slurm's srun (in each task of a job step; 1 in a batch script's own shell).
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 _connected = []  # the MpiRanks of this process, once connect() made it
 
 
@@ -84,6 +85,10 @@ def connect(backend_name="numpy"):
     except ImportError as error:
         raise RuntimeError(f"started by mpiexec as one of {size} ranks, but mpi4py is not installed: in mnn's "
                            f"folder, pip install -e '.[mpi]' ({error})") from error
+    if MPI.COMM_WORLD.Get_size() != size:
+        raise RuntimeError(f"the launcher started {size} ranks, but mpi4py's MPI library sees "
+                           f"{MPI.COMM_WORLD.Get_size()}: start them with the mpiexec of the MPI that mpi4py was "
+                           f"built with ({MPI.Get_library_version().splitlines()[0].strip()})")
     ranks = MpiRanks(MPI.COMM_WORLD)
     _connected.append(ranks)
     if backend_name == "cupy":
