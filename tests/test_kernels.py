@@ -12,8 +12,8 @@ import pytest
 
 from mnn import backend, kernels, optim
 from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, EmbeddingLayer, GeluLayer, LayerNormLayer,
-                        LSTMLayer,
-                        MaxPool2dLayer)
+                        LSTMLayer, MaxPool2dLayer, SoftmaxLayer)
+from mnn.layers.softmax import softmax
 from mnn.layers.windows import channels_first
 
 TOLERANCE = {numpy.float64: 1e-12, numpy.float32: 2e-6}
@@ -160,6 +160,44 @@ def test_gelu_kernels_equal_the_reference(dtype, layout):
     reference, fused = both_ways(GeluLayer, x, dtype)
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], fused[index], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (5, 1), (4, 37)])
+def test_softmax_kernels_equal_the_reference(dtype, shape):
+    x = numpy.random.default_rng(0).standard_normal(shape) * 4
+    if shape[-1] == 8:  # a causal mask, as attention adds it
+        x = x + numpy.triu(numpy.full((8, 8), -numpy.inf), k=1)
+    reference, fused = both_ways(SoftmaxLayer, x, dtype)
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], fused[index], dtype, what)
+
+
+def test_softmax_kernel_gives_nan_and_inf_rows_as_numpy():
+    x = numpy.array([[1.0, numpy.nan, 2.0], [numpy.nan, 0.0, 0.0], [numpy.inf, 1.0, 0.0],
+                     [-numpy.inf, -numpy.inf, -numpy.inf], [3.0, 2.0, 1.0]])
+    kernels.use("numpy")
+    with numpy.errstate(invalid="ignore"):  # inf - inf in NumPy's lines
+        expected = softmax(x)
+    kernels.use("fused")
+    numpy.testing.assert_array_equal(numpy.isnan(softmax(x)), numpy.isnan(expected))
+    numpy.testing.assert_allclose(softmax(x)[4], expected[4], rtol=1e-15)
+
+
+def test_softmax_along_another_axis_or_of_mixed_dtypes_takes_the_reference():
+    rng = numpy.random.default_rng(1)
+    x, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)).astype(numpy.float32)
+    results = []
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        layer = SoftmaxLayer(axis=0)
+        results.append((layer.forward(x), layer.backward(g)))
+        layer = SoftmaxLayer()
+        results.append((layer.forward(x), layer.backward(g)))
+    for reference, fused in ((results[0], results[2]), (results[1], results[3])):
+        for a, b in zip(reference, fused):
+            assert a.dtype == b.dtype
+            numpy.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,5 +1,5 @@
 r"""Softmax and log-softmax along one axis, numerically stable."""
-from .. import backend
+from .. import backend, kernels
 from .base import Layer
 
 
@@ -11,6 +11,9 @@ def log_softmax(x, axis=-1):
 
 
 def softmax(x, axis=-1):
+    r"""$e^{x - m} / \sum e^{x - m}$ with $m$ the max along ``axis`` (``SoftmaxLayer``'s Eq. (1))."""
+    if kernels.fused(x) and axis in (-1, x.ndim - 1) and x.shape[-1]:
+        return kernels.cpu.softmax(x)  # the same, in three passes over each row
     xp = backend.array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
@@ -56,6 +59,8 @@ class SoftmaxLayer(AlongAxisLayer):
 
     def backward(self, g):
         (y,) = self.saved()
+        if kernels.fused(y, g) and y.dtype == g.dtype and self.axis in (-1, y.ndim - 1):
+            return kernels.cpu.softmax_backward(y, g)  # Eq. (3), each row in one pass from cache
         return y * (g - (g * y).sum(axis=self.axis, keepdims=True))  # Eq. (3)
 
 
