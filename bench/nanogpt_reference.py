@@ -2,6 +2,7 @@
 
     python -m bench.nanogpt_reference --seeds 1337 1338 1339
     python -m bench.nanogpt_reference --set bias=1 weight_decay=0 --device cuda   # a variant, on a GPU
+    python -m bench.nanogpt_reference --preset gpu --device cuda   # nanoGPT's GPU run (6 x 384, dropout 0.2)
 
 nanoGPT's README trains Tiny Shakespeare on a CPU with
 ``config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
@@ -13,6 +14,10 @@ warm-up formula, its weight-decay groups, and its noisy 20-batch ``estimate_loss
 It also reports the loss over the whole validation split, so the two estimates can be
 compared. ``--set`` changes one setting of CONFIG (the settings the issue leaves open:
 warm-up, final learning rate, betas, weight decay, clipping, biases, weight tying).
+``--preset gpu`` starts from nanoGPT's own ``config/train_shakespeare_char.py`` instead (6 layers,
+6 heads, width 384, context 256, batch 64, dropout 0.2, 5000 iterations, 200-batch estimates);
+dropout sits where nanoGPT's ``model.py`` puts it: the embeddings' sum, the attention weights,
+and each residual branch's output.
 mnn never imports this file; only torch does the work here.
 """
 import argparse
@@ -27,13 +32,15 @@ from torch.nn import functional as F
 
 CONFIG = {"layers": 4, "heads": 4, "width": 128, "context": 64, "batch": 12, "iters": 2000,
           "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "beta2": 0.99, "weight_decay": 0.1, "clip": 1.0,
-          "eval_interval": 250, "eval_iters": 20, "bias": 0, "tie": 1}
+          "eval_interval": 250, "eval_iters": 20, "bias": 0, "tie": 1, "dropout": 0.0}
+PRESETS = {"cpu": {}, "gpu": {"layers": 6, "heads": 6, "width": 384, "context": 256, "batch": 64, "iters": 5000,
+                              "eval_iters": 200, "dropout": 0.2}}
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads, bias):
+    def __init__(self, width, heads, bias, dropout):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.ln_1 = nn.LayerNorm(width, bias=bias)
         self.c_attn = nn.Linear(width, 3 * width, bias=bias)
         self.attn_proj = nn.Linear(width, width, bias=bias)
@@ -45,12 +52,12 @@ class Block(nn.Module):
         batch, length, width = x.shape
         q, k, v = self.c_attn(x).split(width, dim=2)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.attn_proj(y.transpose(1, 2).reshape(batch, length, width))
 
     def forward(self, x):
-        x = x + self.attention(self.ln_1(x))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        x = x + F.dropout(self.attention(self.ln_1(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)))), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -58,7 +65,8 @@ class GPT(nn.Module):
         super().__init__()
         width, bias = config["width"], bool(config["bias"])
         self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(config["context"], width)
-        self.blocks = nn.ModuleList(Block(width, config["heads"], bias) for _ in range(config["layers"]))
+        self.dropout = config["dropout"]
+        self.blocks = nn.ModuleList(Block(width, config["heads"], bias, self.dropout) for _ in range(config["layers"]))
         self.ln_f = nn.LayerNorm(width, bias=bias)
         self.lm_head = nn.Linear(width, vocab, bias=False)
         if config["tie"]:
@@ -74,6 +82,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -156,6 +165,8 @@ def main():
     parser.add_argument("--text", default=str(Path(__file__).parents[1] / "src/mnn/data/tinyshakespeare.txt"),
                         help="the corpus (default: the Tiny Shakespeare shipped in mnn)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="cpu: nanoGPT's README CPU run (the default); gpu: its train_shakespeare_char.py")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"change CONFIG: {sorted(CONFIG)}")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (float32: TF32 off)")
     args = parser.parse_args()
@@ -164,7 +175,8 @@ def main():
         parser.error(f"unknown settings {sorted(set(changes) - set(CONFIG))}; known: {sorted(CONFIG)}")
     changes = {key: type(CONFIG[key])(float(value)) for key, value in changes.items()}
     torch.backends.cuda.matmul.allow_tf32 = False
-    config = {**CONFIG, **changes, "device": args.device, "label": " ".join(args.set) + (": " if args.set else "")}
+    config = {**CONFIG, **PRESETS[args.preset], **changes, "device": args.device,
+              "label": " ".join(args.set) + (": " if args.set else "")}
     text = Path(args.text).read_text(encoding="utf-8")
     for seed in args.seeds:
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python -m bench                      # MLP at batch 64 and 1024, the CNN, the GPT and the LSTM
     python -m bench --models mlp-1024 --repeats 50 --json bench/results.json
-    python -m bench --device cuda        # CuPy against torch CUDA, on an NVIDIA GPU
+    python -m bench --device cuda        # CuPy against torch CUDA, on an NVIDIA GPU, with three GPU sizes more
 
 Both run in float32, on the same batch and the same optimizer (AdamW). On the CPU (the
 default) they use the same thread count: ``mnn.backend.tune_cpu`` sets NumPy's BLAS
@@ -43,7 +43,15 @@ CASES = {
     "cnn-128": {"model": {"name": "cnn", "kwargs": {}}, "batch": 128, "input": (1, 28, 28)},
     "gpt-12": {"model": {"name": "gpt", "kwargs": {"vocab_size": 65, "context": 64}}, "batch": 12, "tokens": (65, 64)},
     "lstm": {"model": {"name": "lstm", "kwargs": {"vocab_size": 65, "context": 64}}, "batch": 32, "tokens": (65, 64)},
+    # GPU sizes, where launches no longer hide the arithmetic (run by default with --device cuda only):
+    # nanoGPT's GPU Shakespeare configuration, and the MLP and the CNN at large batches
+    "gpt-nano": {"model": {"name": "gpt", "kwargs": {"vocab_size": 65, "context": 256, "layers": 6, "heads": 6,
+                                                     "width": 384}}, "batch": 64, "tokens": (65, 256)},
+    "mlp-2048": {"model": {"name": "mlp", "kwargs": {"hidden": [2048, 2048], "dropout": 0}}, "batch": 2048,
+                 "input": (1, 28, 28)},
+    "cnn-512": {"model": {"name": "cnn", "kwargs": {}}, "batch": 512, "input": (1, 28, 28)},
 }
+GPU_SIZES = ("gpt-nano", "mlp-2048", "cnn-512")
 TINY = {
     "mlp-64": {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0}}, "batch": 8, "input": (1, 28, 28)},
     "cnn-128": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": [16]}}, "batch": 4,
@@ -52,6 +60,12 @@ TINY = {
                "batch": 2, "tokens": (11, 8)},
     "lstm": {"model": {"name": "lstm", "kwargs": {"vocab_size": 11, "context": 8, "width": 8, "hidden": [16]}},
              "batch": 2, "tokens": (11, 8)},
+    "gpt-nano": {"model": {"name": "gpt", "kwargs": {"vocab_size": 11, "context": 16, "layers": 2, "heads": 2,
+                                                     "width": 16}}, "batch": 2, "tokens": (11, 16)},
+    "mlp-2048": {"model": {"name": "mlp", "kwargs": {"hidden": [32, 32], "dropout": 0}}, "batch": 16,
+                 "input": (1, 28, 28)},
+    "cnn-512": {"model": {"name": "cnn", "kwargs": {"channels": [4, 8], "hidden": [16]}}, "batch": 8,
+                "input": (1, 28, 28)},
 }
 
 
@@ -227,7 +241,8 @@ def table(results, rate, where):
 
 def main(argv=None, prog="python -m bench"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(CASES)} (default: all on cuda, all but "
+                        f"{', '.join(GPU_SIZES)} on the CPU)")
     parser.add_argument("--repeats", type=integer(1), default=30)
     parser.add_argument("--warmup", type=integer(0), default=2, help="untimed steps at the start of each block")
     parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads for both (default: $OMP_NUM_THREADS, else the "
@@ -238,6 +253,8 @@ def main(argv=None, prog="python -m bench"):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = ",".join(name for name in CASES if args.device == "cuda" or name not in GPU_SIZES)
     unknown = sorted(set(args.models.split(",")) - set(CASES))
     if unknown:
         parser.error(f"argument --models: no case {', '.join(map(repr, unknown))}; the cases are {', '.join(CASES)}")

@@ -2,6 +2,8 @@
 
 mnn never imports torch; only tests/ and bench/ do.
 """
+import math
+
 import numpy
 import torch
 import torch.nn.functional as F
@@ -81,23 +83,33 @@ class Residual(torch.nn.Module):
 
 
 class CausalSelfAttention(torch.nn.Module):
-    """nanoGPT's attention: fused c_attn, scaled dot-product attention, c_proj."""
+    """nanoGPT's attention: fused c_attn, scaled dot-product attention, c_proj; with dropout on the
+    attention weights, nanoGPT's explicit path (its ``attn_dropout`` module, which tests can replace)."""
 
-    def __init__(self, dim, heads, causal, bias):
+    def __init__(self, dim, heads, causal, bias, dropout=0.0):
         super().__init__()
         self.heads, self.causal = heads, causal
         self.c_attn, self.c_proj = torch.nn.Linear(dim, 3 * dim, bias), torch.nn.Linear(dim, dim, bias)
+        self.attn_dropout = torch.nn.Dropout(dropout) if dropout else None
 
     def forward(self, x):
         batch, length, dim = x.shape
         q, k, v = (part.view(batch, length, self.heads, -1).transpose(1, 2)
                    for part in self.c_attn(x).split(dim, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if self.attn_dropout is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])
+            if self.causal:
+                hidden = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(hidden, float("-inf"))
+            y = self.attn_dropout(F.softmax(scores, dim=-1)) @ v
         return self.c_proj(y.transpose(1, 2).contiguous().view(batch, length, dim))
 
 
 def convert_attention(layer, pairs, prefix, dtype, shared):
-    module = CausalSelfAttention(layer.dim, layer.heads, layer.causal, layer.bias).to(dtype)
+    dropout = layer.dropout.p if layer.dropout else 0.0
+    module = CausalSelfAttention(layer.dim, layer.heads, layer.causal, layer.bias, dropout).to(dtype)
     copy_params(layer.qkv, module.c_attn, {"w": "weight", "b": "bias"}, pairs, f"{prefix}qkv.", dtype, shared)
     copy_params(layer.proj, module.c_proj, {"w": "weight", "b": "bias"}, pairs, f"{prefix}proj.", dtype, shared)
     return module

@@ -2,19 +2,25 @@
 import json
 import math
 
-from bench.run import TINY, main
+from bench.run import GPU_SIZES, TINY, main
 
 
 def test_benchmark_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["--tiny", "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results["results"]) == set(TINY)
+    assert set(results["results"]) == set(TINY) - set(GPU_SIZES)  # those run by default on a GPU only
     for row in results["results"].values():
         assert row["mnn_ms"] > 0 and row["torch_ms"] > 0 and row["gflop_per_step"] > 0
         assert row["mnn_peak_mb"] >= 0 and row["torch_peak_mb"] >= 0
     table = capsys.readouterr().out
     assert "| mlp-64 |" in table and "| gpt-12 |" in table and "| lstm |" in table and "GEMM" in table
+
+
+def test_the_gpu_sizes_run_where_asked_for(capsys):
+    assert main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--models", ",".join(GPU_SIZES)]) == 0
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in GPU_SIZES)
 
 
 def test_mnn_bench_command(tmp_path, capsys):
@@ -35,6 +41,14 @@ def test_nanogpt_reference_learns_in_a_few_steps():
     estimate, trained = train(text, 0, {**config, "iters": 30})
     assert abs(untrained - math.log(len(set(text)))) < 0.05
     assert trained < untrained - 0.1 and abs(estimate - trained) < 0.1
+    _, dropped_out = train(text, 0, {**config, "iters": 30, "dropout": 0.2})  # nanoGPT's GPU run drops out
+    assert dropped_out < untrained - 0.1 and dropped_out != trained
+
+
+def test_nanogpt_reference_presets_change_only_known_settings():
+    from bench.nanogpt_reference import CONFIG, PRESETS
+    assert PRESETS["cpu"] == {} and set(PRESETS["gpu"]) <= set(CONFIG)
+    assert (PRESETS["gpu"]["width"], PRESETS["gpu"]["context"], PRESETS["gpu"]["dropout"]) == (384, 256, 0.2)
 
 
 def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):

@@ -65,7 +65,7 @@ def transformer_block(width, heads, dropout=0.0, bias=True):
     def drop():  # a fresh layer per branch: each keeps the mask its own backward needs
         return [DropoutLayer(dropout)] if dropout else []
 
-    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias),
+    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias, dropout=dropout),
                                   *drop()])
     mlp = SequentialLayers([LayerNormLayer(width, bias=bias), LinearLayer(width, 4 * width, bias), GeluLayer(),
                             LinearLayer(4 * width, width, bias), *drop()])
@@ -80,6 +80,8 @@ def gpt(vocab_size, context=64, layers=4, heads=4, width=128, dropout=0.0, tie_w
     head uses the token embedding's table (one array, one gradient); the default is a head
     of its own, which ended 2000 steps on Tiny Shakespeare 0.02 lower (six seeds, README).
     ``bias=False`` (nanoGPT's default) leaves the biases out of the linear and LayerNorm layers.
+    ``dropout``, if not 0, drops where nanoGPT does: the embeddings' sum, the attention weights, and
+    each residual branch's output.
     """
     embedding = EmbeddingLayer(vocab_size, width)
     head = LinearLayer(width, vocab_size, bias=False)

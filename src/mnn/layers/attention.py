@@ -3,6 +3,7 @@ import math
 
 from .. import backend
 from .base import CompositeLayer, check_size
+from .dropout import DropoutLayer
 from .linear import LinearLayer, MatrixProduct
 from .softmax import SoftmaxLayer
 
@@ -39,9 +40,15 @@ class MultiHeadAttention(CompositeLayer):
     constant added to $S$: masked entries have $A = 0$, so Eq. (6) gives them zero
     gradient with no special case. All heads and the whole batch go through each step as
     one stacked product of shape $(B, h, T, \cdot)$.
+
+    **Attention dropout** (``dropout`` $= p > 0$, as nanoGPT's): in training Eq. (2) mixes the
+    values with a dropped-out copy of the weights, $O = \tilde A V$ with
+    $\tilde A = A \odot m / (1 - p)$ (``DropoutLayer``'s Eq. (1)), so Eq. (5) gives
+    $\partial L/\partial \tilde A$, and ``DropoutLayer``'s Eq. (2) turns it into the
+    $\partial L/\partial A = \partial L/\partial \tilde A \odot m / (1 - p)$ that Eq. (6) takes.
     """
 
-    def __init__(self, dim, heads, causal=True, bias=True):
+    def __init__(self, dim, heads, causal=True, bias=True, dropout=0.0):
         super().__init__()
         check_size("MultiHeadAttention", "dim", dim)
         check_size("MultiHeadAttention", "heads", heads)
@@ -50,15 +57,19 @@ class MultiHeadAttention(CompositeLayer):
         self.dim, self.heads, self.causal, self.bias = dim, heads, causal, bias
         self.qkv, self.proj = LinearLayer(dim, 3 * dim, bias), LinearLayer(dim, dim, bias)
         self.scores, self.softmax, self.mix = MatrixProduct(), SoftmaxLayer(), MatrixProduct()
+        self.dropout = DropoutLayer(dropout) if dropout else None
 
     def config(self):
-        return {"dim": self.dim, "heads": self.heads, "causal": self.causal, "bias": self.bias}
+        return {"dim": self.dim, "heads": self.heads, "causal": self.causal, "bias": self.bias,
+                "dropout": self.dropout.p if self.dropout else 0.0}
 
     def __repr__(self):
         return f"MultiHeadAttention(dim={self.dim}, heads={self.heads}, causal={self.causal})"
 
     def sublayers(self):
-        return {"qkv": self.qkv, "scores": self.scores, "softmax": self.softmax, "mix": self.mix, "proj": self.proj}
+        dropout = {"dropout": self.dropout} if self.dropout else {}
+        return {"qkv": self.qkv, "scores": self.scores, "softmax": self.softmax, **dropout, "mix": self.mix,
+                "proj": self.proj}
 
     def split_heads(self, x):
         """(B, T, C) -> (B, h, T, d)."""
@@ -81,6 +92,8 @@ class MultiHeadAttention(CompositeLayer):
             length = x.shape[1]
             s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
         a = self.softmax.forward(s)
+        if self.dropout:
+            a = self.dropout.forward(a)  # the identity in eval mode
         self.save(scale)
         return self.proj.forward(self.merge_heads(self.mix.forward(a, v)))  # Eqs. (2), (3)
 
@@ -89,6 +102,8 @@ class MultiHeadAttention(CompositeLayer):
         xp = backend.array_module(g)
         d_o = self.split_heads(self.proj.backward(g))  # Eq. (4)
         d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
+        if self.dropout:
+            d_a = self.dropout.backward(d_a)  # DropoutLayer's Eq. (2)
         d_s = self.softmax.backward(d_a)  # Eq. (6)
         d_q, d_k_t = self.scores.backward(d_s * scale)  # Eq. (7)
         d_qkv = xp.concatenate([self.merge_heads(d_q), self.merge_heads(d_k_t.swapaxes(-1, -2)),
