@@ -184,6 +184,12 @@ def test_softmax_kernel_gives_nan_and_inf_rows_as_numpy():
     numpy.testing.assert_allclose(softmax(x)[4], expected[4], rtol=1e-15)
 
 
+def test_softmax_of_a_single_number_is_one_on_both_paths():
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        assert softmax(numpy.array(2.0)) == 1.0
+
+
 def test_softmax_along_another_axis_or_of_mixed_dtypes_takes_the_reference():
     rng = numpy.random.default_rng(1)
     x, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)).astype(numpy.float32)
@@ -248,6 +254,34 @@ def test_lstm_step_kernels_equal_the_reference(dtype, hidden, bias):
     for part in (0, 1):
         assert_close(reference[3].final_state[part], fused[3].final_state[part], dtype, "final state")
         assert_close(reference[3].state_grad[part], fused[3].state_grad[part], dtype, "initial state gradient")
+
+
+@pytest.mark.parametrize("weights, state, gradient, final", [
+    (numpy.float64, numpy.float64, numpy.float32, numpy.float64),  # a float32 gradient into a float64 layer
+    (numpy.float64, numpy.float64, numpy.float64, numpy.float32),  # and a float32 final-state gradient
+    (numpy.float32, numpy.float64, numpy.float32, numpy.float32),  # a float64 state: the reference runs float64
+    (numpy.float32, numpy.float32, numpy.float32, numpy.float16),  # numba has no float16
+])
+def test_lstm_with_mixed_dtypes_takes_the_reference_numbers(weights, state, gradient, final):
+    rng = numpy.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 3)).astype(weights)
+    initial = tuple(rng.standard_normal((2, 5)).astype(state) for _ in range(2))
+    final_grad = tuple(rng.standard_normal((2, 5)).astype(final) for _ in range(2))
+    results = []
+    backend.set_default_dtype(weights)
+    try:
+        for mode in ("numpy", "fused"):
+            kernels.use(mode)
+            backend.seed(0)
+            layer = LSTMLayer(3, 5)
+            y = layer.forward(x, state=initial)
+            grad = layer.backward(numpy.ones(y.shape, gradient), final_state_grad=final_grad)
+            results.append((y, grad, *layer.final_state, *layer.state_grad))
+    finally:
+        backend.set_default_dtype(numpy.float32)
+    for reference, fused in zip(*results):
+        assert reference.dtype == fused.dtype
+        numpy.testing.assert_array_equal(reference, fused)
 
 
 def test_lstm_kernels_carry_a_given_state_and_final_state_gradient_as_the_reference():

@@ -28,9 +28,9 @@ import numpy
 
 from . import backend
 
-# Set by the launcher in every rank it starts: MPICH's and Intel MPI's Hydra, Open MPI, MVAPICH,
-# and Slurm's srun (in each task of a job step; 1 in a batch script's own shell).
-WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+# Set by the launcher in every rank it starts: MPICH's and Intel MPI's Hydra, Open MPI, MVAPICH.
+# (Not Slurm's SLURM_STEP_NUM_TASKS: srun sets it in every task of a step, MPI ranks or not.)
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _connected = []  # the MpiRanks of this process, once connect() made it
 
 

@@ -178,6 +178,12 @@ class RecurrentLayer(Layer):
         return swap_batch_time((rows_dx @ self.params["weight_ih"]).reshape(length, batch, -1))  # Eq. (T6)
 
 
+def same_dtype(*arrays):
+    """Whether the arrays share one dtype: the fused kernels keep each step's values in it, where the
+    reference lines follow NumPy's promotions (a float64 state carries a float32 layer in float64)."""
+    return len({array.dtype for array in arrays}) == 1
+
+
 def swap_batch_time(x):
     """(B, T, n) <-> (T, B, n), contiguous."""
     return backend.array_module(x).ascontiguousarray(x.transpose(1, 0, 2))
@@ -286,7 +292,7 @@ class LSTMLayer(RecurrentLayer):
         rows, a, (h0, c0) = self.start(x, state)  # Eq. (T5)
         xp, size = backend.array_module(a), self.hidden_size
         bias = self.params["bias_ih"] + self.params["bias_hh"] if self.bias else xp.zeros(4 * size, a.dtype)
-        fused = kernels.fused(a, h0, c0, self.params["weight_hh"], bias)
+        fused = kernels.fused(a, h0, c0, self.params["weight_hh"], bias) and same_dtype(a, h0, c0)
         if self.bias and not fused:
             a += bias  # Eq. (T5); b_hh enters every step, so here
         y, cells, tanh_cells = (xp.empty(a.shape[:2] + (size,), dtype=a.dtype) for _ in range(3))
@@ -316,7 +322,7 @@ class LSTMLayer(RecurrentLayer):
         g = swap_batch_time(g)
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
-        fused = kernels.fused(g, gates)
+        fused = kernels.fused(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
         for t in reversed(range(y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives

@@ -12,7 +12,7 @@ def log_softmax(x, axis=-1):
 
 def softmax(x, axis=-1):
     r"""$e^{x - m} / \sum e^{x - m}$ with $m$ the max along ``axis`` (``SoftmaxLayer``'s Eq. (1))."""
-    if kernels.fused(x) and axis in (-1, x.ndim - 1) and x.shape[-1]:
+    if kernels.fused(x) and x.ndim and axis in (-1, x.ndim - 1) and x.shape[-1]:
         return kernels.cpu.softmax(x)  # the same, in three passes over each row
     xp = backend.array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
