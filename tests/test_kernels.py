@@ -26,22 +26,34 @@ def restore_mode():
     kernels.use(before)
 
 
-def both_ways(make_layer, x, dtype, seed=1):
-    """(output, input gradient, parameter gradients) of a fresh layer, by the reference and fused."""
+def both_ways(make_layer, x, dtype, seed=1, step=None):
+    """What ``step(layer)`` returns for a fresh layer, by the reference and fused; by default
+    (output, input gradient, parameter gradients, layer) after a forward and a backward pass."""
+    def forward_and_backward(layer):
+        y = layer.forward(x.astype(dtype) if x.dtype.kind == "f" else x)  # token indices stay integers
+        grad = layer.backward(numpy.random.default_rng(seed).standard_normal(y.shape).astype(dtype))
+        return y, grad, {name: value.copy() for name, value in layer.grads.items()}, layer
+
     results = []
     backend.set_default_dtype(dtype)
     try:
         for mode in ("numpy", "fused"):
             kernels.use(mode)
             backend.seed(0)
-            layer = make_layer()
-            y = layer.forward(x.astype(dtype) if x.dtype.kind == "f" else x)  # token indices stay integers
-            g = numpy.random.default_rng(seed).standard_normal(y.shape).astype(dtype)
-            grad = layer.backward(g)
-            results.append((y, grad, {name: value.copy() for name, value in layer.grads.items()}, layer))
+            results.append((step or forward_and_backward)(make_layer()))
     finally:
         backend.set_default_dtype(numpy.float32)
     return results
+
+
+def lstm_step(x, state, final_state_grad, gradient_dtype=numpy.float64):
+    """A ``both_ways`` step for an LSTMLayer given a state and a final-state gradient: (output, input
+    gradient, final h, final c, initial h gradient, initial c gradient)."""
+    def step(layer):
+        y = layer.forward(x, state=state)
+        grad = layer.backward(numpy.ones(y.shape, gradient_dtype), final_state_grad=final_state_grad)
+        return (y, grad, *layer.final_state, *layer.state_grad)
+    return step
 
 
 def assert_close(reference, fused, dtype, what):
@@ -267,18 +279,7 @@ def test_lstm_with_mixed_dtypes_takes_the_reference_numbers(weights, state, grad
     x = rng.standard_normal((2, 4, 3)).astype(weights)
     initial = tuple(rng.standard_normal((2, 5)).astype(state) for _ in range(2))
     final_grad = tuple(rng.standard_normal((2, 5)).astype(final) for _ in range(2))
-    results = []
-    backend.set_default_dtype(weights)
-    try:
-        for mode in ("numpy", "fused"):
-            kernels.use(mode)
-            backend.seed(0)
-            layer = LSTMLayer(3, 5)
-            y = layer.forward(x, state=initial)
-            grad = layer.backward(numpy.ones(y.shape, gradient), final_state_grad=final_grad)
-            results.append((y, grad, *layer.final_state, *layer.state_grad))
-    finally:
-        backend.set_default_dtype(numpy.float32)
+    results = both_ways(lambda: LSTMLayer(3, 5), x, weights, step=lstm_step(x, initial, final_grad, gradient))
     for reference, fused in zip(*results):
         assert reference.dtype == fused.dtype
         numpy.testing.assert_array_equal(reference, fused)
@@ -288,15 +289,7 @@ def test_lstm_kernels_carry_a_given_state_and_final_state_gradient_as_the_refere
     rng = numpy.random.default_rng(2)
     x, state = rng.standard_normal((2, 5, 3)), (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
     final_grad = (rng.standard_normal((2, 6)), rng.standard_normal((2, 6)))
-    results = []
-    for mode in ("numpy", "fused"):
-        kernels.use(mode)
-        backend.seed(0)
-        layer = LSTMLayer(3, 6)
-        y = layer.forward(x, state=state)
-        grad = layer.backward(numpy.ones_like(y), final_state_grad=final_grad)
-        results.append((y, grad, layer.state_grad))
-    for reference, fused, what in zip(*results, ("output", "input gradient", "initial state gradient")):
-        for a, b in zip(reference if isinstance(reference, tuple) else (reference,),
-                        fused if isinstance(fused, tuple) else (fused,)):
-            assert_close(a, b, numpy.float64, what)
+    reference, fused = both_ways(lambda: LSTMLayer(3, 6), x, numpy.float64, step=lstm_step(x, state, final_grad))
+    what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
+    for a, b, name in zip(reference, fused, what):
+        assert_close(a, b, numpy.float64, name)
