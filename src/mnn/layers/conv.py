@@ -164,15 +164,17 @@ class Conv2dLayer(Layer):
         """Eqs. (5) and (6), chunk by chunk: the windows copied again from the input, col2im for Eq. (6)."""
         (kh, kw), xp, images = self.kernel_size, backend.array_module(g), channels_last(x)
         g_rows, w_col = channels_last(g), self.w_col()
-        d_w_col = xp.zeros_like(w_col)
+        d_w_col, d_b = xp.zeros_like(w_col), xp.zeros(self.out_channels, dtype=g.dtype)
         grad = xp.empty(images.shape, dtype=g.dtype) if self.input_grad else None
         for chunk in self.image_chunks(x.shape[0], g.shape[2:]):
             cols = kernels.cpu.im2col(images[chunk], kh, kw, self.stride, self.padding)
             g_col = g_rows[chunk].reshape(-1, self.out_channels)
             d_w_col += (cols.T @ g_col).T  # Eq. (5), as (X^T G)^T: 1.6x faster for the first layer's thin X
+            if self.bias:
+                d_b += column_sums(g_col)  # Eq. (5), while the chunk's rows are in cache
             if grad is not None:
                 kernels.cpu.col2im(g_col @ w_col, kh, kw, self.stride, self.padding, grad[chunk])  # Eq. (6)
         self.grads["w"] += d_w_col.reshape(self.out_channels, kh, kw, self.in_channels).transpose(0, 3, 1, 2)
         if self.bias:
-            self.grads["b"] += column_sums(g_rows.reshape(-1, self.out_channels))  # Eq. (5)
+            self.grads["b"] += d_b
         return channels_first(grad) if grad is not None else None
