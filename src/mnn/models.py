@@ -65,8 +65,8 @@ def transformer_block(width, heads, dropout=0.0, bias=True):
     def drop():  # a fresh layer per branch: each keeps the mask its own backward needs
         return [DropoutLayer(dropout)] if dropout else []
 
-    attention = SequentialLayers([LayerNormLayer(width, bias=bias), MultiHeadAttention(width, heads, bias=bias, dropout=dropout),
-                                  *drop()])
+    attention = SequentialLayers([LayerNormLayer(width, bias=bias),
+                                  MultiHeadAttention(width, heads, bias=bias, dropout=dropout), *drop()])
     mlp = SequentialLayers([LayerNormLayer(width, bias=bias), LinearLayer(width, 4 * width, bias), GeluLayer(),
                             LinearLayer(4 * width, width, bias), *drop()])
     return SequentialLayers([ResidualBlock(attention), ResidualBlock(mlp)])

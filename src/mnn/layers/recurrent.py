@@ -300,7 +300,8 @@ class LSTMLayer(RecurrentLayer):
         for t in range(a.shape[0]):
             gates = a[t]  # a view: the pre-activations, overwritten by the gates
             if fused:  # Eqs. (T1), (1)-(3) of a step in six passes, the bias added here
-                kernels.cpu.lstm_step_forward(gates, self.params["weight_hh"] @ h.T, bias, c, cells[t], tanh_cells[t], y[t])
+                product = self.params["weight_hh"] @ h.T  # (4H, B): the faster form, see state_product
+                kernels.cpu.lstm_step_forward(gates, product, bias, c, cells[t], tanh_cells[t], y[t])
                 h, c = y[t], cells[t]
                 continue
             gates += self.state_product(h)  # Eq. (T1)
