@@ -412,7 +412,7 @@ def embedding_backward_rows(grad, indices, g):
         grad[indices[n]] += g[n]
 
 
-TILE = 16  # a transposed read goes tile by tile: 16 rows of the source share each cache line read
+TILE = 16  # a transposed read takes 16 rows of the source at a time: the cache lines one column loads serve the next
 
 
 def lstm_step_forward(gates, state_product, bias, c_prev, c, tanh_c, h):
