@@ -156,6 +156,10 @@ class RecurrentLayer(Layer):
         ``w_hh_t`` is $W_{hh}^\top$, made contiguous once per backward pass."""
         return (w_hh_t @ delta.T).T
 
+    def state_weights_t(self):
+        r"""$W_{hh}^\top$, contiguous: made once per backward pass for ``state_gradient``."""
+        return backend.array_module(self.params["weight_hh"]).ascontiguousarray(self.params["weight_hh"].T)
+
     def finish_backward(self, rows_x, h0, y, delta_x, delta_h=None):
         """Eq. (T6): the weight gradients and the input gradient, one GEMM each after the loop.
 
@@ -222,7 +226,7 @@ class RNNLayer(RecurrentLayer):
     def backward(self, g, final_state_grad=None):
         rows, h0, y = self.saved()
         xp, g = backend.array_module(y), swap_batch_time(g)
-        w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
+        w_hh_t = self.state_weights_t()
         (carry,) = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(y)
         for t in reversed(range(y.shape[0])):
@@ -300,7 +304,7 @@ class LSTMLayer(RecurrentLayer):
         for t in range(a.shape[0]):
             gates = a[t]  # a view: the pre-activations, overwritten by the gates
             if fused:  # Eqs. (T1), (1)-(3) of a step in six passes, the bias added here
-                product = self.params["weight_hh"] @ h.T  # (4H, B): the faster form, see state_product
+                product = self.state_product(h).T  # (4H, B), as the product is computed
                 kernels.cpu.lstm_step_forward(gates, product, bias, c, cells[t], tanh_cells[t], y[t])
                 h, c = y[t], cells[t]
                 continue
@@ -319,7 +323,7 @@ class LSTMLayer(RecurrentLayer):
     def backward(self, g, final_state_grad=None):
         rows, h0, c0, gates, cells, tanh_cells, y = self.saved()
         xp, size = backend.array_module(y), self.hidden_size
-        w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
+        w_hh_t = self.state_weights_t()
         g = swap_batch_time(g)
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
@@ -414,7 +418,7 @@ class GRULayer(RecurrentLayer):
     def backward(self, g, final_state_grad=None):
         rows, h0, gates, a_hn, y = self.saved()
         xp, size = backend.array_module(y), self.hidden_size
-        w_hh_t = xp.ascontiguousarray(self.params["weight_hh"].T)
+        w_hh_t = self.state_weights_t()
         g = swap_batch_time(g)
         (carry,) = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta_x, delta_h = xp.empty_like(gates), xp.empty_like(gates)
