@@ -194,5 +194,5 @@ def test_a_rank_that_fails_ends_the_job_and_the_last_checkpoint_stays(tmp_path, 
     result, seconds = failing_job(tmp_path, failure)
     assert result.returncode != 0 and seconds < 60
     if "raise" in failure:
-        assert "mnn train (rank 1 of 2): error: injected failure" in result.stderr
+        assert "mnn train (rank 1 of 2): error: injected failure" in result.stderr, (result.returncode, result.stdout)
     assert weights(tmp_path / "run")[1]["step"] == 10  # written whole at step 10, before the failure at 15

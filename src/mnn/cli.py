@@ -25,6 +25,7 @@ def add_common_arguments(parser):
 
 GRADCHECK_TOLERANCE = 1e-6
 RANK_ERROR_DELAY_S = 2  # how long a rank other than 0 waits before telling its error (see main)
+FORWARD_DELAY_S = 0.5  # time for mpiexec to pass on what a rank printed before MPI_Abort ends it
 
 
 def command_test(args):
@@ -152,6 +153,10 @@ def stop_other_ranks(code):
     """After an error: under mpiexec, end every rank (the others may be waiting for this one)."""
     ranks = other_ranks()
     if ranks is not None:
+        # mpiexec forwards a rank's output through a pipe; an abort that comes first can lose it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(FORWARD_DELAY_S)
         ranks.abort(code)
     return code
 
