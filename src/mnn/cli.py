@@ -24,7 +24,7 @@ def add_common_arguments(parser):
 
 
 GRADCHECK_TOLERANCE = 1e-6
-RANK_ERROR_DELAY_S = 2  # how long a rank other than 0 waits before telling its error (see main)
+RANK_ERROR_DELAY_S = 3  # how long a rank other than 0 waits before telling its error (see main)
 FORWARD_DELAY_S = 0.5  # time for mpiexec to pass on what a rank printed before MPI_Abort ends it
 
 
