@@ -2,7 +2,8 @@
 import numpy
 import pytest
 
-from mnn import backend, models, optim
+from mnn import backend, kernels, models, optim
+from mnn.layers import DropoutLayer
 
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (no GPU here)")
 pytestmark = pytest.mark.cupy
@@ -78,3 +79,20 @@ def test_adamw_steps_on_gpu_follow_the_cpu(on_gpu):
         assert abs(losses[0] - losses[1]) < 1e-4
     for param_name, value in cpu_net.state_dict().items():
         assert numpy.allclose(backend.to_numpy(gpu_net.state_dict()[param_name]), value, atol=1e-4), param_name
+
+
+@pytest.mark.parametrize("mode", ["fused", "numpy"])
+def test_dropout_on_gpu_draws_there_the_masks_of_the_cpu(on_gpu, mode):
+    """Eqs. (3), (4) of DropoutLayer: the GPU kernel (and the reference lines under CuPy) give the CPU's masks."""
+    x = numpy.random.default_rng(0).standard_normal((64, 129)).astype(numpy.float32)
+    kernels.use(mode)
+    try:
+        results = []
+        for move in (cupy.asarray, numpy.asarray):
+            backend.seed(3)
+            layer = DropoutLayer(0.3)
+            results.append([backend.to_numpy(a) for a in (layer.forward(move(x)), layer.backward(move(x)))])
+    finally:
+        kernels.use("fused")
+    for gpu, cpu in zip(*results):
+        numpy.testing.assert_array_equal(gpu, cpu)

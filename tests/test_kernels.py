@@ -11,8 +11,8 @@ import numpy
 import pytest
 
 from mnn import backend, kernels, optim
-from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, EmbeddingLayer, GeluLayer, LayerNormLayer,
-                        LSTMLayer, MaxPool2dLayer, SoftmaxLayer)
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, DropoutLayer, EmbeddingLayer, GeluLayer,
+                        LayerNormLayer, LSTMLayer, MaxPool2dLayer, SoftmaxLayer)
 from mnn.layers.softmax import softmax
 from mnn.layers.windows import channels_first
 
@@ -162,6 +162,29 @@ def test_cupy_and_float16_arrays_take_the_reference_lines():
     assert not kernels.fused(numpy.zeros(2, dtype=numpy.float16))
     kernels.use("numpy")
     assert not kernels.fused(numpy.zeros(2))
+
+
+def test_only_cupy_arrays_of_float32_and_float64_take_the_gpu_kernels():
+    class FakeCupyArray:
+        __module__ = "cupy._core.core"
+
+        def __init__(self, dtype):
+            self.dtype = numpy.dtype(dtype)
+
+    assert kernels.fused_gpu(FakeCupyArray("float32"), FakeCupyArray("float64"))
+    assert not kernels.fused_gpu(FakeCupyArray("float16")) and not kernels.fused_gpu(numpy.zeros(2))
+    kernels.use("numpy")
+    assert not kernels.fused_gpu(FakeCupyArray("float32"))
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_dropout_kernel_draws_and_applies_the_masks_of_the_reference(dtype, layout):
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7)) if layout == "contiguous" else channels_last_batch((2, 3, 4, 5), rng)
+    reference, fused = both_ways(lambda: DropoutLayer(0.3), x, dtype)
+    for index in range(2):  # the same masks, element for element: the output and the input gradient
+        numpy.testing.assert_array_equal(reference[index], fused[index])
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])

@@ -105,6 +105,28 @@ class FixedMask(mnn.Layer):
         return self.dropout.backward(g)
 
 
+def test_dropout_masks_are_fair_independent_and_fresh_each_pass():
+    """Eqs. (3), (4): each element kept with probability 1 - p, neighbours and passes independent."""
+    layer, keep, n = mnn.DropoutLayer(0.3), 0.7, 400_000
+    masks = [layer.forward(numpy.ones(n, dtype=numpy.float32)) != 0 for _ in range(2)]
+    sigma = (keep * (1 - keep) / n) ** 0.5
+    for mask in masks:
+        assert abs(mask.mean() - keep) < 5 * sigma
+        assert abs((mask[1:] & mask[:-1]).mean() - keep**2) < 5 * sigma  # neighbours, as a matrix's rows meet
+        assert abs((mask[1:] & ~mask[:-1]).mean() - keep * (1 - keep)) < 5 * sigma
+    assert abs((masks[0] & masks[1]).mean() - keep**2) < 5 * sigma  # a new key each forward pass
+
+
+def test_dropout_masks_follow_the_seed():
+    x = numpy.ones((20, 30))
+    masks = []
+    for seed in (5, 5, 6):
+        mnn.backend.seed(seed)
+        masks.append(mnn.DropoutLayer(0.5).forward(x))
+    numpy.testing.assert_array_equal(masks[0], masks[1])
+    assert not numpy.array_equal(masks[0], masks[2])
+
+
 def test_dropout_is_identity_in_eval(rng):
     layer = mnn.DropoutLayer(0.5).eval()
     x = rng.standard_normal((3, 4)).astype(numpy.float32)

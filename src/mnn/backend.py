@@ -100,10 +100,9 @@ def normal(std, shape, dtype=None):
     return to_device(rng().normal(0, std, size=shape), dtype or default_dtype())
 
 
-def random_mask(shape, keep, like):
-    """A boolean mask, True with probability ``keep``, in the module of ``like``."""
-    mask = rng().random(shape) < keep
-    return array_module(like).asarray(mask)
+def random_key():
+    """One 64-bit key from mnn's generator: the seed of a counter-based draw (dropout's masks)."""
+    return int(rng().integers(0, 2**64, dtype=numpy.uint64))
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -11,7 +11,6 @@ Every setting is checked where it enters, in the constructor or in ``load_state_
 against the optimizer's ``rules``: a bad one raises a ValueError such as
 ``AdamW: lr must be a finite number > 0, got nan``.
 """
-import functools
 import math
 import numbers
 
@@ -217,8 +216,8 @@ class Adam(Optimizer):
     $$\theta \leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
       \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
 
-    On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``fused_adam_update``), and on
-    NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``).
+    On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``mnn.kernels.cuda.adam_update``),
+    and on NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``).
     """
 
     decoupled = False
@@ -248,8 +247,8 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - self.beta1 ** self.steps)
         unbias = 1 / math.sqrt(1 - self.beta2 ** self.steps)
         xp = backend.array_module(param)
-        if xp.__name__ == "cupy":
-            return fused_adam_update()(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
+        if kernels.fused_gpu(param):
+            return kernels.cuda.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
         if kernels.fused(param) and all(a.flags.c_contiguous for a in (grad, param, m, v)):
             return kernels.cpu.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
         work = self.workspace(name, param)  # no temporaries on the hot path
@@ -265,23 +264,6 @@ class Adam(Optimizer):
         xp.divide(m, work, out=work)
         work *= step_size
         param -= work
-
-
-@functools.cache
-def fused_adam_update():
-    """Adam's Eqs. (2)-(3) as one CuPy element-wise kernel, the same arithmetic as the lines above.
-
-    On a GPU every array operation is a kernel launch, and for parameters of this size the
-    dozen launches per parameter cost more than the arithmetic they do."""
-    import cupy
-
-    return cupy.ElementwiseKernel(
-        "T g, float64 beta1, float64 beta2, float64 step_size, float64 unbias, float64 eps",
-        "T theta, T m, T v",
-        "m = beta1 * m + (1 - beta1) * g;"
-        " v = beta2 * v + (1 - beta2) * g * g;"
-        " theta -= step_size * m / (sqrt(v) * unbias + eps)",
-        "mnn_adam_update")
 
 
 class AdamW(Adam):

@@ -8,8 +8,10 @@ for the arrays at hand, the layer calls it instead, on the line after the refere
         return kernels.cpu.max_pool(x, k, s)   # the same Eq. (1), in one pass over memory
 
 CPU kernels (``mnn.kernels.cpu``) are compiled by numba the first time they run and cached
-on disk. ``MNN_KERNELS=numpy`` in the environment, or ``kernels.use("numpy")``, runs the
-reference everywhere; ``tests/test_kernels.py`` compares every kernel with its reference.
+on disk; GPU kernels (``mnn.kernels.cuda``) are CUDA C that CuPy compiles, used where
+``kernels.fused_gpu(x)``. ``MNN_KERNELS=numpy`` in the environment, or ``kernels.use("numpy")``,
+runs the reference everywhere; ``tests/test_kernels.py`` compares every CPU kernel with its
+reference, and ``tests/test_cuda_kernels.py`` every GPU kernel, compiled for the CPU.
 """
 import importlib
 import importlib.util
@@ -45,7 +47,13 @@ def fused(*arrays):
                                      for array in arrays)
 
 
-def __getattr__(name):  # kernels.cpu: numba is imported on first use
-    if name == "cpu":
-        return importlib.import_module(".cpu", __name__)
+def fused_gpu(*arrays):
+    """True where the GPU kernels apply: fused mode, and CuPy arrays of float32 or float64."""
+    return mode() == "fused" and all(type(array).__module__.startswith("cupy") and array.dtype.name in COMPILED_DTYPES
+                                     for array in arrays)
+
+
+def __getattr__(name):  # kernels.cpu and kernels.cuda: numba is imported on first use
+    if name in ("cpu", "cuda"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mnn.kernels' has no attribute {name!r}")

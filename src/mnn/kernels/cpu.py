@@ -8,6 +8,7 @@ Images are channels-last in memory (``layers.windows``): the kernels loop over
 import numpy
 from numba import njit
 
+from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
 from ..layers.windows import channels_first, channels_last, output_size, windows
 
 # One thread each. OpenBLAS's threads spin for a while after every matrix product, and on
@@ -495,3 +496,27 @@ def lstm_step_backward_rows(dh, carry_c, gates, tanh_c, c_prev, one, delta, carr
             d_c[k] = (dc * i[k]) * (one - c_tilde[k] * c_tilde[k])
             d_o[k] = (dh_row[k] * tanh_row[k]) * (o[k] * (one - o[k]))
             out[k] = dc * f[k]
+
+
+def dropout(x, key, threshold, scale):
+    """Dropout's Eqs. (3), (4) and (1) in one pass: (y, kept), ``kept`` holding ``scale`` or 0 per element."""
+    x = numpy.ascontiguousarray(x)  # element i is then the i-th in C order, as Eq. (4) counts
+    y, kept = numpy.empty_like(x), numpy.empty_like(x)
+    dropout_flat(x.reshape(-1), numpy.uint64(key), numpy.uint64(threshold), scale, y.reshape(-1), kept.reshape(-1))
+    return y, kept
+
+
+GAMMA, MIX_1, MIX_2 = (numpy.uint64(c) for c in (GOLDEN_GAMMA, *MIX_MULTIPLIERS))
+SHIFTS = tuple(numpy.uint64(s) for s in (30, 27, 31, 32))
+
+
+@njit(**COMPILE)
+def dropout_flat(x, key, threshold, scale, y, kept):
+    zero = scale - scale
+    for i in range(x.size):
+        z = key + numpy.uint64(i + 1) * GAMMA  # Eq. (4); unsigned arithmetic wraps mod 2^64
+        z = (z ^ (z >> SHIFTS[0])) * MIX_1
+        z = (z ^ (z >> SHIFTS[1])) * MIX_2
+        z ^= z >> SHIFTS[2]
+        kept[i] = scale if (z >> SHIFTS[3]) < threshold else zero  # Eq. (3), times 1 / (1 - p)
+        y[i] = x[i] * kept[i]  # Eq. (1)
