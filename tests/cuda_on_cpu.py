@@ -28,12 +28,9 @@ def parameters(text):
     return [tuple(part.split()) for part in text.split(",")]
 
 
-def compile_for_cpu(source, dtype, arrays):
-    """A function ``run(**values)`` that applies ``source`` to NumPy arrays of ``dtype`` in place.
-    ``arrays`` names the input parameters given as arrays (the others are scalars); every output
-    is an array."""
-    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
-    floating = numpy.dtype(dtype).name
+def loop(source, floating, arrays, function, indices):
+    """C++ for ``function(n, params...)`` applying ``source`` at every index of ``indices``: each array
+    parameter a pointer, bound by reference to its element i, each scalar by value."""
     inputs, outputs = parameters(source.in_params), parameters(source.out_params)
     signature, body = [], []
     for kind, name in inputs + outputs:
@@ -43,12 +40,21 @@ def compile_for_cpu(source, dtype, arrays):
             body.append(f"{'' if (kind, name) in outputs else 'const '}{c_type}& {name} = {name}_[i];")
         else:
             signature.append(f"{c_type} {name}")
+    return "\n".join([f"{function}(ptrdiff_t n, {', '.join(signature)}) {{", f"    for (ptrdiff_t i = {indices}) {{",
+                      *(f"        {line}" for line in body), f"        {source.operation};", "    }", "}"])
+
+
+def compile_for_cpu(source, dtype, arrays):
+    """A function ``run(**values)`` that applies ``source`` to NumPy arrays of ``dtype`` in place.
+    ``arrays`` names the input parameters given as arrays (the others are scalars); every output
+    is an array."""
+    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
+    floating = numpy.dtype(dtype).name
+    inputs, outputs = parameters(source.in_params), parameters(source.out_params)
     code = "\n".join([
         "#include <cmath>", "#include <cstddef>", "using namespace std;", "#define __device__ static inline",
         f"typedef {C_TYPES[floating][0]} T;", source.preamble,
-        f'extern "C" void run(ptrdiff_t n, {", ".join(signature)}) {{',
-        "    for (ptrdiff_t i = 0; i < n; i++) {", *(f"        {line}" for line in body),
-        f"        {source.operation};", "    }", "}"])
+        loop(source, floating, arrays, 'extern "C" void run', "0; i < n; i++")])
     library = ctypes.CDLL(str(build(code)))
 
     def run(**values):
@@ -64,6 +70,59 @@ def compile_for_cpu(source, dtype, arrays):
                 arguments.append(C_TYPES[floating if kind == "T" else kind][1](value))
         library.run(*arguments)
     return run
+
+
+RAW_SHIMS = """
+#include <cmath>
+#include <algorithm>
+using namespace std;
+#define LANES 1
+#define __global__
+#define __device__ static inline
+struct mnn_index { unsigned int x, y, z; };
+static mnn_index blockIdx, threadIdx;
+template <typename T> T __shfl_xor_sync(unsigned int, T value, int) { return value; }
+extern "C" void mnn_set_block(unsigned int block) { blockIdx.x = block; }
+"""
+
+
+def compile_raw_for_cpu(source, function, argument_types):
+    """``run(blocks, *arguments)``: the ``extern "C"`` entry ``function`` of a ``Raw`` source, run on the CPU
+    for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1). ``argument_types`` are its
+    parameters' ctypes types; NumPy arrays stand for pointers."""
+    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
+    library = ctypes.CDLL(str(build(RAW_SHIMS + source.code)))
+    entry = getattr(library, function)
+    entry.argtypes = argument_types
+
+    def run(blocks, *arguments):
+        values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, numpy.ndarray) else a for a in arguments]
+        for block in range(blocks):
+            library.mnn_set_block(block)
+            entry(*values)
+    return run
+
+
+def compile_for_gpu(kernels, dtype):
+    """nvcc's verdict on ``kernels``, (source, array input names) pairs, as device code for an H100
+    (sm_90): each a grid-stride loop around its operation, as CuPy writes it, compiled though not
+    run. None when all compile, else nvcc's errors."""
+    floating = numpy.dtype(dtype).name
+    units = [f"typedef {C_TYPES[floating][0]} T;"]
+    for source, arrays in kernels:
+        units += [f"namespace {source.name} {{", source.preamble,
+                  loop(source, floating, arrays, "__global__ void kernel",
+                       "blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x"), "}"]
+    return nvcc_errors("\n".join(units))
+
+
+def nvcc_errors(code):
+    """None when nvcc compiles ``code`` for sm_90, else its errors."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "kernels.cu").write_text(code)
+        result = subprocess.run(["nvcc", "-arch=sm_90", "-c", "kernels.cu", "-o", "kernels.o"], cwd=folder,
+                                capture_output=True, text=True)
+    return None if result.returncode == 0 else result.stderr
 
 
 def build(code):

@@ -1,12 +1,17 @@
 """Every GPU kernel's CUDA C source, compiled for the CPU by g++ (``cuda_on_cpu``), against the
 NumPy lines it replaces. ``tests/test_cupy.py`` runs the kernels themselves where a GPU is."""
+import ctypes
+import shutil
+
 import numpy
 import pytest
 
-from cuda_on_cpu import compile_for_cpu
+from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvcc_errors
 from mnn import kernels, optim
 from mnn.kernels import cuda
+from mnn.layers import GeluLayer
 from mnn.layers.dropout import keep_mask, keep_threshold
+from mnn.layers.softmax import softmax
 
 DTYPES = [numpy.float32, numpy.float64]
 
@@ -47,3 +52,73 @@ def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype):
     tolerance = 1e-12 if dtype == numpy.float64 else 2e-6
     for ours, reference in ((theta, param), (m, adam.buffers["w.m"]), (v, adam.buffers["w.v"])):
         numpy.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_gelu_kernels_give_the_numpy_lines_output_and_gradient(dtype):
+    rng = numpy.random.default_rng(2)
+    x, g = (rng.standard_normal((41, 29)) * 3).astype(dtype), rng.standard_normal((41, 29)).astype(dtype)
+    kernels.use("numpy")
+    try:
+        layer = GeluLayer()
+        reference_y, reference_grad = layer.forward(x), layer.backward(g)
+    finally:
+        kernels.use("fused")
+    y, grad = numpy.empty_like(x), numpy.empty_like(x)
+    c, k = dtype(GeluLayer.C), dtype(GeluLayer.K)
+    compile_for_cpu(cuda.GELU, dtype, arrays={"x"})(x=x, c=c, k=k, y=y)
+    compile_for_cpu(cuda.GELU_BACKWARD, dtype, arrays={"g", "x"})(g=g, x=x, c=c, k=k, grad=grad)
+    tolerance = 1e-14 if dtype == numpy.float64 else 2e-6
+    numpy.testing.assert_allclose(y, reference_y, rtol=tolerance, atol=tolerance)
+    numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
+
+
+def c_types(dtype):
+    return {numpy.float32: ("float", ctypes.c_float), numpy.float64: ("double", ctypes.c_double)}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "unmasked"])
+@pytest.mark.parametrize("length", [1, 5, 37])  # 37: more keys than a warp has lanes
+def test_the_softmax_kernels_give_the_attentions_numpy_lines(dtype, causal, length):
+    rng = numpy.random.default_rng(3)
+    s, g = (rng.standard_normal((2, 3, length, length)).astype(dtype) for _ in range(2))
+    scale = dtype(0.35)
+    mask = numpy.triu(numpy.full((length, length), -numpy.inf, dtype=dtype), k=1) if causal else dtype(0)
+    reference = softmax(s * scale + mask)  # MultiHeadAttention's lines
+    reference_grad = reference * (g - (g * reference).sum(axis=-1, keepdims=True)) * scale
+    name, scalar = c_types(dtype)
+    pointer, rows = ctypes.c_void_p, s.size // length
+    y, d = numpy.empty_like(s), numpy.empty_like(s)
+    compile_raw_for_cpu(cuda.SOFTMAX_ROWS, f"mnn_softmax_rows_{name}", [pointer, pointer, ctypes.c_int, scalar,
+                                                                         ctypes.c_int])(rows, s, y, length, scale,
+                                                                                        int(causal))
+    compile_raw_for_cpu(cuda.SOFTMAX_ROWS_BACKWARD, f"mnn_softmax_rows_backward_{name}",
+                        [pointer, pointer, pointer, ctypes.c_int, scalar])(rows, y, g, d, length, scale)
+    tolerance = 1e-14 if dtype == numpy.float64 else 1e-6
+    numpy.testing.assert_allclose(y, reference, rtol=tolerance, atol=tolerance)
+    numpy.testing.assert_allclose(d, reference_grad, rtol=tolerance, atol=tolerance)
+
+
+GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"})]
+
+
+RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD]
+
+
+def test_the_lists_name_every_gpu_kernel():
+    kinds = vars(cuda).values()
+    assert {value for value in kinds if isinstance(value, cuda.Elementwise)} == {source for source, _ in GPU_KERNELS}
+    assert {value for value in kinds if isinstance(value, cuda.Raw)} == set(RAW_KERNELS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_gpu_kernel_compiles_as_device_code(dtype):
+    """What g++ cannot check: that the source is valid CUDA (device functions, overloads of T)."""
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc (the CUDA toolkit) is not installed; the machines mnn's CI runs on have it")
+    errors = compile_for_gpu(GPU_KERNELS, dtype)
+    assert errors is None, errors
+    for source in RAW_KERNELS:  # each holds its float and its double entry
+        errors = nvcc_errors(source.code)
+        assert errors is None, errors

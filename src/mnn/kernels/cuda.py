@@ -13,6 +13,8 @@ of every GPU kernel is checked on machines without a GPU.
 import functools
 from typing import NamedTuple
 
+import numpy
+
 
 class Elementwise(NamedTuple):
     """The source of a ``cupy.ElementwiseKernel``. ``operation`` is C code for element ``i``: it reads
@@ -62,6 +64,95 @@ DROPOUT = Elementwise(
     " y = x * kept",
     SPLITMIX64)
 
+# GELU's Eq. (1) and Eqs. (2)-(3) (mnn.layers.activations.GeluLayer); the backward computes t again.
+GELU = Elementwise(
+    "mnn_gelu",
+    "T x, T c, T k",
+    "T y",
+    "y = (T)0.5 * x * ((T)1 + tanh(c * (x + k * x * x * x)))")
+GELU_BACKWARD = Elementwise(
+    "mnn_gelu_backward",
+    "T g, T x, T c, T k",
+    "T grad",
+    "T t = tanh(c * (x + k * x * x * x));"
+    " grad = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * c * ((T)1 + (T)3 * k * x * x))")
+
+
+class Raw(NamedTuple):
+    """The source of a ``cupy.RawKernel`` family: CUDA C with one ``extern "C"`` entry per dtype,
+    ``{name}_float`` and ``{name}_double``. It uses only what NVRTC knows without headers, and
+    ``LANES``, the threads that share a row: 32 (a warp) on the GPU; the CPU tests compile it
+    with 1, which turns each warp reduction into the identity."""
+
+    name: str
+    code: str
+
+
+@functools.cache
+def compiled_raw(source, dtype_name):
+    import cupy
+
+    return cupy.RawKernel(source.code, f"{source.name}_{'float' if dtype_name == 'float32' else 'double'}")
+
+
+WARP = 32
+# The attention's Eq. (2) tail and softmax (mnn.layers.attention, SoftmaxLayer's Eq. (1)), one warp per row:
+# y = softmax(scale s + M) with the causal mask M, in one read of s and one write of y; and the backward,
+# SoftmaxLayer's Eq. (3) times the scale (the attention's Eq. (7)), in one read of y and g.
+SOFTMAX_ROWS = Raw("mnn_softmax_rows", r"""
+#ifndef LANES
+#define LANES 32
+#endif
+template <typename T> __device__ T lanes_max(T v) {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+template <typename T> __device__ T lanes_sum(T v) {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+/* Row r of the (rows, n) scores: under the causal mask, query t = r mod n sees keys 0..t only. */
+template <typename T> __device__ void softmax_row(const T* s, T* y, int n, T scale, int causal) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x, visible = causal ? (int)(row % n) + 1 : n;
+    s += row * n;
+    y += row * n;
+    T top = scale * s[0];  /* key 0 is always visible */
+    for (int j = lane; j < visible; j += LANES) top = max(top, scale * s[j]);
+    top = lanes_max(top);
+    T total = 0;
+    for (int j = lane; j < visible; j += LANES) total += exp(scale * s[j] - top);
+    total = lanes_sum(total);
+    for (int j = lane; j < n; j += LANES) y[j] = j < visible ? exp(scale * s[j] - top) / total : (T)0;
+}
+template <typename T> __device__ void softmax_row_backward(const T* y, const T* g, T* d, int n, T scale) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    y += row * n;
+    g += row * n;
+    d += row * n;
+    T dot = 0;
+    for (int j = lane; j < n; j += LANES) dot += g[j] * y[j];
+    dot = lanes_sum(dot);
+    for (int j = lane; j < n; j += LANES) d[j] = y[j] * (g[j] - dot) * scale;
+}
+extern "C" __global__ void mnn_softmax_rows_float(const float* s, float* y, int n, float scale, int causal) {
+    softmax_row(s, y, n, scale, causal);
+}
+extern "C" __global__ void mnn_softmax_rows_double(const double* s, double* y, int n, double scale, int causal) {
+    softmax_row(s, y, n, scale, causal);
+}
+extern "C" __global__ void mnn_softmax_rows_backward_float(const float* y, const float* g, float* d, int n,
+                                                          float scale) {
+    softmax_row_backward(y, g, d, n, scale);
+}
+extern "C" __global__ void mnn_softmax_rows_backward_double(const double* y, const double* g, double* d, int n,
+                                                           double scale) {
+    softmax_row_backward(y, g, d, n, scale);
+}
+""")
+SOFTMAX_ROWS_BACKWARD = Raw("mnn_softmax_rows_backward", SOFTMAX_ROWS.code)
+
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
     """Adam's Eqs. (2)-(3) in place on CuPy arrays: ``param``, ``m`` and ``v`` are updated."""
@@ -76,3 +167,36 @@ def dropout(x, key, threshold, scale):
     y, kept = cupy.empty_like(x), cupy.empty_like(x)
     compiled(DROPOUT)(x, cupy.uint64(key), cupy.uint64(threshold), x.dtype.type(scale), y, kept)
     return y, kept
+
+
+def gelu(x, c, k):
+    """GELU's Eq. (1) on a CuPy array, in one launch."""
+    return compiled(GELU)(x, x.dtype.type(c), x.dtype.type(k))
+
+
+def gelu_backward(g, x, c, k):
+    """GELU's Eqs. (2)-(3) on CuPy arrays, in one launch."""
+    return compiled(GELU_BACKWARD)(g, x, x.dtype.type(c), x.dtype.type(k))
+
+
+def scaled_softmax(s, scale, causal):
+    """softmax(scale s + M) along the last axis of CuPy scores (..., T, T) (or (..., n) without the
+    mask), in one launch: one warp per row."""
+    import cupy
+
+    s = cupy.ascontiguousarray(s)
+    y, n = cupy.empty_like(s), s.shape[-1]
+    compiled_raw(SOFTMAX_ROWS, s.dtype.name)((s.size // n,), (WARP,), (s, y, numpy.int32(n), s.dtype.type(scale),
+                                                                        numpy.int32(bool(causal))))
+    return y
+
+
+def scaled_softmax_backward(y, g, scale):
+    """scale y (g - sum(g y)) along the last axis of CuPy arrays, in one launch: one warp per row."""
+    import cupy
+
+    y, g = cupy.ascontiguousarray(y), cupy.ascontiguousarray(g)
+    d, n = cupy.empty_like(y), y.shape[-1]
+    compiled_raw(SOFTMAX_ROWS_BACKWARD, y.dtype.name)((y.size // n,), (WARP,), (y, g, d, numpy.int32(n),
+                                                                                 y.dtype.type(scale)))
+    return d

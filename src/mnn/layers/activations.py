@@ -104,7 +104,8 @@ class GeluLayer(ElementwiseLayer):
     This matches ``torch.nn.GELU(approximate="tanh")``. Backward computes $t$ again from $x$
     (a tanh costs less than keeping a tensor the size of the layer's output, as PyTorch does).
     The fused CPU kernels (``mnn.kernels.cpu``) compute $t$ in two passes around NumPy's tanh,
-    and Eq. (1) and Eqs. (2)-(3) in one pass each.
+    and Eq. (1) and Eqs. (2)-(3) in one pass each; on a GPU (``mnn.kernels.cuda``) the forward
+    and the backward are one launch each.
     """
 
     C = math.sqrt(2 / math.pi)
@@ -112,6 +113,8 @@ class GeluLayer(ElementwiseLayer):
 
     def apply(self, x):
         self.save(x)
+        if kernels.fused_gpu(x):
+            return kernels.cuda.gelu(x, self.C, self.K)  # Eq. (1), t computed inside
         t = self.tanh_argument(x)
         if kernels.fused(x):
             return kernels.cpu.gelu(x, t)  # Eq. (1)
@@ -125,6 +128,8 @@ class GeluLayer(ElementwiseLayer):
 
     def backward(self, g):
         (x,) = self.saved()
+        if kernels.fused_gpu(g, x) and g.dtype == x.dtype:
+            return kernels.cuda.gelu_backward(g, x, self.C, self.K)  # Eqs. (2)-(3)
         t = self.tanh_argument(x)
         if kernels.fused(g, x):
             return kernels.cpu.gelu_backward(g, x, t, self.C, self.K)  # Eqs. (2)-(3)

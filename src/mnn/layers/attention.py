@@ -1,7 +1,7 @@
 r"""Multi-head self-attention, as in GPT-2: fused QKV projection, scaled dot products, causal mask."""
 import math
 
-from .. import backend
+from .. import backend, kernels
 from .base import CompositeLayer, check_size
 from .dropout import DropoutLayer
 from .linear import LinearLayer, MatrixProduct
@@ -39,7 +39,9 @@ class MultiHeadAttention(CompositeLayer):
     then $\partial L/\partial X$ from Eq. (1) through the QKV ``LinearLayer``. The mask is a
     constant added to $S$: masked entries have $A = 0$, so Eq. (6) gives them zero
     gradient with no special case. All heads and the whole batch go through each step as
-    one stacked product of shape $(B, h, T, \cdot)$.
+    one stacked product of shape $(B, h, T, \cdot)$. On a GPU (``mnn.kernels.cuda``) the scale,
+    the mask and the softmax of Eq. (2) are one launch, reading $QK^\top$ once and writing
+    $A$ once, and Eq. (6) with the scale of Eq. (7) another.
 
     **Attention dropout** (``dropout`` $= p > 0$, as nanoGPT's): in training Eq. (2) mixes the
     values with a dropped-out copy of the weights, $O = \tilde A V$ with
@@ -87,11 +89,15 @@ class MultiHeadAttention(CompositeLayer):
         q, k, v = (self.split_heads(part) for part in xp.split(self.qkv.forward(x), 3, axis=-1))  # Eq. (1)
         scale = 1 / math.sqrt(self.dim // self.heads)
         s = self.scores.forward(q, k.swapaxes(-1, -2))  # Eq. (2), scaled below: q k^T keeps views of qkv
-        s *= scale
-        if self.causal:
-            length = x.shape[1]
-            s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
-        a = self.softmax.forward(s)
+        if kernels.fused_gpu(s):  # Eq. (2)'s scale, mask and softmax in one launch
+            a = kernels.cuda.scaled_softmax(s, scale, self.causal)
+            self.softmax.save(a)  # what SoftmaxLayer's forward keeps for its backward
+        else:
+            s *= scale
+            if self.causal:
+                length = x.shape[1]
+                s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
+            a = self.softmax.forward(s)
         if self.dropout:
             a = self.dropout.forward(a)  # the identity in eval mode
         self.save(scale)
@@ -104,8 +110,12 @@ class MultiHeadAttention(CompositeLayer):
         d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
         if self.dropout:
             d_a = self.dropout.backward(d_a)  # DropoutLayer's Eq. (2)
-        d_s = self.softmax.backward(d_a)  # Eq. (6)
-        d_q, d_k_t = self.scores.backward(d_s * scale)  # Eq. (7)
+        (a,) = self.softmax.saved()
+        if kernels.fused_gpu(a, d_a) and a.dtype == d_a.dtype:  # Eq. (6) and Eq. (7)'s scale in one launch
+            d_s = kernels.cuda.scaled_softmax_backward(a, d_a, scale)
+        else:
+            d_s = self.softmax.backward(d_a) * scale  # Eq. (6), and the scale of Eq. (7)
+        d_q, d_k_t = self.scores.backward(d_s)  # Eq. (7)
         d_qkv = xp.concatenate([self.merge_heads(d_q), self.merge_heads(d_k_t.swapaxes(-1, -2)),
                                 self.merge_heads(d_v)], axis=-1)
         return self.qkv.backward(d_qkv)  # through Eq. (1)
