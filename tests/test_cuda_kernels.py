@@ -7,9 +7,9 @@ import numpy
 import pytest
 
 from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvcc_errors
-from mnn import kernels, optim
+from mnn import backend, kernels, optim
 from mnn.kernels import cuda
-from mnn.layers import GeluLayer
+from mnn.layers import GeluLayer, LayerNormLayer
 from mnn.layers.dropout import keep_mask, keep_threshold
 from mnn.layers.softmax import softmax
 
@@ -100,10 +100,37 @@ def test_the_softmax_kernels_give_the_attentions_numpy_lines(dtype, causal, leng
     numpy.testing.assert_allclose(d, reference_grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1, 7, 96])
+def test_the_layer_norm_kernels_give_the_numpy_lines(dtype, width):
+    rng = numpy.random.default_rng(4)
+    x, g = (rng.standard_normal((3, 5, width)) * 2 + 1).astype(dtype), rng.standard_normal((3, 5, width)).astype(dtype)
+    weight, bias = (rng.standard_normal(width).astype(dtype) for _ in range(2))
+    kernels.use("numpy")
+    backend.set_default_dtype(dtype)
+    try:
+        layer = LayerNormLayer(width)
+        layer.params["weight"][...], layer.params["bias"][...] = weight, bias
+        reference_y, reference_grad = layer.forward(x), layer.backward(g)
+    finally:
+        kernels.use("fused")
+        backend.set_default_dtype(numpy.float32)
+    name, scalar = c_types(dtype)
+    pointer, rows = ctypes.c_void_p, x.size // width
+    y, x_hat, grad, inv_std = numpy.empty_like(x), numpy.empty_like(x), numpy.empty_like(x), numpy.empty(rows, dtype)
+    compile_raw_for_cpu(cuda.LAYER_NORM_ROWS, f"mnn_layer_norm_rows_{name}", [pointer] * 6 + [ctypes.c_int, scalar])(
+        rows, x, weight, bias, y, x_hat, inv_std, width, scalar(1e-5))
+    compile_raw_for_cpu(cuda.LAYER_NORM_ROWS_BACKWARD, f"mnn_layer_norm_rows_backward_{name}",
+                        [pointer] * 5 + [ctypes.c_int])(rows, g, x_hat, weight, inv_std, grad, width)
+    tolerance = 1e-12 if dtype == numpy.float64 else 1e-5
+    numpy.testing.assert_allclose(y, reference_y, rtol=tolerance, atol=tolerance)
+    numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
+
+
 GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"})]
 
 
-RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD]
+RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD]
 
 
 def test_the_lists_name_every_gpu_kernel():

@@ -99,10 +99,12 @@ WARP = 32
 # The attention's Eq. (2) tail and softmax (mnn.layers.attention, SoftmaxLayer's Eq. (1)), one warp per row:
 # y = softmax(scale s + M) with the causal mask M, in one read of s and one write of y; and the backward,
 # SoftmaxLayer's Eq. (3) times the scale (the attention's Eq. (7)), in one read of y and g.
-SOFTMAX_ROWS = Raw("mnn_softmax_rows", r"""
+LANE_REDUCTIONS = r"""
 #ifndef LANES
 #define LANES 32
 #endif
+/* The maximum and the sum of v over the lanes of a row: each step adds the value of the lane
+   `offset` away (a butterfly), so after log2(LANES) steps every lane holds the whole result. */
 template <typename T> __device__ T lanes_max(T v) {
     for (int offset = LANES / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
@@ -111,6 +113,8 @@ template <typename T> __device__ T lanes_sum(T v) {
     for (int offset = LANES / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
+"""
+SOFTMAX_ROWS = Raw("mnn_softmax_rows", LANE_REDUCTIONS + r"""
 /* Row r of the (rows, n) scores: under the causal mask, query t = r mod n sees keys 0..t only. */
 template <typename T> __device__ void softmax_row(const T* s, T* y, int n, T scale, int causal) {
     long long row = blockIdx.x;
@@ -152,6 +156,62 @@ extern "C" __global__ void mnn_softmax_rows_backward_double(const double* y, con
 }
 """)
 SOFTMAX_ROWS_BACKWARD = Raw("mnn_softmax_rows_backward", SOFTMAX_ROWS.code)
+# Layer norm's Eq. (1) and its input gradient, Eq. (3) (mnn.layers.normalization), one warp per row of n.
+LAYER_NORM_ROWS = Raw("mnn_layer_norm_rows", LANE_REDUCTIONS + r"""
+template <typename T> __device__ void layer_norm_row(const T* x, const T* weight, const T* bias, T* y, T* x_hat,
+                                                     T* inv_std, int n, T eps) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    x += row * n;
+    y += row * n;
+    x_hat += row * n;
+    T total = 0;
+    for (int j = lane; j < n; j += LANES) total += x[j];
+    T mean = lanes_sum(total) / n;
+    T squares = 0;
+    for (int j = lane; j < n; j += LANES) squares += (x[j] - mean) * (x[j] - mean);
+    T scale = (T)1 / sqrt(lanes_sum(squares) / n + eps);
+    for (int j = lane; j < n; j += LANES) {
+        x_hat[j] = (x[j] - mean) * scale;
+        y[j] = x_hat[j] * weight[j] + bias[j];
+    }
+    if (lane == 0) inv_std[row] = scale;
+}
+/* g_hat = weight g; grad = (g_hat - mean(g_hat) - x_hat mean(g_hat x_hat)) / sigma, along the row. */
+template <typename T> __device__ void layer_norm_row_backward(const T* g, const T* x_hat, const T* weight,
+                                                              const T* inv_std, T* grad, int n) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    g += row * n;
+    x_hat += row * n;
+    grad += row * n;
+    T sum_g = 0, sum_gx = 0;
+    for (int j = lane; j < n; j += LANES) {
+        sum_g += g[j] * weight[j];
+        sum_gx += g[j] * weight[j] * x_hat[j];
+    }
+    T mean_g = lanes_sum(sum_g) / n, mean_gx = lanes_sum(sum_gx) / n;
+    for (int j = lane; j < n; j += LANES) grad[j] = (g[j] * weight[j] - (x_hat[j] * mean_gx + mean_g)) * inv_std[row];
+}
+extern "C" __global__ void mnn_layer_norm_rows_float(const float* x, const float* weight, const float* bias, float* y,
+                                                     float* x_hat, float* inv_std, int n, float eps) {
+    layer_norm_row(x, weight, bias, y, x_hat, inv_std, n, eps);
+}
+extern "C" __global__ void mnn_layer_norm_rows_double(const double* x, const double* weight, const double* bias,
+                                                      double* y, double* x_hat, double* inv_std, int n, double eps) {
+    layer_norm_row(x, weight, bias, y, x_hat, inv_std, n, eps);
+}
+extern "C" __global__ void mnn_layer_norm_rows_backward_float(const float* g, const float* x_hat, const float* weight,
+                                                              const float* inv_std, float* grad, int n) {
+    layer_norm_row_backward(g, x_hat, weight, inv_std, grad, n);
+}
+extern "C" __global__ void mnn_layer_norm_rows_backward_double(const double* g, const double* x_hat,
+                                                               const double* weight, const double* inv_std,
+                                                               double* grad, int n) {
+    layer_norm_row_backward(g, x_hat, weight, inv_std, grad, n);
+}
+""")
+LAYER_NORM_ROWS_BACKWARD = Raw("mnn_layer_norm_rows_backward", LAYER_NORM_ROWS.code)
 
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
@@ -200,3 +260,25 @@ def scaled_softmax_backward(y, g, scale):
     compiled_raw(SOFTMAX_ROWS_BACKWARD, y.dtype.name)((y.size // n,), (WARP,), (y, g, d, numpy.int32(n),
                                                                                  y.dtype.type(scale)))
     return d
+
+
+def layer_norm(x, weight, bias, eps):
+    """Layer norm's Eq. (1) along the last axis of a CuPy array: (y, x_hat, 1/sigma), one warp per row."""
+    import cupy
+
+    x, n = cupy.ascontiguousarray(x), x.shape[-1]
+    y, x_hat, inv_std = cupy.empty_like(x), cupy.empty_like(x), cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    compiled_raw(LAYER_NORM_ROWS, x.dtype.name)((x.size // n,), (WARP,), (x, weight, bias, y, x_hat, inv_std,
+                                                                          numpy.int32(n), x.dtype.type(eps)))
+    return y, x_hat, inv_std
+
+
+def layer_norm_backward(g, x_hat, weight, inv_std):
+    """Layer norm's Eq. (3) on CuPy arrays, one warp per row (the weight's and the bias's sums are the caller's)."""
+    import cupy
+
+    g, n = cupy.ascontiguousarray(g), g.shape[-1]
+    grad = cupy.empty_like(g)
+    compiled_raw(LAYER_NORM_ROWS_BACKWARD, g.dtype.name)((g.size // n,), (WARP,), (g, x_hat, weight, inv_std, grad,
+                                                                                   numpy.int32(n)))
+    return grad

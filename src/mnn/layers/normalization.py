@@ -227,7 +227,8 @@ class LayerNormLayer(Layer):
     and the input gradient is Eq. (N) of the module with $\hat g = \gamma \odot g$, its sums taken
     along the row. (3) Same in training and eval: no batch statistics. With ``bias=False``
     there is no $\beta$ (as ``torch.nn.LayerNorm(dim, bias=False)``). The fused CPU kernels
-    (``mnn.kernels.cpu``) normalise each row, and back-propagate through it, in one pass from cache.
+    (``mnn.kernels.cpu``) normalise each row, and back-propagate through it, in one pass from cache;
+    on a GPU (``mnn.kernels.cuda``) one warp takes each row, in one launch for all rows.
     """
 
     def __init__(self, dim, eps=1e-5, bias=True):
@@ -243,9 +244,11 @@ class LayerNormLayer(Layer):
 
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
-        if kernels.fused(x):  # Eq. (1), each row in one pass
-            shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(self.params["weight"])
-            y, x_hat, inv_std = kernels.cpu.layer_norm(x, self.params["weight"], shift, self.eps)
+        weight = self.params["weight"]
+        if kernels.fused(x) or (kernels.fused_gpu(x, weight) and x.dtype == weight.dtype):  # Eq. (1), a row a pass
+            shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
+            fused = kernels.cpu if kernels.fused(x) else kernels.cuda
+            y, x_hat, inv_std = fused.layer_norm(x, weight, shift, self.eps)
             self.save(x_hat, inv_std)
             return y
         x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
@@ -263,6 +266,12 @@ class LayerNormLayer(Layer):
             if self.bias:
                 self.grads["bias"] += d_bias
             return grad
+        if kernels.fused_gpu(g, x_hat) and g.dtype == x_hat.dtype == self.params["weight"].dtype:
+            rows_g, rows_x = g.reshape(-1, self.dim), x_hat.reshape(-1, self.dim)
+            self.grads["weight"] += column_dots(rows_g, rows_x)  # Eq. (2)
+            if self.bias:
+                self.grads["bias"] += column_sums(rows_g)
+            return kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)  # Eq. (3), a row a launch
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
         if self.bias:
