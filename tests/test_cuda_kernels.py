@@ -9,7 +9,7 @@ import pytest
 from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvcc_errors
 from mnn import backend, kernels, optim
 from mnn.kernels import cuda
-from mnn.layers import GeluLayer, LayerNormLayer
+from mnn.layers import CrossEntropyLossLayer, GeluLayer, LayerNormLayer
 from mnn.layers.dropout import keep_mask, keep_threshold
 from mnn.layers.softmax import softmax
 
@@ -127,10 +127,35 @@ def test_the_layer_norm_kernels_give_the_numpy_lines(dtype, width):
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [1, 5, 65])
+def test_the_cross_entropy_kernels_give_the_numpy_lines(dtype, classes):
+    rng = numpy.random.default_rng(5)
+    x, labels = (rng.standard_normal((4, 6, classes)) * 3).astype(dtype), rng.integers(0, classes, (4, 6))
+    kernels.use("numpy")
+    try:
+        layer = CrossEntropyLossLayer()
+        reference_loss, reference_grad = layer.forward(x, labels), layer.backward()
+    finally:
+        kernels.use("fused")
+    name, scalar = c_types(dtype)
+    pointer, rows = ctypes.c_void_p, x.size // classes
+    flat_labels = labels.reshape(-1).astype(numpy.int64)
+    p, losses, grad = numpy.empty_like(x), numpy.empty(rows, dtype), numpy.empty_like(x)
+    compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS, f"mnn_cross_entropy_rows_{name}", [pointer] * 4 + [ctypes.c_int])(
+        rows, x, flat_labels, p, losses, classes)
+    compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS_BACKWARD, f"mnn_cross_entropy_rows_backward_{name}",
+                        [pointer] * 3 + [ctypes.c_int, scalar])(rows, p, flat_labels, grad, classes, 1 / rows)
+    tolerance = 1e-13 if dtype == numpy.float64 else 2e-6
+    numpy.testing.assert_allclose(losses.mean(), reference_loss, rtol=tolerance)
+    numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
+
+
 GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"})]
 
 
-RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD]
+RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD,
+               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD]
 
 
 def test_the_lists_name_every_gpu_kernel():

@@ -212,6 +212,48 @@ extern "C" __global__ void mnn_layer_norm_rows_backward_double(const double* g, 
 }
 """)
 LAYER_NORM_ROWS_BACKWARD = Raw("mnn_layer_norm_rows_backward", LAYER_NORM_ROWS.code)
+# Cross-entropy's Eq. (1) and Eq. (2) (mnn.layers.losses.CrossEntropyLossLayer), one warp per row of n classes:
+# the softmax p and each row's loss -log p_t in one launch; (p - onehot(t)) / N in another.
+CROSS_ENTROPY_ROWS = Raw("mnn_cross_entropy_rows", LANE_REDUCTIONS + r"""
+template <typename T> __device__ void cross_entropy_row(const T* x, const long long* labels, T* p, T* loss, int n) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    x += row * n;
+    p += row * n;
+    T top = x[0];
+    for (int j = lane; j < n; j += LANES) top = max(top, x[j]);
+    top = lanes_max(top);
+    T total = 0;
+    for (int j = lane; j < n; j += LANES) total += exp(x[j] - top);
+    T log_total = log(lanes_sum(total));
+    for (int j = lane; j < n; j += LANES) p[j] = exp(x[j] - top - log_total);  /* exp(log p) */
+    if (lane == 0) loss[row] = log_total - (x[labels[row]] - top);  /* -log p_t */
+}
+template <typename T> __device__ void cross_entropy_row_backward(const T* p, const long long* labels, T* grad, int n,
+                                                                 T inv_count) {
+    long long row = blockIdx.x;
+    p += row * n;
+    grad += row * n;
+    for (int j = threadIdx.x; j < n; j += LANES) grad[j] = (p[j] - (j == labels[row] ? (T)1 : (T)0)) * inv_count;
+}
+extern "C" __global__ void mnn_cross_entropy_rows_float(const float* x, const long long* labels, float* p,
+                                                        float* loss, int n) {
+    cross_entropy_row(x, labels, p, loss, n);
+}
+extern "C" __global__ void mnn_cross_entropy_rows_double(const double* x, const long long* labels, double* p,
+                                                         double* loss, int n) {
+    cross_entropy_row(x, labels, p, loss, n);
+}
+extern "C" __global__ void mnn_cross_entropy_rows_backward_float(const float* p, const long long* labels,
+                                                                 float* grad, int n, float inv_count) {
+    cross_entropy_row_backward(p, labels, grad, n, inv_count);
+}
+extern "C" __global__ void mnn_cross_entropy_rows_backward_double(const double* p, const long long* labels,
+                                                                  double* grad, int n, double inv_count) {
+    cross_entropy_row_backward(p, labels, grad, n, inv_count);
+}
+""")
+CROSS_ENTROPY_ROWS_BACKWARD = Raw("mnn_cross_entropy_rows_backward", CROSS_ENTROPY_ROWS.code)
 
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
@@ -281,4 +323,27 @@ def layer_norm_backward(g, x_hat, weight, inv_std):
     grad = cupy.empty_like(g)
     compiled_raw(LAYER_NORM_ROWS_BACKWARD, g.dtype.name)((g.size // n,), (WARP,), (g, x_hat, weight, inv_std, grad,
                                                                                    numpy.int32(n)))
+    return grad
+
+
+def cross_entropy(rows, labels):
+    """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and labels (N,), one warp per row."""
+    import cupy
+
+    rows, labels = cupy.ascontiguousarray(rows), cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    count, n = rows.shape
+    p, losses = cupy.empty_like(rows), cupy.empty(count, dtype=rows.dtype)
+    compiled_raw(CROSS_ENTROPY_ROWS, rows.dtype.name)((count,), (WARP,), (rows, labels, p, losses, numpy.int32(n)))
+    return p, losses
+
+
+def cross_entropy_backward(p, labels):
+    """Cross-entropy's Eq. (2), (p - onehot(t)) / N, for CuPy arrays (N, C) and (N,), one warp per row."""
+    import cupy
+
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    count, n = p.shape
+    grad = cupy.empty_like(p)
+    compiled_raw(CROSS_ENTROPY_ROWS_BACKWARD, p.dtype.name)((count,), (WARP,), (p, labels, grad, numpy.int32(n),
+                                                                                p.dtype.type(1 / count)))
     return grad

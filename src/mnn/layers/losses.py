@@ -3,7 +3,7 @@ r"""Loss layers: where back-propagation starts.
 Each returns the **mean** loss over the batch, so the $1/N$ lives here and every
 parameter gradient further down is a plain sum over the batch.
 """
-from .. import backend
+from .. import backend, kernels
 from .base import LossLayer, check_array, check_floating
 from .softmax import log_softmax
 
@@ -93,12 +93,17 @@ class CrossEntropyLossLayer(LossLayer):
     $$\frac{\partial L}{\partial x_{nc}} = \frac{1}{N}\big(p_{nc} - \mathbb{1}[c = t_n]\big). \tag{2}$$
 
     Fusing avoids the softmax Jacobian altogether and is stable: $\log p$ comes from
-    the shifted log-sum-exp (see ``LogSoftmaxLayer``).
+    the shifted log-sum-exp (see ``LogSoftmaxLayer``). On a GPU (``mnn.kernels.cuda``) the
+    forward and the backward are one launch each, one warp per row.
     """
 
     def forward(self, x, labels):
         check_labels(self, x, labels)
         xp = backend.array_module(x)
+        if kernels.fused_gpu(x):  # Eq. (1) and the softmax that Eq. (2) needs, in one launch
+            p, losses = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1))
+            self.save(x.shape, p, labels.reshape(-1))
+            return losses.mean()
         log_p = log_softmax(x.reshape(-1, x.shape[-1]))
         labels = labels.reshape(-1)
         self.save(x.shape, xp.exp(log_p), labels)
@@ -106,6 +111,8 @@ class CrossEntropyLossLayer(LossLayer):
 
     def backward(self):
         shape, p, labels = self.saved()
+        if kernels.fused_gpu(p):
+            return kernels.cuda.cross_entropy_backward(p, labels).reshape(shape)  # Eq. (2), in one launch
         xp = backend.array_module(p)
         grad = p.copy()
         grad[xp.arange(labels.size), labels] -= 1
