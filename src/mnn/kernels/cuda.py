@@ -281,15 +281,21 @@ def gelu_backward(g, x, c, k):
     return compiled(GELU_BACKWARD)(g, x, x.dtype.type(c), x.dtype.type(k))
 
 
+def launch_rows(source, like, arguments):
+    """Run a row kernel on ``like``'s rows (its last axis), one warp each; no launch where there are none."""
+    rows = like.size // like.shape[-1] if like.size else 0
+    if rows:
+        compiled_raw(source, like.dtype.name)((rows,), (WARP,), arguments)
+
+
 def scaled_softmax(s, scale, causal):
     """softmax(scale s + M) along the last axis of CuPy scores (..., T, T) (or (..., n) without the
     mask), in one launch: one warp per row."""
     import cupy
 
     s = cupy.ascontiguousarray(s)
-    y, n = cupy.empty_like(s), s.shape[-1]
-    compiled_raw(SOFTMAX_ROWS, s.dtype.name)((s.size // n,), (WARP,), (s, y, numpy.int32(n), s.dtype.type(scale),
-                                                                        numpy.int32(bool(causal))))
+    y = cupy.empty_like(s)
+    launch_rows(SOFTMAX_ROWS, s, (s, y, numpy.int32(s.shape[-1]), s.dtype.type(scale), numpy.int32(bool(causal))))
     return y
 
 
@@ -298,9 +304,8 @@ def scaled_softmax_backward(y, g, scale):
     import cupy
 
     y, g = cupy.ascontiguousarray(y), cupy.ascontiguousarray(g)
-    d, n = cupy.empty_like(y), y.shape[-1]
-    compiled_raw(SOFTMAX_ROWS_BACKWARD, y.dtype.name)((y.size // n,), (WARP,), (y, g, d, numpy.int32(n),
-                                                                                 y.dtype.type(scale)))
+    d = cupy.empty_like(y)
+    launch_rows(SOFTMAX_ROWS_BACKWARD, y, (y, g, d, numpy.int32(y.shape[-1]), y.dtype.type(scale)))
     return d
 
 
@@ -308,10 +313,9 @@ def layer_norm(x, weight, bias, eps):
     """Layer norm's Eq. (1) along the last axis of a CuPy array: (y, x_hat, 1/sigma), one warp per row."""
     import cupy
 
-    x, n = cupy.ascontiguousarray(x), x.shape[-1]
+    x = cupy.ascontiguousarray(x)
     y, x_hat, inv_std = cupy.empty_like(x), cupy.empty_like(x), cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    compiled_raw(LAYER_NORM_ROWS, x.dtype.name)((x.size // n,), (WARP,), (x, weight, bias, y, x_hat, inv_std,
-                                                                          numpy.int32(n), x.dtype.type(eps)))
+    launch_rows(LAYER_NORM_ROWS, x, (x, weight, bias, y, x_hat, inv_std, numpy.int32(x.shape[-1]), x.dtype.type(eps)))
     return y, x_hat, inv_std
 
 
@@ -319,10 +323,9 @@ def layer_norm_backward(g, x_hat, weight, inv_std):
     """Layer norm's Eq. (3) on CuPy arrays, one warp per row (the weight's and the bias's sums are the caller's)."""
     import cupy
 
-    g, n = cupy.ascontiguousarray(g), g.shape[-1]
+    g = cupy.ascontiguousarray(g)
     grad = cupy.empty_like(g)
-    compiled_raw(LAYER_NORM_ROWS_BACKWARD, g.dtype.name)((g.size // n,), (WARP,), (g, x_hat, weight, inv_std, grad,
-                                                                                   numpy.int32(n)))
+    launch_rows(LAYER_NORM_ROWS_BACKWARD, g, (g, x_hat, weight, inv_std, grad, numpy.int32(g.shape[-1])))
     return grad
 
 
@@ -331,9 +334,8 @@ def cross_entropy(rows, labels):
     import cupy
 
     rows, labels = cupy.ascontiguousarray(rows), cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    count, n = rows.shape
-    p, losses = cupy.empty_like(rows), cupy.empty(count, dtype=rows.dtype)
-    compiled_raw(CROSS_ENTROPY_ROWS, rows.dtype.name)((count,), (WARP,), (rows, labels, p, losses, numpy.int32(n)))
+    p, losses = cupy.empty_like(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
+    launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, numpy.int32(rows.shape[1])))
     return p, losses
 
 
@@ -342,8 +344,7 @@ def cross_entropy_backward(p, labels):
     import cupy
 
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    count, n = p.shape
     grad = cupy.empty_like(p)
-    compiled_raw(CROSS_ENTROPY_ROWS_BACKWARD, p.dtype.name)((count,), (WARP,), (p, labels, grad, numpy.int32(n),
-                                                                                p.dtype.type(1 / count)))
+    launch_rows(CROSS_ENTROPY_ROWS_BACKWARD, p, (p, labels, grad, numpy.int32(p.shape[1]),
+                                                 p.dtype.type(1 / max(len(p), 1))))
     return grad
