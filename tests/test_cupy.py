@@ -96,3 +96,15 @@ def test_dropout_on_gpu_draws_there_the_masks_of_the_cpu(on_gpu, mode):
         kernels.use("fused")
     for gpu, cpu in zip(*results):
         numpy.testing.assert_array_equal(gpu, cpu)
+
+
+def test_the_gpu_kernels_take_the_inputs_the_reference_lines_take(on_gpu):
+    """A single number through dropout, and class labels left in host memory for the cross-entropy."""
+    from mnn.layers import CrossEntropyLossLayer
+
+    dropped = DropoutLayer(0.5).forward(cupy.asarray(numpy.float32(0.75)))
+    assert dropped.shape == () and float(dropped) in (0.0, 1.5)
+    logits = numpy.random.default_rng(0).standard_normal((6, 5)).astype(numpy.float32)
+    labels = numpy.arange(6) % 5
+    losses = [float(CrossEntropyLossLayer().forward(move(logits), labels)) for move in (cupy.asarray, numpy.asarray)]
+    assert abs(losses[0] - losses[1]) < 1e-6

@@ -187,6 +187,20 @@ def test_dropout_kernel_draws_and_applies_the_masks_of_the_reference(dtype, layo
         numpy.testing.assert_array_equal(reference[index], fused[index])
 
 
+@pytest.mark.parametrize("make_layer", [GeluLayer, lambda: DropoutLayer(0.5)], ids=["gelu", "dropout"])
+def test_element_wise_kernels_keep_a_single_numbers_shape(make_layer):
+    x, g = numpy.array(0.75, dtype=numpy.float32), numpy.array(2.0, dtype=numpy.float32)
+    results = []
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        backend.seed(0)
+        layer = make_layer()
+        results.append((layer.forward(x), layer.backward(g)))
+    for reference, fused in zip(*results):
+        assert fused.shape == reference.shape == ()
+        numpy.testing.assert_allclose(fused, reference, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 def test_gelu_kernels_equal_the_reference(dtype, layout):

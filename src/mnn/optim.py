@@ -247,7 +247,7 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - self.beta1 ** self.steps)
         unbias = 1 / math.sqrt(1 - self.beta2 ** self.steps)
         xp = backend.array_module(param)
-        if kernels.fused_gpu(param):
+        if kernels.fused_gpu(param) and grad.dtype == param.dtype:
             return kernels.cuda.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
         if kernels.fused(param) and all(a.flags.c_contiguous for a in (grad, param, m, v)):
             return kernels.cpu.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)

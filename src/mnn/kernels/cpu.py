@@ -244,17 +244,21 @@ def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_
 def gelu_tanh(x, c, k):
     """GELU's t = tanh(c (x + k x^3)): the polynomial in one pass, then NumPy's tanh in place (vectorised
     already; numba's would call the C library once per entry)."""
-    x = numpy.ascontiguousarray(x)  # the loops run over flat views: C order, whatever layout came in
     t = numpy.empty(x.shape, dtype=x.dtype)
-    gelu_argument(x.reshape(-1), x.dtype.type(c), x.dtype.type(k), t.reshape(-1))
+    gelu_argument(flat(x), x.dtype.type(c), x.dtype.type(k), t.reshape(-1))
     return numpy.tanh(t, out=t)
+
+
+def flat(x):
+    """``x``'s entries in C order as a 1-D array (a view where ``x`` is C-contiguous): the element-wise
+    loops run over these, whatever layout came in. Outputs are made in ``x.shape``, which may be ()."""
+    return numpy.ascontiguousarray(x).reshape(-1)
 
 
 def gelu(x, t):
     """GELU's Eq. (1), y = x (1 + t) / 2, in one pass."""
-    x, t = numpy.ascontiguousarray(x), numpy.ascontiguousarray(t)
     y = numpy.empty(x.shape, dtype=x.dtype)
-    gelu_product(x.reshape(-1), t.reshape(-1), y.reshape(-1))
+    gelu_product(flat(x), flat(t), y.reshape(-1))
     return y
 
 
@@ -272,10 +276,8 @@ def gelu_product(x, t, y):
 
 def gelu_backward(g, x, t, c, k):
     """GELU's Eqs. (2)-(3): g f'(x) in one pass."""
-    g, x, t = (numpy.ascontiguousarray(a) for a in (g, x, t))
     grad = numpy.empty(g.shape, dtype=g.dtype)
-    gelu_backward_flat(g.reshape(-1), x.reshape(-1), t.reshape(-1), x.dtype.type(c), x.dtype.type(3 * k),
-                       grad.reshape(-1))
+    gelu_backward_flat(flat(g), flat(x), flat(t), x.dtype.type(c), x.dtype.type(3 * k), grad.reshape(-1))
     return grad
 
 
@@ -500,9 +502,9 @@ def lstm_step_backward_rows(dh, carry_c, gates, tanh_c, c_prev, one, delta, carr
 
 def dropout(x, key, threshold, scale):
     """Dropout's Eqs. (3), (4) and (1) in one pass: (y, kept), ``kept`` holding ``scale`` or 0 per element."""
-    x = numpy.ascontiguousarray(x)  # element i is then the i-th in C order, as Eq. (4) counts
-    y, kept = numpy.empty_like(x), numpy.empty_like(x)
-    dropout_flat(x.reshape(-1), numpy.uint64(key), numpy.uint64(threshold), scale, y.reshape(-1), kept.reshape(-1))
+    y, kept = numpy.empty(x.shape, dtype=x.dtype), numpy.empty(x.shape, dtype=x.dtype)
+    # element i of flat(x) is the i-th in C order, as Eq. (4) counts
+    dropout_flat(flat(x), numpy.uint64(key), numpy.uint64(threshold), scale, y.reshape(-1), kept.reshape(-1))
     return y, kept
 
 

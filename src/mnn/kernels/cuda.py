@@ -265,10 +265,10 @@ def dropout(x, key, threshold, scale):
     """Dropout's forward on a CuPy array: (y, kept), ``kept`` holding ``scale`` or 0 per element."""
     import cupy
 
-    x = cupy.ascontiguousarray(x)  # element i of the kernel is then element i of x in C order, as in Eq. (4)
+    shape, x = x.shape, cupy.ascontiguousarray(x)  # element i of the kernel is element i of x in C order (Eq. (4))
     y, kept = cupy.empty_like(x), cupy.empty_like(x)
     compiled(DROPOUT)(x, cupy.uint64(key), cupy.uint64(threshold), x.dtype.type(scale), y, kept)
-    return y, kept
+    return y.reshape(shape), kept.reshape(shape)  # ascontiguousarray makes a 0-d array 1-d
 
 
 def gelu(x, c, k):
@@ -313,7 +313,7 @@ def layer_norm(x, weight, bias, eps):
     """Layer norm's Eq. (1) along the last axis of a CuPy array: (y, x_hat, 1/sigma), one warp per row."""
     import cupy
 
-    x = cupy.ascontiguousarray(x)
+    x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight, bias))  # a raw kernel reads memory in order
     y, x_hat, inv_std = cupy.empty_like(x), cupy.empty_like(x), cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     launch_rows(LAYER_NORM_ROWS, x, (x, weight, bias, y, x_hat, inv_std, numpy.int32(x.shape[-1]), x.dtype.type(eps)))
     return y, x_hat, inv_std
@@ -333,7 +333,7 @@ def cross_entropy(rows, labels):
     """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and labels (N,), one warp per row."""
     import cupy
 
-    rows, labels = cupy.ascontiguousarray(rows), cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    rows, labels = cupy.ascontiguousarray(rows), cupy.ascontiguousarray(cupy.asarray(labels), dtype=cupy.int64)
     p, losses = cupy.empty_like(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
     launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, numpy.int32(rows.shape[1])))
     return p, losses
@@ -343,7 +343,7 @@ def cross_entropy_backward(p, labels):
     """Cross-entropy's Eq. (2), (p - onehot(t)) / N, for CuPy arrays (N, C) and (N,), one warp per row."""
     import cupy
 
-    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    labels = cupy.ascontiguousarray(cupy.asarray(labels), dtype=cupy.int64)
     grad = cupy.empty_like(p)
     launch_rows(CROSS_ENTROPY_ROWS_BACKWARD, p, (p, labels, grad, numpy.int32(p.shape[1]),
                                                  p.dtype.type(1 / max(len(p), 1))))

@@ -245,8 +245,8 @@ class LayerNormLayer(Layer):
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         weight = self.params["weight"]
-        if kernels.fused(x) or (kernels.fused_gpu(x, weight) and x.dtype == weight.dtype):  # Eq. (1), a row a pass
-            shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
+        shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
+        if kernels.fused(x) or (kernels.fused_gpu(x, weight) and x.dtype == weight.dtype == shift.dtype):  # Eq. (1)
             fused = kernels.cpu if kernels.fused(x) else kernels.cuda
             y, x_hat, inv_std = fused.layer_norm(x, weight, shift, self.eps)
             self.save(x_hat, inv_std)
