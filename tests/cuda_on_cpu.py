@@ -80,7 +80,7 @@ using namespace std;
 #define __global__
 #define __device__ static inline
 struct mnn_index { unsigned int x, y, z; };
-static mnn_index blockIdx, threadIdx;
+static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};  /* grid-stride loops: one pass */
 template <typename T> T __shfl_xor_sync(unsigned int, T value, int) { return value; }
 extern "C" void mnn_set_block(unsigned int block) { blockIdx.x = block; }
 """
@@ -88,8 +88,9 @@ extern "C" void mnn_set_block(unsigned int block) { blockIdx.x = block; }
 
 def compile_raw_for_cpu(source, function, argument_types):
     """``run(blocks, *arguments)``: the ``extern "C"`` entry ``function`` of a ``Raw`` source, run on the CPU
-    for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1). ``argument_types`` are its
-    parameters' ctypes types; NumPy arrays stand for pointers."""
+    for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1); a kernel whose threads stride over
+    all elements runs as one block of one thread. ``argument_types`` are its parameters' ctypes
+    types; NumPy arrays stand for pointers."""
     assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
     library = ctypes.CDLL(str(build(RAW_SHIMS + source.code)))
     entry = getattr(library, function)

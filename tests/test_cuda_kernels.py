@@ -151,11 +151,36 @@ def test_the_cross_entropy_kernels_give_the_numpy_lines(dtype, classes):
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, size", [(1, 1), (3, 5), (4, 33)])
+def test_the_lstm_step_kernels_take_the_steps_of_the_cpu_kernels(dtype, batch, size):
+    """Against ``mnn.kernels.cpu``'s step kernels, which tests/test_kernels.py holds to the reference lines."""
+    rng = numpy.random.default_rng(6)
+    a, product = (rng.standard_normal((batch, 4 * size)).astype(dtype) for _ in range(2))
+    bias = rng.standard_normal(4 * size).astype(dtype)
+    c_prev, g, carry_h, carry_c = (rng.standard_normal((batch, size)).astype(dtype) for _ in range(4))
+    expected_gates, expected = a.copy(), [numpy.empty_like(c_prev) for _ in range(3)]  # c, tanh c, h
+    kernels.cpu.lstm_step_forward(expected_gates, numpy.ascontiguousarray(product.T), bias, c_prev, *expected)
+    expected_delta = numpy.empty_like(a)
+    expected_carry = kernels.cpu.lstm_step_backward(g, numpy.ascontiguousarray(carry_h.T), carry_c, expected_gates,
+                                                    expected[1], c_prev, expected_delta)
+    name, pointer = c_types(dtype)[0], ctypes.c_void_p
+    gates, ours = a.copy(), [numpy.empty_like(c_prev) for _ in range(3)]
+    compile_raw_for_cpu(cuda.LSTM_STEP, f"mnn_lstm_step_{name}", [pointer] * 7 + [ctypes.c_int] * 2)(
+        1, gates, product, bias, c_prev, *ours, batch, size)
+    delta, carry = numpy.empty_like(a), numpy.empty_like(c_prev)
+    compile_raw_for_cpu(cuda.LSTM_STEP_BACKWARD, f"mnn_lstm_step_backward_{name}", [pointer] * 8 + [ctypes.c_int] * 2)(
+        1, g, carry_h, carry_c, gates, ours[1], c_prev, delta, carry, batch, size)
+    tolerance = 1e-14 if dtype == numpy.float64 else 1e-6
+    for mine, theirs in zip([gates, *ours, delta, carry], [expected_gates, *expected, expected_delta, expected_carry]):
+        numpy.testing.assert_allclose(mine, theirs, rtol=tolerance, atol=tolerance)
+
+
 GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"})]
 
 
 RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD,
-               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD]
+               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD]
 
 
 def test_the_lists_name_every_gpu_kernel():

@@ -80,9 +80,10 @@ GELU_BACKWARD = Elementwise(
 
 class Raw(NamedTuple):
     """The source of a ``cupy.RawKernel`` family: CUDA C with one ``extern "C"`` entry per dtype,
-    ``{name}_float`` and ``{name}_double``. It uses only what NVRTC knows without headers, and
-    ``LANES``, the threads that share a row: 32 (a warp) on the GPU; the CPU tests compile it
-    with 1, which turns each warp reduction into the identity."""
+    ``{name}_float`` and ``{name}_double``. It uses only what NVRTC knows without headers. A row
+    kernel uses ``LANES``, the threads that share a row: 32 (a warp) on the GPU; the CPU tests
+    compile it with 1, which turns each warp reduction into the identity. An element kernel's
+    threads stride over all elements, which the CPU tests run as one thread."""
 
     name: str
     code: str
@@ -255,6 +256,74 @@ extern "C" __global__ void mnn_cross_entropy_rows_backward_double(const double* 
 """)
 CROSS_ENTROPY_ROWS_BACKWARD = Raw("mnn_cross_entropy_rows_backward", CROSS_ENTROPY_ROWS.code)
 
+# The LSTM's step (mnn.layers.recurrent.LSTMLayer): Eqs. (T1), (1)-(3) forward and Eqs. (4)-(7) backward,
+# one thread per (sample, unit), which reads and writes that unit's four gates. The sigmoid is
+# (1 + tanh(a / 2)) / 2, as in the reference lines.
+LSTM_STEP = Raw("mnn_lstm_step", r"""
+#define EACH_UNIT for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < (long long)batch * size; \
+                       e += (long long)gridDim.x * blockDim.x)
+template <typename T> __device__ T gate_sigmoid(T a) { return (tanh(a * (T)0.5) + (T)1) * (T)0.5; }
+template <typename T> __device__ void lstm_step(T* gates, const T* product, const T* bias, const T* c_prev, T* c,
+                                                T* tanh_c, T* h, int batch, int size) {
+    EACH_UNIT {
+        long long b = e / size, k = e % size, row = b * 4 * size;
+        T* a = gates + row + k;  /* a[0], a[size], a[2 size], a[3 size]: the unit's i, f, g, o */
+        const T* p = product + row + k;
+        T i = gate_sigmoid((a[0] + bias[k]) + p[0]);
+        T f = gate_sigmoid((a[size] + bias[size + k]) + p[size]);
+        T g = tanh((a[2 * size] + bias[2 * size + k]) + p[2 * size]);
+        T o = gate_sigmoid((a[3 * size] + bias[3 * size + k]) + p[3 * size]);
+        a[0] = i;
+        a[size] = f;
+        a[2 * size] = g;
+        a[3 * size] = o;
+        c[e] = f * c_prev[e] + i * g;
+        tanh_c[e] = tanh(c[e]);
+        h[e] = o * tanh_c[e];
+    }
+}
+template <typename T> __device__ void lstm_step_backward(const T* g_out, const T* carry_h, const T* carry_c,
+                                                         const T* gates, const T* tanh_c, const T* c_prev, T* delta,
+                                                         T* carry_c_out, int batch, int size) {
+    EACH_UNIT {
+        long long b = e / size, k = e % size, row = b * 4 * size;
+        const T* a = gates + row + k;
+        T* d = delta + row + k;
+        T i = a[0], f = a[size], g = a[2 * size], o = a[3 * size], t = tanh_c[e];
+        T dh = g_out[e] + carry_h[e];
+        T dc = dh * o * ((T)1 - t * t) + carry_c[e];
+        d[0] = (dc * g) * (i * ((T)1 - i));
+        d[size] = (dc * c_prev[e]) * (f * ((T)1 - f));
+        d[2 * size] = (dc * i) * ((T)1 - g * g);
+        d[3 * size] = (dh * t) * (o * ((T)1 - o));
+        carry_c_out[e] = dc * f;
+    }
+}
+extern "C" __global__ void mnn_lstm_step_float(float* gates, const float* product, const float* bias,
+                                               const float* c_prev, float* c, float* tanh_c, float* h, int batch,
+                                               int size) {
+    lstm_step(gates, product, bias, c_prev, c, tanh_c, h, batch, size);
+}
+extern "C" __global__ void mnn_lstm_step_double(double* gates, const double* product, const double* bias,
+                                                const double* c_prev, double* c, double* tanh_c, double* h, int batch,
+                                                int size) {
+    lstm_step(gates, product, bias, c_prev, c, tanh_c, h, batch, size);
+}
+extern "C" __global__ void mnn_lstm_step_backward_float(const float* g_out, const float* carry_h, const float* carry_c,
+                                                        const float* gates, const float* tanh_c, const float* c_prev,
+                                                        float* delta, float* carry_c_out, int batch, int size) {
+    lstm_step_backward(g_out, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out, batch, size);
+}
+extern "C" __global__ void mnn_lstm_step_backward_double(const double* g_out, const double* carry_h,
+                                                         const double* carry_c, const double* gates,
+                                                         const double* tanh_c, const double* c_prev, double* delta,
+                                                         double* carry_c_out, int batch, int size) {
+    lstm_step_backward(g_out, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out, batch, size);
+}
+""")
+LSTM_STEP_BACKWARD = Raw("mnn_lstm_step_backward", LSTM_STEP.code)
+ELEMENT_BLOCK = 256  # threads per block of an element kernel
+
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
     """Adam's Eqs. (2)-(3) in place on CuPy arrays: ``param``, ``m`` and ``v`` are updated."""
@@ -348,3 +417,30 @@ def cross_entropy_backward(p, labels):
     launch_rows(CROSS_ENTROPY_ROWS_BACKWARD, p, (p, labels, grad, numpy.int32(p.shape[1]),
                                                  p.dtype.type(1 / max(len(p), 1))))
     return grad
+
+
+def launch_elements(source, like, count, arguments):
+    """Run an element kernel over ``count`` elements (arrays of ``like``'s dtype); none for none."""
+    if count:
+        blocks = min(-(-count // ELEMENT_BLOCK), 65535)  # the rest stride
+        compiled_raw(source, like.dtype.name)((blocks,), (ELEMENT_BLOCK,), arguments)
+
+
+def lstm_step(gates, product, bias, c_prev, c, tanh_c, h):
+    """The LSTM's forward step on contiguous CuPy arrays, as ``mnn.kernels.cpu.lstm_step_forward`` (but
+    ``product`` is h_{t-1} W_hh^T, (B, 4H)): overwrites ``gates`` with [i, f, g, o], writes c, tanh(c), h."""
+    batch, size = c.shape
+    launch_elements(LSTM_STEP, gates, batch * size, (gates, product, bias, c_prev, c, tanh_c, h, numpy.int32(batch),
+                                                     numpy.int32(size)))
+
+
+def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
+    """The LSTM's Eqs. (4)-(7) for one step on contiguous CuPy arrays (``carry_h`` (B, H)); fills ``delta`` and
+    returns the cell-state path's carry into step t - 1."""
+    import cupy
+
+    batch, size = carry_c.shape
+    carry_out = cupy.empty_like(carry_c)
+    launch_elements(LSTM_STEP_BACKWARD, gates, batch * size, (g, carry_h, carry_c, gates, tanh_c, c_prev, delta,
+                                                              carry_out, numpy.int32(batch), numpy.int32(size)))
+    return carry_out

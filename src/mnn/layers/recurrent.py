@@ -282,7 +282,8 @@ class LSTMLayer(RecurrentLayer):
 
     The second factor depends only on the saved gates: one product for all four blocks. The
     fused CPU kernels compute a step's Eqs. (1)-(3) (``mnn.kernels.cpu.lstm_step_forward``) and
-    Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain.
+    Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain; on a
+    GPU (``mnn.kernels.cuda.lstm_step``) each is one launch, a thread per unit and sample.
     At $t = T$ the final state's gradients (zero unless given) stand in for the terms from
     step $T + 1$. The initial state receives $\partial L/\partial h_0 = W_{hh}^\top \delta_1$
     and $\partial L/\partial c_0 = \partial L/\partial c_1 \odot f_1$; the weights, Eq. (T6).
@@ -294,10 +295,13 @@ class LSTMLayer(RecurrentLayer):
 
     def forward(self, x, state=None):
         rows, a, (h0, c0) = self.start(x, state)  # Eq. (T5)
-        xp, size = backend.array_module(a), self.hidden_size
+        xp, size, w_hh = backend.array_module(a), self.hidden_size, self.params["weight_hh"]
         bias = self.params["bias_ih"] + self.params["bias_hh"] if self.bias else xp.zeros(4 * size, a.dtype)
-        fused = kernels.fused(a, h0, c0, self.params["weight_hh"], bias) and same_dtype(a, h0, c0)
-        if self.bias and not fused:
+        fused = kernels.fused(a, h0, c0, w_hh, bias) and same_dtype(a, h0, c0)
+        on_gpu = kernels.fused_gpu(a, h0, c0, w_hh, bias) and same_dtype(a, h0, c0, w_hh, bias)
+        if on_gpu:
+            h0, c0 = xp.ascontiguousarray(h0), xp.ascontiguousarray(c0)  # the kernel reads memory in order
+        if self.bias and not (fused or on_gpu):
             a += bias  # Eq. (T5); b_hh enters every step, so here
         y, cells, tanh_cells = (xp.empty(a.shape[:2] + (size,), dtype=a.dtype) for _ in range(3))
         h, c = h0, c0
@@ -306,6 +310,10 @@ class LSTMLayer(RecurrentLayer):
             if fused:  # Eqs. (T1), (1)-(3) of a step in six passes, the bias added here
                 product = self.state_product(h).T  # (4H, B), as the product is computed
                 kernels.cpu.lstm_step_forward(gates, product, bias, c, cells[t], tanh_cells[t], y[t])
+                h, c = y[t], cells[t]
+                continue
+            if on_gpu:  # the same in one launch, after the product (cuBLAS takes W_hh^T without a copy)
+                kernels.cuda.lstm_step(gates, h @ w_hh.T, bias, c, cells[t], tanh_cells[t], y[t])
                 h, c = y[t], cells[t]
                 continue
             gates += self.state_product(h)  # Eq. (T1)
@@ -328,11 +336,18 @@ class LSTMLayer(RecurrentLayer):
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
         fused = kernels.fused(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
+        on_gpu = kernels.fused_gpu(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
+        if on_gpu:
+            carry_h, carry_c = xp.ascontiguousarray(carry_h), xp.ascontiguousarray(carry_c)
         for t in reversed(range(y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
                 carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h.T, carry_c, gates[t], tanh_c, c_prev, delta[t])
                 carry_h = self.state_gradient(delta[t], w_hh_t)
+                continue
+            if on_gpu:  # the same in one launch; then Eq. (T3)
+                carry_c = kernels.cuda.lstm_step_backward(g[t], carry_h, carry_c, gates[t], tanh_c, c_prev, delta[t])
+                carry_h = delta[t] @ self.params["weight_hh"]
                 continue
             i, f, c_tilde, o = (gates[t, :, k * size:(k + 1) * size] for k in range(4))
             dh = g[t] + carry_h  # Eq. (4)
