@@ -1,15 +1,21 @@
-"""Run a GPU kernel's CUDA C source (``mnn.kernels.cuda.Elementwise``) on the CPU, compiled by g++.
+"""Run a GPU kernel's CUDA C source (``mnn.kernels.cuda``) on the CPU, compiled by g++.
 
-CuPy runs an element-wise kernel's ``operation`` once per index ``i``: each array parameter
-stands for its element ``i`` (inputs read-only, outputs by reference), each scalar for its
-value, ``T`` for the arrays' floating type. ``compile_for_cpu`` writes that loop in C++
-around the same text and preamble, so a test can compare the kernel's arithmetic with the
-layer's NumPy lines on a machine without a GPU. A GPU may still round float operations
-differently (it contracts a * b + c into one fused multiply-add), so floating results agree
-to rounding; integer arithmetic agrees exactly.
+* ``compile_for_cpu``, for an ``Elementwise`` source. CuPy runs its ``operation`` once per index
+  ``i``: each array parameter stands for its element ``i`` (inputs read-only, outputs by
+  reference), each scalar for its value, ``T`` for the arrays' floating type. This writes that
+  loop in C++ around the same text and preamble.
+* ``compile_raw_for_cpu``, for a ``Raw`` source: the same text after shims (``RAW_SHIMS``) that
+  give each block one thread and each row one lane.
+* ``compile_for_gpu`` and ``nvrtc_errors``: NVRTC's compile of the same kernels as device code.
+
+A test can then compare a kernel's arithmetic with the layer's NumPy lines on a machine
+without a GPU. A GPU may still round float operations differently (it contracts a * b + c
+into one fused multiply-add), so floating results agree to rounding; integer arithmetic
+agrees exactly.
 """
 import ctypes
 import hashlib
+import importlib.util
 import shutil
 import subprocess
 import tempfile
@@ -105,25 +111,39 @@ def compile_raw_for_cpu(source, function, argument_types):
 
 
 def compile_for_gpu(kernels, dtype):
-    """nvcc's verdict on ``kernels``, (source, array input names) pairs, as device code for an H100
+    """NVRTC's verdict on ``kernels``, (source, array input names) pairs, as device code for an H100
     (sm_90): each a grid-stride loop around its operation, as CuPy writes it, compiled though not
-    run. None when all compile, else nvcc's errors."""
+    run. None when all compile, else the compiler's log."""
     floating = numpy.dtype(dtype).name
     units = [f"typedef {C_TYPES[floating][0]} T;"]
     for source, arrays in kernels:
         units += [f"namespace {source.name} {{", source.preamble,
                   loop(source, floating, arrays, "__global__ void kernel",
                        "blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x"), "}"]
-    return nvcc_errors("\n".join(units))
+    return nvrtc_errors("\n".join(units))
 
 
-def nvcc_errors(code):
-    """None when nvcc compiles ``code`` for sm_90, else its errors."""
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "kernels.cu").write_text(code)
-        result = subprocess.run(["nvcc", "-arch=sm_90", "-c", "kernels.cu", "-o", "kernels.o"], cwd=folder,
-                                capture_output=True, text=True)
-    return None if result.returncode == 0 else result.stderr
+def nvrtc_library():
+    """NVRTC, the compiler CuPy uses, from the pip package ``nvidia-cuda-nvrtc`` (the test extra, on Linux)."""
+    spec = importlib.util.find_spec("nvidia")
+    found = sorted(path for folder in (spec.submodule_search_locations if spec else [])
+                   for path in Path(folder).glob("*/lib/libnvrtc.so*"))
+    return ctypes.CDLL(str(found[-1])) if found else None
+
+
+def nvrtc_errors(code):
+    """None when NVRTC compiles ``code`` for sm_90 with CuPy's options, else its log."""
+    nvrtc = nvrtc_library()
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"kernels.cu", 0, None, None) == 0
+    options = [b"-arch=compute_90", b"--std=c++17", b"-ftz=true"]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return None if status == 0 else log.value.decode()
 
 
 def build(code):

@@ -1,12 +1,11 @@
 """Every GPU kernel's CUDA C source, compiled for the CPU by g++ (``cuda_on_cpu``), against the
 NumPy lines it replaces. ``tests/test_cupy.py`` runs the kernels themselves where a GPU is."""
 import ctypes
-import shutil
 
 import numpy
 import pytest
 
-from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvcc_errors
+from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvrtc_errors, nvrtc_library
 from mnn import backend, kernels, optim
 from mnn.kernels import cuda
 from mnn.layers import CrossEntropyLossLayer, GeluLayer, LayerNormLayer
@@ -21,13 +20,14 @@ DTYPES = [numpy.float32, numpy.float64]
 def test_the_dropout_kernel_draws_the_masks_of_the_numpy_lines(dtype, p):
     x = numpy.random.default_rng(0).standard_normal((37, 53)).astype(dtype)
     key, threshold, scale = 0xFEDCBA9876543210, keep_threshold(1 - p), dtype(1 / (1 - p))
-    y, kept = numpy.empty_like(x), numpy.empty_like(x)
-    compile_for_cpu(cuda.DROPOUT, dtype, arrays={"x"})(x=x, key=key, threshold=threshold, scale=scale, y=y, kept=kept)
+    y, scaled_mask = numpy.empty_like(x), numpy.empty_like(x)
+    compile_for_cpu(cuda.DROPOUT, dtype, arrays={"x"})(x=x, key=key, threshold=threshold, scale=scale, y=y,
+                                                       scaled_mask=scaled_mask)
     mask = keep_mask(key, threshold, x.shape, numpy)
-    numpy.testing.assert_array_equal(kept, mask * scale)
+    numpy.testing.assert_array_equal(scaled_mask, mask * scale)
     numpy.testing.assert_array_equal(y, x * (mask * scale))
-    fused_y, fused_kept = kernels.cpu.dropout(x, key, threshold, scale)  # and the CPU kernel, the same
-    numpy.testing.assert_array_equal(fused_kept, kept)
+    fused_y, fused_mask = kernels.cpu.dropout(x, key, threshold, scale)  # and the CPU kernel, the same
+    numpy.testing.assert_array_equal(fused_mask, scaled_mask)
     numpy.testing.assert_array_equal(fused_y, y)
 
 
@@ -90,14 +90,27 @@ def test_the_softmax_kernels_give_the_attentions_numpy_lines(dtype, causal, leng
     name, scalar = c_types(dtype)
     pointer, rows = ctypes.c_void_p, s.size // length
     y, d = numpy.empty_like(s), numpy.empty_like(s)
+    count = ctypes.c_longlong
     compile_raw_for_cpu(cuda.SOFTMAX_ROWS, f"mnn_softmax_rows_{name}", [pointer, pointer, ctypes.c_int, scalar,
-                                                                         ctypes.c_int])(rows, s, y, length, scale,
-                                                                                        int(causal))
+                                                                         ctypes.c_int, count])(
+        rows, s, y, length, scale, int(causal), rows)
     compile_raw_for_cpu(cuda.SOFTMAX_ROWS_BACKWARD, f"mnn_softmax_rows_backward_{name}",
-                        [pointer, pointer, pointer, ctypes.c_int, scalar])(rows, y, g, d, length, scale)
+                        [pointer, pointer, pointer, ctypes.c_int, scalar, count])(rows, y, g, d, length, scale, rows)
     tolerance = 1e-14 if dtype == numpy.float64 else 1e-6
     numpy.testing.assert_allclose(y, reference, rtol=tolerance, atol=tolerance)
     numpy.testing.assert_allclose(d, reference_grad, rtol=tolerance, atol=tolerance)
+
+
+def test_a_row_kernel_leaves_alone_the_rows_past_the_last():
+    """The last block may hold more warps than rows are left: those return before touching memory."""
+    rows, n = 3, 4
+    s = numpy.ones((rows, n), numpy.float32)
+    y = numpy.full((rows + cuda.ROWS_PER_BLOCK, n), numpy.nan, numpy.float32)  # room past the end, to see writes
+    softmax = compile_raw_for_cpu(cuda.SOFTMAX_ROWS, "mnn_softmax_rows_float", [ctypes.c_void_p] * 2 + [
+        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_longlong])
+    softmax(rows + cuda.ROWS_PER_BLOCK, s, y, n, 1.0, 0, rows)  # blocks of one row each here: some past the end
+    numpy.testing.assert_allclose(y[:rows], 0.25)
+    assert numpy.isnan(y[rows:]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,10 +131,12 @@ def test_the_layer_norm_kernels_give_the_numpy_lines(dtype, width):
     name, scalar = c_types(dtype)
     pointer, rows = ctypes.c_void_p, x.size // width
     y, x_hat, grad, inv_std = numpy.empty_like(x), numpy.empty_like(x), numpy.empty_like(x), numpy.empty(rows, dtype)
-    compile_raw_for_cpu(cuda.LAYER_NORM_ROWS, f"mnn_layer_norm_rows_{name}", [pointer] * 6 + [ctypes.c_int, scalar])(
-        rows, x, weight, bias, y, x_hat, inv_std, width, scalar(1e-5))
+    count = ctypes.c_longlong
+    compile_raw_for_cpu(cuda.LAYER_NORM_ROWS, f"mnn_layer_norm_rows_{name}",
+                        [pointer] * 6 + [ctypes.c_int, scalar, count])(
+        rows, x, weight, bias, y, x_hat, inv_std, width, scalar(1e-5), rows)
     compile_raw_for_cpu(cuda.LAYER_NORM_ROWS_BACKWARD, f"mnn_layer_norm_rows_backward_{name}",
-                        [pointer] * 5 + [ctypes.c_int])(rows, g, x_hat, weight, inv_std, grad, width)
+                        [pointer] * 5 + [ctypes.c_int, count])(rows, g, x_hat, weight, inv_std, grad, width, rows)
     tolerance = 1e-12 if dtype == numpy.float64 else 1e-5
     numpy.testing.assert_allclose(y, reference_y, rtol=tolerance, atol=tolerance)
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
@@ -142,10 +157,12 @@ def test_the_cross_entropy_kernels_give_the_numpy_lines(dtype, classes):
     pointer, rows = ctypes.c_void_p, x.size // classes
     flat_labels = labels.reshape(-1).astype(numpy.int64)
     p, losses, grad = numpy.empty_like(x), numpy.empty(rows, dtype), numpy.empty_like(x)
-    compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS, f"mnn_cross_entropy_rows_{name}", [pointer] * 4 + [ctypes.c_int])(
-        rows, x, flat_labels, p, losses, classes)
+    count = ctypes.c_longlong
+    compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS, f"mnn_cross_entropy_rows_{name}",
+                        [pointer] * 4 + [ctypes.c_int, count])(rows, x, flat_labels, p, losses, classes, rows)
     compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS_BACKWARD, f"mnn_cross_entropy_rows_backward_{name}",
-                        [pointer] * 3 + [ctypes.c_int, scalar])(rows, p, flat_labels, grad, classes, 1 / rows)
+                        [pointer] * 3 + [ctypes.c_int, scalar, count])(rows, p, flat_labels, grad, classes, 1 / rows,
+                                                                       rows)
     tolerance = 1e-13 if dtype == numpy.float64 else 2e-6
     numpy.testing.assert_allclose(losses.mean(), reference_loss, rtol=tolerance)
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
@@ -191,11 +208,20 @@ def test_the_lists_name_every_gpu_kernel():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_gpu_kernel_compiles_as_device_code(dtype):
-    """What g++ cannot check: that the source is valid CUDA (device functions, overloads of T)."""
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc (the CUDA toolkit) is not installed; the machines mnn's CI runs on have it")
+    """What g++ cannot check: that the source is CUDA that NVRTC, CuPy's compiler, takes without
+    headers (device functions, math overloads for T, warp shuffles)."""
+    if nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux")
     errors = compile_for_gpu(GPU_KERNELS, dtype)
     assert errors is None, errors
     for source in RAW_KERNELS:  # each holds its float and its double entry
-        errors = nvcc_errors(source.code)
+        errors = nvrtc_errors(source.code)
         assert errors is None, errors
+
+
+def test_nvrtc_refuses_what_a_gpu_cannot_run():
+    """The check above can fail: a host function called from a kernel, a macro only headers define."""
+    if nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux")
+    assert "INFINITY" in nvrtc_errors('extern "C" __global__ void f(float* y) { y[0] = INFINITY; }')
+    assert nvrtc_errors('int host() { return 1; } extern "C" __global__ void f(int* y) { y[0] = host(); }')

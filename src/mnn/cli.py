@@ -24,6 +24,8 @@ def add_common_arguments(parser):
 
 
 GRADCHECK_TOLERANCE = 1e-6
+# An error every rank meets is told once, by rank 0, whose abort (FORWARD_DELAY_S after it prints) ends
+# the others while they wait RANK_ERROR_DELAY_S: this holds while rank 0 trails by less than 2.5 s.
 RANK_ERROR_DELAY_S = 3  # how long a rank other than 0 waits before telling its error (see main)
 FORWARD_DELAY_S = 0.5  # time for mpiexec to pass on what a rank printed before MPI_Abort ends it
 

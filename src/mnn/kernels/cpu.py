@@ -501,11 +501,11 @@ def lstm_step_backward_rows(dh, carry_c, gates, tanh_c, c_prev, one, delta, carr
 
 
 def dropout(x, key, threshold, scale):
-    """Dropout's Eqs. (3), (4) and (1) in one pass: (y, kept), ``kept`` holding ``scale`` or 0 per element."""
-    y, kept = numpy.empty(x.shape, dtype=x.dtype), numpy.empty(x.shape, dtype=x.dtype)
+    """Dropout's Eqs. (3), (4) and (1) in one pass: (y, scaled_mask), the mask holding ``scale`` or 0 per element."""
+    y, scaled_mask = numpy.empty(x.shape, dtype=x.dtype), numpy.empty(x.shape, dtype=x.dtype)
     # element i of flat(x) is the i-th in C order, as Eq. (4) counts
-    dropout_flat(flat(x), numpy.uint64(key), numpy.uint64(threshold), scale, y.reshape(-1), kept.reshape(-1))
-    return y, kept
+    dropout_flat(flat(x), numpy.uint64(key), numpy.uint64(threshold), scale, y.reshape(-1), scaled_mask.reshape(-1))
+    return y, scaled_mask
 
 
 GAMMA, MIX_1, MIX_2 = (numpy.uint64(c) for c in (GOLDEN_GAMMA, *MIX_MULTIPLIERS))
@@ -513,12 +513,12 @@ SHIFTS = tuple(numpy.uint64(s) for s in (30, 27, 31, 32))
 
 
 @njit(**COMPILE)
-def dropout_flat(x, key, threshold, scale, y, kept):
+def dropout_flat(x, key, threshold, scale, y, scaled_mask):
     zero = scale - scale
     for i in range(x.size):
         z = key + numpy.uint64(i + 1) * GAMMA  # Eq. (4); unsigned arithmetic wraps mod 2^64
         z = (z ^ (z >> SHIFTS[0])) * MIX_1
         z = (z ^ (z >> SHIFTS[1])) * MIX_2
         z ^= z >> SHIFTS[2]
-        kept[i] = scale if (z >> SHIFTS[3]) < threshold else zero  # Eq. (3), times 1 / (1 - p)
-        y[i] = x[i] * kept[i]  # Eq. (1)
+        scaled_mask[i] = scale if (z >> SHIFTS[3]) < threshold else zero  # Eq. (3), times 1 / (1 - p)
+        y[i] = x[i] * scaled_mask[i]  # Eq. (1)

@@ -1,19 +1,30 @@
-"""GPU kernels for CuPy: an element-wise chain as one launch.
+"""GPU kernels for CuPy: a layer's element-wise chain, or its work on each row, as one launch.
 
 On a GPU each array operation is a kernel launch that reads its operands from global
-memory and writes its result back, so a chain of NumPy-style lines costs a launch and
-a round trip per operator. Each kernel here does a whole chain per element, in registers.
+memory and writes its result back, so a chain of NumPy-style lines costs a launch and a
+round trip per operator. Each kernel here does a whole chain in registers.
 
-A kernel is kept as its CUDA C source (``Elementwise``: the parameters, the operation on
-one element, and helper functions), compiled by CuPy on first use. Nothing in the source
-is CUDA-only beyond ``__device__``, so the tests compile the same text with g++ and run it
-on the CPU against the layer's reference lines (``tests/cuda_on_cpu.py``): the arithmetic
-of every GPU kernel is checked on machines without a GPU.
+Every kernel is kept as its CUDA C source, compiled by CuPy (NVRTC) on first use:
+
+* ``Elementwise``: a ``cupy.ElementwiseKernel``'s parameters and its operation on element ``i``.
+* ``Raw``: a ``cupy.RawKernel`` family, one ``extern "C"`` entry per dtype. A row kernel gives
+  each row one warp of ``LANES`` = 32 threads, which stride along the row and combine their
+  partial sums with warp shuffles (``lanes_sum``); an element kernel's threads stride over all
+  elements.
+
+``tests/cuda_on_cpu.py`` compiles the same text with g++ and runs it on the CPU against the
+layers' reference lines: ``__device__`` becomes ``static inline``, a row kernel runs with
+one lane per row (``LANES`` = 1, so the shuffles are never reached), and an element kernel
+runs as one thread. That checks the arithmetic and the indexing. The tests also compile every
+source with NVRTC; the shuffles and the lanes' striding run only on a GPU, in ``tests/test_cupy.py``.
 """
 import functools
+import re
 from typing import NamedTuple
 
 import numpy
+
+from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
 
 
 class Elementwise(NamedTuple):
@@ -27,6 +38,14 @@ class Elementwise(NamedTuple):
     preamble: str = ""
 
 
+class Raw(NamedTuple):
+    """The source of a ``cupy.RawKernel`` family: CUDA C with the entries ``{name}_float`` and
+    ``{name}_double`` (``entries``), using only what NVRTC knows without headers."""
+
+    name: str
+    code: str
+
+
 @functools.cache
 def compiled(source):
     """The CuPy kernel for ``source``; CuPy compiles it once per dtype, on first call."""
@@ -35,6 +54,32 @@ def compiled(source):
     return cupy.ElementwiseKernel(source.in_params, source.out_params, source.operation, source.name,
                                   preamble=source.preamble)
 
+
+C_FLOATING = {"float32": "float", "float64": "double"}
+
+
+@functools.cache
+def compiled_raw(source, dtype_name):
+    """The CuPy kernel of ``source``'s entry for arrays of ``dtype_name`` (float32 or float64)."""
+    import cupy
+
+    if dtype_name not in C_FLOATING:
+        raise TypeError(f"{source.name}: no entry for {dtype_name} arrays, only for float32 and float64")
+    return cupy.RawKernel(source.code, f"{source.name}_{C_FLOATING[dtype_name]}")
+
+
+def entries(name, template, params):
+    """C for the ``extern "C"`` entries ``{name}_float`` and ``{name}_double``: each calls the device
+    function ``template`` with its parameters, ``params`` written with ``T`` for the floating type."""
+    arguments = ", ".join(param.split()[-1].lstrip("*") for param in params.split(","))
+    code = ""
+    for c_type in C_FLOATING.values():
+        typed = re.sub(r"\bT\b", c_type, params)
+        code += f'extern "C" __global__ void {name}_{c_type}({typed}) {{ {template}({arguments}); }}\n'
+    return code
+
+
+# -- element-wise kernels --------------------------------------------------------------------------
 
 # Adam's Eqs. (2)-(3) (mnn.optim.Adam), the same arithmetic as its NumPy lines.
 ADAM_UPDATE = Elementwise(
@@ -46,22 +91,22 @@ ADAM_UPDATE = Elementwise(
     " theta -= step_size * m / (sqrt(v) * unbias + eps)")
 
 # SplitMix64's output function (mnn.layers.dropout, Eq. (4)).
-SPLITMIX64 = """
-__device__ unsigned long long mnn_splitmix64(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+SPLITMIX64 = f"""
+__device__ unsigned long long mnn_splitmix64(unsigned long long z) {{
+    z = (z ^ (z >> 30)) * {MIX_MULTIPLIERS[0]:#x}ull;
+    z = (z ^ (z >> 27)) * {MIX_MULTIPLIERS[1]:#x}ull;
     return z ^ (z >> 31);
-}
+}}
 """
 
 # Dropout's Eqs. (3), (4) and (1) (mnn.layers.dropout): the mask drawn where the data is, and applied.
 DROPOUT = Elementwise(
     "mnn_dropout",
     "T x, uint64 key, uint64 threshold, T scale",
-    "T y, T kept",
-    "unsigned long long z = mnn_splitmix64(key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull);"
-    " kept = (z >> 32) < threshold ? scale : (T)0;"
-    " y = x * kept",
+    "T y, T scaled_mask",
+    f"unsigned long long z = mnn_splitmix64(key + (unsigned long long)(i + 1) * {GOLDEN_GAMMA:#x}ull);"
+    " scaled_mask = (z >> 32) < threshold ? scale : (T)0;"
+    " y = x * scaled_mask",
     SPLITMIX64)
 
 # GELU's Eq. (1) and Eqs. (2)-(3) (mnn.layers.activations.GeluLayer); the backward computes t again.
@@ -77,35 +122,18 @@ GELU_BACKWARD = Elementwise(
     "T t = tanh(c * (x + k * x * x * x));"
     " grad = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * c * ((T)1 + (T)3 * k * x * x))")
 
-
-class Raw(NamedTuple):
-    """The source of a ``cupy.RawKernel`` family: CUDA C with one ``extern "C"`` entry per dtype,
-    ``{name}_float`` and ``{name}_double``. It uses only what NVRTC knows without headers. A row
-    kernel uses ``LANES``, the threads that share a row: 32 (a warp) on the GPU; the CPU tests
-    compile it with 1, which turns each warp reduction into the identity. An element kernel's
-    threads stride over all elements, which the CPU tests run as one thread."""
-
-    name: str
-    code: str
-
-
-@functools.cache
-def compiled_raw(source, dtype_name):
-    import cupy
-
-    return cupy.RawKernel(source.code, f"{source.name}_{'float' if dtype_name == 'float32' else 'double'}")
-
+# -- row kernels: one warp per row, ROWS_PER_BLOCK rows per block -----------------------------------
 
 WARP = 32
-# The attention's Eq. (2) tail and softmax (mnn.layers.attention, SoftmaxLayer's Eq. (1)), one warp per row:
-# y = softmax(scale s + M) with the causal mask M, in one read of s and one write of y; and the backward,
-# SoftmaxLayer's Eq. (3) times the scale (the attention's Eq. (7)), in one read of y and g.
-LANE_REDUCTIONS = r"""
+ROWS_PER_BLOCK = 4  # a multiprocessor holds at most 32 blocks: blocks of one warp would leave it half full
+ROWS = r"""
 #ifndef LANES
 #define LANES 32
 #endif
-/* The maximum and the sum of v over the lanes of a row: each step adds the value of the lane
-   `offset` away (a butterfly), so after log2(LANES) steps every lane holds the whole result. */
+/* The row this thread works on: rows of one warp each, blockDim.y rows to a block. */
+__device__ long long row_index() { return (long long)blockIdx.x * blockDim.y + threadIdx.y; }
+/* The maximum and the sum of v over the lanes of a row: each step combines the value of the
+   lane `offset` away (a butterfly), so after log2(LANES) steps every lane holds the result. */
 template <typename T> __device__ T lanes_max(T v) {
     for (int offset = LANES / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
@@ -115,10 +143,15 @@ template <typename T> __device__ T lanes_sum(T v) {
     return v;
 }
 """
-SOFTMAX_ROWS = Raw("mnn_softmax_rows", LANE_REDUCTIONS + r"""
+
+# The attention's Eq. (2) tail and softmax (mnn.layers.attention; SoftmaxLayer's Eq. (1)):
+# y = softmax(scale s + M) with the causal mask M, in one read of s and one write of y; and the
+# backward, SoftmaxLayer's Eq. (3) times the scale (the attention's Eq. (7)), in one read of y and g.
+SOFTMAX_ROWS = Raw("mnn_softmax_rows", ROWS + r"""
 /* Row r of the (rows, n) scores: under the causal mask, query t = r mod n sees keys 0..t only. */
-template <typename T> __device__ void softmax_row(const T* s, T* y, int n, T scale, int causal) {
-    long long row = blockIdx.x;
+template <typename T> __device__ void softmax_row(const T* s, T* y, int n, T scale, int causal, long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     int lane = threadIdx.x, visible = causal ? (int)(row % n) + 1 : n;
     s += row * n;
     y += row * n;
@@ -130,8 +163,10 @@ template <typename T> __device__ void softmax_row(const T* s, T* y, int n, T sca
     total = lanes_sum(total);
     for (int j = lane; j < n; j += LANES) y[j] = j < visible ? exp(scale * s[j] - top) / total : (T)0;
 }
-template <typename T> __device__ void softmax_row_backward(const T* y, const T* g, T* d, int n, T scale) {
-    long long row = blockIdx.x;
+template <typename T> __device__ void softmax_row_backward(const T* y, const T* g, T* d, int n, T scale,
+                                                           long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     int lane = threadIdx.x;
     y += row * n;
     g += row * n;
@@ -141,27 +176,17 @@ template <typename T> __device__ void softmax_row_backward(const T* y, const T* 
     dot = lanes_sum(dot);
     for (int j = lane; j < n; j += LANES) d[j] = y[j] * (g[j] - dot) * scale;
 }
-extern "C" __global__ void mnn_softmax_rows_float(const float* s, float* y, int n, float scale, int causal) {
-    softmax_row(s, y, n, scale, causal);
-}
-extern "C" __global__ void mnn_softmax_rows_double(const double* s, double* y, int n, double scale, int causal) {
-    softmax_row(s, y, n, scale, causal);
-}
-extern "C" __global__ void mnn_softmax_rows_backward_float(const float* y, const float* g, float* d, int n,
-                                                          float scale) {
-    softmax_row_backward(y, g, d, n, scale);
-}
-extern "C" __global__ void mnn_softmax_rows_backward_double(const double* y, const double* g, double* d, int n,
-                                                           double scale) {
-    softmax_row_backward(y, g, d, n, scale);
-}
-""")
+""" + entries("mnn_softmax_rows", "softmax_row", "const T* s, T* y, int n, T scale, int causal, long long rows")
+    + entries("mnn_softmax_rows_backward", "softmax_row_backward",
+              "const T* y, const T* g, T* d, int n, T scale, long long rows"))
 SOFTMAX_ROWS_BACKWARD = Raw("mnn_softmax_rows_backward", SOFTMAX_ROWS.code)
-# Layer norm's Eq. (1) and its input gradient, Eq. (3) (mnn.layers.normalization), one warp per row of n.
-LAYER_NORM_ROWS = Raw("mnn_layer_norm_rows", LANE_REDUCTIONS + r"""
+
+# Layer norm's Eq. (1) and its input gradient, Eq. (3) (mnn.layers.normalization.LayerNormLayer).
+LAYER_NORM_ROWS = Raw("mnn_layer_norm_rows", ROWS + r"""
 template <typename T> __device__ void layer_norm_row(const T* x, const T* weight, const T* bias, T* y, T* x_hat,
-                                                     T* inv_std, int n, T eps) {
-    long long row = blockIdx.x;
+                                                     T* inv_std, int n, T eps, long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     int lane = threadIdx.x;
     x += row * n;
     y += row * n;
@@ -180,8 +205,9 @@ template <typename T> __device__ void layer_norm_row(const T* x, const T* weight
 }
 /* g_hat = weight g; grad = (g_hat - mean(g_hat) - x_hat mean(g_hat x_hat)) / sigma, along the row. */
 template <typename T> __device__ void layer_norm_row_backward(const T* g, const T* x_hat, const T* weight,
-                                                              const T* inv_std, T* grad, int n) {
-    long long row = blockIdx.x;
+                                                              const T* inv_std, T* grad, int n, long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     int lane = threadIdx.x;
     g += row * n;
     x_hat += row * n;
@@ -194,30 +220,19 @@ template <typename T> __device__ void layer_norm_row_backward(const T* g, const 
     T mean_g = lanes_sum(sum_g) / n, mean_gx = lanes_sum(sum_gx) / n;
     for (int j = lane; j < n; j += LANES) grad[j] = (g[j] * weight[j] - (x_hat[j] * mean_gx + mean_g)) * inv_std[row];
 }
-extern "C" __global__ void mnn_layer_norm_rows_float(const float* x, const float* weight, const float* bias, float* y,
-                                                     float* x_hat, float* inv_std, int n, float eps) {
-    layer_norm_row(x, weight, bias, y, x_hat, inv_std, n, eps);
-}
-extern "C" __global__ void mnn_layer_norm_rows_double(const double* x, const double* weight, const double* bias,
-                                                      double* y, double* x_hat, double* inv_std, int n, double eps) {
-    layer_norm_row(x, weight, bias, y, x_hat, inv_std, n, eps);
-}
-extern "C" __global__ void mnn_layer_norm_rows_backward_float(const float* g, const float* x_hat, const float* weight,
-                                                              const float* inv_std, float* grad, int n) {
-    layer_norm_row_backward(g, x_hat, weight, inv_std, grad, n);
-}
-extern "C" __global__ void mnn_layer_norm_rows_backward_double(const double* g, const double* x_hat,
-                                                               const double* weight, const double* inv_std,
-                                                               double* grad, int n) {
-    layer_norm_row_backward(g, x_hat, weight, inv_std, grad, n);
-}
-""")
+""" + entries("mnn_layer_norm_rows", "layer_norm_row",
+              "const T* x, const T* weight, const T* bias, T* y, T* x_hat, T* inv_std, int n, T eps, long long rows")
+    + entries("mnn_layer_norm_rows_backward", "layer_norm_row_backward",
+              "const T* g, const T* x_hat, const T* weight, const T* inv_std, T* grad, int n, long long rows"))
 LAYER_NORM_ROWS_BACKWARD = Raw("mnn_layer_norm_rows_backward", LAYER_NORM_ROWS.code)
-# Cross-entropy's Eq. (1) and Eq. (2) (mnn.layers.losses.CrossEntropyLossLayer), one warp per row of n classes:
+
+# Cross-entropy's Eq. (1) and Eq. (2) (mnn.layers.losses.CrossEntropyLossLayer), rows of n classes:
 # the softmax p and each row's loss -log p_t in one launch; (p - onehot(t)) / N in another.
-CROSS_ENTROPY_ROWS = Raw("mnn_cross_entropy_rows", LANE_REDUCTIONS + r"""
-template <typename T> __device__ void cross_entropy_row(const T* x, const long long* labels, T* p, T* loss, int n) {
-    long long row = blockIdx.x;
+CROSS_ENTROPY_ROWS = Raw("mnn_cross_entropy_rows", ROWS + r"""
+template <typename T> __device__ void cross_entropy_row(const T* x, const long long* labels, T* p, T* loss, int n,
+                                                        long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     int lane = threadIdx.x;
     x += row * n;
     p += row * n;
@@ -231,30 +246,22 @@ template <typename T> __device__ void cross_entropy_row(const T* x, const long l
     if (lane == 0) loss[row] = log_total - (x[labels[row]] - top);  /* -log p_t */
 }
 template <typename T> __device__ void cross_entropy_row_backward(const T* p, const long long* labels, T* grad, int n,
-                                                                 T inv_count) {
-    long long row = blockIdx.x;
+                                                                 T inv_count, long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
     p += row * n;
     grad += row * n;
     for (int j = threadIdx.x; j < n; j += LANES) grad[j] = (p[j] - (j == labels[row] ? (T)1 : (T)0)) * inv_count;
 }
-extern "C" __global__ void mnn_cross_entropy_rows_float(const float* x, const long long* labels, float* p,
-                                                        float* loss, int n) {
-    cross_entropy_row(x, labels, p, loss, n);
-}
-extern "C" __global__ void mnn_cross_entropy_rows_double(const double* x, const long long* labels, double* p,
-                                                         double* loss, int n) {
-    cross_entropy_row(x, labels, p, loss, n);
-}
-extern "C" __global__ void mnn_cross_entropy_rows_backward_float(const float* p, const long long* labels,
-                                                                 float* grad, int n, float inv_count) {
-    cross_entropy_row_backward(p, labels, grad, n, inv_count);
-}
-extern "C" __global__ void mnn_cross_entropy_rows_backward_double(const double* p, const long long* labels,
-                                                                  double* grad, int n, double inv_count) {
-    cross_entropy_row_backward(p, labels, grad, n, inv_count);
-}
-""")
+""" + entries("mnn_cross_entropy_rows", "cross_entropy_row",
+              "const T* x, const long long* labels, T* p, T* loss, int n, long long rows")
+    + entries("mnn_cross_entropy_rows_backward", "cross_entropy_row_backward",
+              "const T* p, const long long* labels, T* grad, int n, T inv_count, long long rows"))
 CROSS_ENTROPY_ROWS_BACKWARD = Raw("mnn_cross_entropy_rows_backward", CROSS_ENTROPY_ROWS.code)
+
+# -- element kernels: threads striding over all elements -------------------------------------------
+
+ELEMENT_BLOCK = 256  # threads per block
 
 # The LSTM's step (mnn.layers.recurrent.LSTMLayer): Eqs. (T1), (1)-(3) forward and Eqs. (4)-(7) backward,
 # one thread per (sample, unit), which reads and writes that unit's four gates. The sigmoid is
@@ -299,30 +306,30 @@ template <typename T> __device__ void lstm_step_backward(const T* g_out, const T
         carry_c_out[e] = dc * f;
     }
 }
-extern "C" __global__ void mnn_lstm_step_float(float* gates, const float* product, const float* bias,
-                                               const float* c_prev, float* c, float* tanh_c, float* h, int batch,
-                                               int size) {
-    lstm_step(gates, product, bias, c_prev, c, tanh_c, h, batch, size);
-}
-extern "C" __global__ void mnn_lstm_step_double(double* gates, const double* product, const double* bias,
-                                                const double* c_prev, double* c, double* tanh_c, double* h, int batch,
-                                                int size) {
-    lstm_step(gates, product, bias, c_prev, c, tanh_c, h, batch, size);
-}
-extern "C" __global__ void mnn_lstm_step_backward_float(const float* g_out, const float* carry_h, const float* carry_c,
-                                                        const float* gates, const float* tanh_c, const float* c_prev,
-                                                        float* delta, float* carry_c_out, int batch, int size) {
-    lstm_step_backward(g_out, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out, batch, size);
-}
-extern "C" __global__ void mnn_lstm_step_backward_double(const double* g_out, const double* carry_h,
-                                                         const double* carry_c, const double* gates,
-                                                         const double* tanh_c, const double* c_prev, double* delta,
-                                                         double* carry_c_out, int batch, int size) {
-    lstm_step_backward(g_out, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out, batch, size);
-}
-""")
+""" + entries("mnn_lstm_step", "lstm_step",
+              "T* gates, const T* product, const T* bias, const T* c_prev, T* c, T* tanh_c, T* h, int batch, int size")
+    + entries("mnn_lstm_step_backward", "lstm_step_backward",
+              "const T* g_out, const T* carry_h, const T* carry_c, const T* gates, const T* tanh_c, const T* c_prev, "
+              "T* delta, T* carry_c_out, int batch, int size"))
 LSTM_STEP_BACKWARD = Raw("mnn_lstm_step_backward", LSTM_STEP.code)
-ELEMENT_BLOCK = 256  # threads per block of an element kernel
+
+
+# -- launches ----------------------------------------------------------------------------------------
+
+def launch_rows(source, like, arguments):
+    """Run a row kernel on ``like``'s rows (its last axis), ``arguments`` then the row count; no launch
+    where there are none."""
+    rows = like.size // like.shape[-1] if like.size else 0
+    if rows:
+        blocks = -(-rows // ROWS_PER_BLOCK)
+        compiled_raw(source, like.dtype.name)((blocks,), (WARP, ROWS_PER_BLOCK), (*arguments, numpy.int64(rows)))
+
+
+def launch_elements(source, like, count, arguments):
+    """Run an element kernel over ``count`` elements (arrays of ``like``'s dtype); none for none."""
+    if count:
+        blocks = min(-(-count // ELEMENT_BLOCK), 65535)  # the rest stride
+        compiled_raw(source, like.dtype.name)((blocks,), (ELEMENT_BLOCK,), arguments)
 
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
@@ -331,13 +338,13 @@ def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
 
 
 def dropout(x, key, threshold, scale):
-    """Dropout's forward on a CuPy array: (y, kept), ``kept`` holding ``scale`` or 0 per element."""
+    """Dropout's forward on a CuPy array: (y, scaled_mask), the mask holding ``scale`` or 0 per element."""
     import cupy
 
     shape, x = x.shape, cupy.ascontiguousarray(x)  # element i of the kernel is element i of x in C order (Eq. (4))
-    y, kept = cupy.empty_like(x), cupy.empty_like(x)
-    compiled(DROPOUT)(x, cupy.uint64(key), cupy.uint64(threshold), x.dtype.type(scale), y, kept)
-    return y.reshape(shape), kept.reshape(shape)  # ascontiguousarray makes a 0-d array 1-d
+    y, scaled_mask = cupy.empty_like(x), cupy.empty_like(x)
+    compiled(DROPOUT)(x, cupy.uint64(key), cupy.uint64(threshold), x.dtype.type(scale), y, scaled_mask)
+    return y.reshape(shape), scaled_mask.reshape(shape)  # ascontiguousarray makes a 0-d array 1-d
 
 
 def gelu(x, c, k):
@@ -350,16 +357,9 @@ def gelu_backward(g, x, c, k):
     return compiled(GELU_BACKWARD)(g, x, x.dtype.type(c), x.dtype.type(k))
 
 
-def launch_rows(source, like, arguments):
-    """Run a row kernel on ``like``'s rows (its last axis), one warp each; no launch where there are none."""
-    rows = like.size // like.shape[-1] if like.size else 0
-    if rows:
-        compiled_raw(source, like.dtype.name)((rows,), (WARP,), arguments)
-
-
 def scaled_softmax(s, scale, causal):
     """softmax(scale s + M) along the last axis of CuPy scores (..., T, T) (or (..., n) without the
-    mask), in one launch: one warp per row."""
+    mask), in one launch."""
     import cupy
 
     s = cupy.ascontiguousarray(s)
@@ -369,7 +369,7 @@ def scaled_softmax(s, scale, causal):
 
 
 def scaled_softmax_backward(y, g, scale):
-    """scale y (g - sum(g y)) along the last axis of CuPy arrays, in one launch: one warp per row."""
+    """scale y (g - sum(g y)) along the last axis of CuPy arrays, in one launch."""
     import cupy
 
     y, g = cupy.ascontiguousarray(y), cupy.ascontiguousarray(g)
@@ -379,7 +379,7 @@ def scaled_softmax_backward(y, g, scale):
 
 
 def layer_norm(x, weight, bias, eps):
-    """Layer norm's Eq. (1) along the last axis of a CuPy array: (y, x_hat, 1/sigma), one warp per row."""
+    """Layer norm's Eq. (1) along the last axis of a CuPy array: (y, x_hat, 1/sigma), in one launch."""
     import cupy
 
     x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight, bias))  # a raw kernel reads memory in order
@@ -389,7 +389,7 @@ def layer_norm(x, weight, bias, eps):
 
 
 def layer_norm_backward(g, x_hat, weight, inv_std):
-    """Layer norm's Eq. (3) on CuPy arrays, one warp per row (the weight's and the bias's sums are the caller's)."""
+    """Layer norm's Eq. (3) on CuPy arrays, in one launch (the weight's and the bias's sums are the caller's)."""
     import cupy
 
     g = cupy.ascontiguousarray(g)
@@ -398,32 +398,31 @@ def layer_norm_backward(g, x_hat, weight, inv_std):
     return grad
 
 
-def cross_entropy(rows, labels):
-    """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and labels (N,), one warp per row."""
+def device_labels(labels):
+    """Class labels as the row kernels read them: a contiguous int64 CuPy array."""
     import cupy
 
-    rows, labels = cupy.ascontiguousarray(rows), cupy.ascontiguousarray(cupy.asarray(labels), dtype=cupy.int64)
+    return cupy.ascontiguousarray(cupy.asarray(labels), dtype=cupy.int64)
+
+
+def cross_entropy(rows, labels):
+    """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and ``device_labels`` (N,)."""
+    import cupy
+
+    rows = cupy.ascontiguousarray(rows)
     p, losses = cupy.empty_like(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
     launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, numpy.int32(rows.shape[1])))
     return p, losses
 
 
 def cross_entropy_backward(p, labels):
-    """Cross-entropy's Eq. (2), (p - onehot(t)) / N, for CuPy arrays (N, C) and (N,), one warp per row."""
+    """Cross-entropy's Eq. (2), (p - onehot(t)) / N, for CuPy arrays (N, C) and ``device_labels`` (N,)."""
     import cupy
 
-    labels = cupy.ascontiguousarray(cupy.asarray(labels), dtype=cupy.int64)
     grad = cupy.empty_like(p)
     launch_rows(CROSS_ENTROPY_ROWS_BACKWARD, p, (p, labels, grad, numpy.int32(p.shape[1]),
                                                  p.dtype.type(1 / max(len(p), 1))))
     return grad
-
-
-def launch_elements(source, like, count, arguments):
-    """Run an element kernel over ``count`` elements (arrays of ``like``'s dtype); none for none."""
-    if count:
-        blocks = min(-(-count // ELEMENT_BLOCK), 65535)  # the rest stride
-        compiled_raw(source, like.dtype.name)((blocks,), (ELEMENT_BLOCK,), arguments)
 
 
 def lstm_step(gates, product, bias, c_prev, c, tanh_c, h):

@@ -57,18 +57,18 @@ class DropoutLayer(Layer):
         key, threshold = backend.random_key(), keep_threshold(1 - self.p)
         scale = x.dtype.type(1 / (1 - self.p))
         if kernels.fused(x):  # Eqs. (3), (4), (1) in one pass
-            y, kept = kernels.cpu.dropout(x, key, threshold, scale)
+            y, scaled_mask = kernels.cpu.dropout(x, key, threshold, scale)
         elif kernels.fused_gpu(x):
-            y, kept = kernels.cuda.dropout(x, key, threshold, scale)
+            y, scaled_mask = kernels.cuda.dropout(x, key, threshold, scale)
         else:
-            kept = keep_mask(key, threshold, x.shape, backend.array_module(x)) * scale  # m / (1 - p)
-            y = x * kept  # Eq. (1)
-        self.save(kept)
+            scaled_mask = keep_mask(key, threshold, x.shape, backend.array_module(x)) * scale  # m / (1 - p)
+            y = x * scaled_mask  # Eq. (1)
+        self.save(scaled_mask)
         return y
 
     def backward(self, g):
-        (kept,) = self.saved()
-        return g if kept is None else g * kept  # Eq. (2)
+        (scaled_mask,) = self.saved()
+        return g if scaled_mask is None else g * scaled_mask  # Eq. (2)
 
 
 def keep_threshold(keep):

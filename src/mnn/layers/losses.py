@@ -101,8 +101,9 @@ class CrossEntropyLossLayer(LossLayer):
         check_labels(self, x, labels)
         xp = backend.array_module(x)
         if kernels.fused_gpu(x):  # Eq. (1) and the softmax that Eq. (2) needs, in one launch
-            p, losses = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1))
-            self.save(x.shape, p, labels.reshape(-1))
+            labels = kernels.cuda.device_labels(labels.reshape(-1))
+            p, losses = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
+            self.save(x.shape, p, labels)
             return losses.mean()
         log_p = log_softmax(x.reshape(-1, x.shape[-1]))
         labels = labels.reshape(-1)
@@ -112,7 +113,7 @@ class CrossEntropyLossLayer(LossLayer):
     def backward(self):
         shape, p, labels = self.saved()
         if kernels.fused_gpu(p):
-            return kernels.cuda.cross_entropy_backward(p, labels).reshape(shape)  # Eq. (2), in one launch
+            return kernels.cuda.cross_entropy_backward(p, kernels.cuda.device_labels(labels)).reshape(shape)  # Eq. (2)
         xp = backend.array_module(p)
         grad = p.copy()
         grad[xp.arange(labels.size), labels] -= 1

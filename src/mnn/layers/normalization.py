@@ -246,9 +246,12 @@ class LayerNormLayer(Layer):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         weight = self.params["weight"]
         shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
-        if kernels.fused(x) or (kernels.fused_gpu(x, weight) and x.dtype == weight.dtype == shift.dtype):  # Eq. (1)
-            fused = kernels.cpu if kernels.fused(x) else kernels.cuda
-            y, x_hat, inv_std = fused.layer_norm(x, weight, shift, self.eps)
+        if kernels.fused(x):  # Eq. (1), each row in one pass
+            y, x_hat, inv_std = kernels.cpu.layer_norm(x, weight, shift, self.eps)
+            self.save(x_hat, inv_std)
+            return y
+        if kernels.fused_gpu(x, weight) and x.dtype == weight.dtype == shift.dtype:  # Eq. (1), one launch for all rows
+            y, x_hat, inv_std = kernels.cuda.layer_norm(x, weight, shift, self.eps)
             self.save(x_hat, inv_std)
             return y
         x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
@@ -271,7 +274,7 @@ class LayerNormLayer(Layer):
             self.grads["weight"] += column_dots(rows_g, rows_x)  # Eq. (2)
             if self.bias:
                 self.grads["bias"] += column_sums(rows_g)
-            return kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)  # Eq. (3), a row a launch
+            return kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)  # Eq. (3), one launch
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
         if self.bias:

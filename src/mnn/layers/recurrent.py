@@ -331,14 +331,14 @@ class LSTMLayer(RecurrentLayer):
     def backward(self, g, final_state_grad=None):
         rows, h0, c0, gates, cells, tanh_cells, y = self.saved()
         xp, size = backend.array_module(y), self.hidden_size
-        w_hh_t = self.state_weights_t()
         g = swap_batch_time(g)
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
         fused = kernels.fused(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
         on_gpu = kernels.fused_gpu(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
-        if on_gpu:
-            carry_h, carry_c = xp.ascontiguousarray(carry_h), xp.ascontiguousarray(carry_c)
+        if on_gpu:  # the kernel reads memory in order
+            carry_h, carry_c, c0 = (xp.ascontiguousarray(a) for a in (carry_h, carry_c, c0))
+        w_hh_t = None if on_gpu else self.state_weights_t()
         for t in reversed(range(y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
