@@ -42,8 +42,17 @@ def cpu_copy(builder, gpu_net):
     return cpu_net
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def kernel_mode(request):
+    """Both ways on the GPU: with mnn.kernels.cuda, and on the reference lines (a failure in the first
+    alone points at a kernel)."""
+    kernels.use(request.param)
+    yield request.param
+    kernels.use("fused")
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_models_give_the_same_gradients_on_gpu_and_cpu(name, on_gpu):
+def test_models_give_the_same_gradients_on_gpu_and_cpu(name, on_gpu, kernel_mode):
     builder, make_batch = CASES[name]
     gpu_net = builder()
     cpu_net = cpu_copy(builder, gpu_net)
