@@ -16,6 +16,7 @@ agrees exactly.
 import ctypes
 import hashlib
 import importlib.util
+import re
 import shutil
 import subprocess
 import tempfile
@@ -86,27 +87,47 @@ using namespace std;
 #define __global__
 #define __device__ static inline
 struct mnn_index { unsigned int x, y, z; };
-static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};  /* grid-stride loops: one pass */
+static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 template <typename T> T __shfl_xor_sync(unsigned int, T value, int) { return value; }
-extern "C" void mnn_set_block(unsigned int block) { blockIdx.x = block; }
 """
+# After the source: for each entry, ``{entry}_grid(blocks, rows_per_block, ...)`` runs it for every block
+# and every row of a block (threadIdx.y) in turn, with one lane (threadIdx.x = 0). Block b of a
+# grid-stride loop is then one thread that takes elements b, b + blocks, ...
+GRID_RUNNER = """
+extern "C" void {entry}_grid(unsigned int blocks, unsigned int rows_per_block, {params}) {{
+    gridDim.x = blocks;
+    blockDim.y = rows_per_block;
+    for (blockIdx.x = 0; blockIdx.x < blocks; blockIdx.x++)
+        for (threadIdx.y = 0; threadIdx.y < rows_per_block; threadIdx.y++) {entry}({arguments});
+}}
+"""
+ENTRY = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+
+def entry_parameters(code):
+    """{entry: [(C type, name)]} for the ``extern "C"`` entries of a ``Raw`` source."""
+    return {entry: [tuple(param.strip().rsplit(None, 1)) for param in params.split(",")]
+            for entry, params in ENTRY.findall(code)}
+
+
+def raw_library(source):
+    """The ``Raw`` source compiled for the CPU, with a grid runner for each entry."""
+    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
+    runners = [GRID_RUNNER.format(entry=entry, params=", ".join(" ".join(p) for p in params),
+                                  arguments=", ".join(name.lstrip("*") for _, name in params))
+               for entry, params in entry_parameters(source.code).items()]
+    return ctypes.CDLL(str(build(RAW_SHIMS + source.code + "".join(runners))))
 
 
 def compile_raw_for_cpu(source, function, argument_types):
     """``run(blocks, *arguments)``: the ``extern "C"`` entry ``function`` of a ``Raw`` source, run on the CPU
-    for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1); a kernel whose threads stride over
-    all elements runs as one block of one thread. ``argument_types`` are its parameters' ctypes
-    types; NumPy arrays stand for pointers."""
-    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
-    library = ctypes.CDLL(str(build(RAW_SHIMS + source.code)))
-    entry = getattr(library, function)
-    entry.argtypes = argument_types
+    for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1). ``argument_types`` are its
+    parameters' ctypes types; NumPy arrays stand for pointers."""
+    runner = getattr(raw_library(source), f"{function}_grid")
+    runner.argtypes = [ctypes.c_uint, ctypes.c_uint, *argument_types]
 
     def run(blocks, *arguments):
-        values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, numpy.ndarray) else a for a in arguments]
-        for block in range(blocks):
-            library.mnn_set_block(block)
-            entry(*values)
+        runner(blocks, 1, *(ctypes.c_void_p(a.ctypes.data) if isinstance(a, numpy.ndarray) else a for a in arguments))
     return run
 
 
@@ -158,3 +179,110 @@ def build(code):
         assert result.returncode == 0, f"g++ refused {library.with_suffix('.cpp')}:\n{result.stderr}"
         partial.replace(library)
     return library
+
+
+# -- CuPy's kernel objects, stood in for on the CPU ---------------------------------------------------
+# With these in place of ``mnn.kernels.cuda.compiled`` and ``compiled_raw``, NumPy in place of the
+# ``cupy`` module, and ``kernels.fused_gpu`` true for NumPy arrays, the layers take their GPU lines
+# on the CPU: their launches, argument lists and array layouts run as a GPU would run them,
+# except for the lanes of a warp.
+
+POINTEES = {"float": "float32", "double": "float64", "int": "int32", "long long": "int64"}
+SCALARS = {"float": (numpy.float32, ctypes.c_float), "double": (numpy.float64, ctypes.c_double),
+           "int": (numpy.int32, ctypes.c_int), "long long": (numpy.int64, ctypes.c_longlong),
+           "unsigned long long": (numpy.uint64, ctypes.c_ulonglong)}
+
+
+class RawKernelOnCpu:
+    """``cupy.RawKernel(code, entry)`` run on the CPU: ``kernel(grid, block, arguments)``. Each argument
+    must be what the entry's parameter declares, as CuPy passes it to the GPU: a C-contiguous array of
+    the pointee's dtype, or a NumPy scalar of the parameter's type (CuPy would pass a wrong one's bytes)."""
+
+    def __init__(self, source, entry):
+        self.entry, self.params = entry, entry_parameters(source.code)[entry]
+        self.runner = getattr(raw_library(source), f"{entry}_grid")
+
+    def __call__(self, grid, block, arguments):
+        assert len(arguments) == len(self.params), f"{self.entry}: {len(arguments)} arguments for {self.params}"
+        values = [ctypes.c_uint(grid[0]), ctypes.c_uint(block[1] if len(block) > 1 else 1)]
+        for (c_type, name), value in zip(self.params, arguments):
+            if c_type.endswith("*"):
+                pointee = POINTEES[c_type.removeprefix("const ").rstrip("*").strip()]
+                assert isinstance(value, numpy.ndarray) and value.dtype.name == pointee and value.flags.c_contiguous, \
+                    f"{self.entry}: {name} must be a C-contiguous {pointee} array, got {type(value).__name__} " \
+                    f"{getattr(value, 'dtype', '')} {getattr(value, 'strides', '')}"
+                values.append(ctypes.c_void_p(value.ctypes.data))
+            else:
+                numpy_type, c_value = SCALARS[c_type]
+                assert type(value) is numpy_type, f"{self.entry}: {name} must be {numpy_type.__name__}, " \
+                                                  f"got {type(value).__name__}"
+                values.append(c_value(value))
+        self.runner(*values)
+
+
+class ElementwiseOnCpu:
+    """``cupy.ElementwiseKernel`` run on the CPU: ``kernel(*inputs[, *outputs])`` broadcasts its array
+    arguments, makes the outputs not given, writes those given in place, and returns the outputs."""
+
+    def __init__(self, source):
+        self.source = source
+        self.inputs, self.outputs = parameters(source.in_params), parameters(source.out_params)
+
+    def __call__(self, *arguments):
+        count = len(self.inputs)
+        assert len(arguments) in (count, count + len(self.outputs)), f"{self.source.name}: {len(arguments)} arguments"
+        given = dict(zip(self.outputs, arguments[count:]))
+        declared = list(zip(self.inputs + self.outputs, arguments))
+        floating = next(value.dtype for (kind, _), value in declared if kind == "T" and hasattr(value, "dtype"))
+        shape = numpy.broadcast_shapes(*(value.shape for _, value in declared if isinstance(value, numpy.ndarray)))
+        values, arrays = {}, set()
+        for (kind, name), value in zip(self.inputs, arguments):
+            if isinstance(value, numpy.ndarray):
+                assert value.dtype == (floating if kind == "T" else kind), f"{self.source.name}: {name} {value.dtype}"
+                values[name], arrays = numpy.ascontiguousarray(numpy.broadcast_to(value, shape)), arrays | {name}
+            else:
+                values[name] = value
+        for kind, name in self.outputs:
+            values[name] = numpy.empty(shape, dtype=floating if kind == "T" else kind)
+            if (kind, name) in given:
+                values[name][...] = given[kind, name]  # an output may be read first (Adam's m and v)
+        compile_for_cpu(self.source, floating, arrays)(**values)
+        results = []
+        for kind, name in self.outputs:
+            if (kind, name) in given:
+                given[kind, name][...] = values[name]
+            results.append(given.get((kind, name), values[name]))
+        return results[0] if len(results) == 1 else tuple(results)
+
+
+def run_gpu_lines_on_cpu(monkeypatch):
+    """Make the layers take their GPU lines, with the GPU kernels compiled for the CPU, on NumPy arrays.
+    Returns the list to which each launch appends its kernel's name."""
+    import sys
+
+    from mnn import kernels
+    from mnn.kernels import cuda
+
+    launched = []
+
+    def recorded(name, kernel):
+        def launch(*arguments):
+            launched.append(name)
+            return kernel(*arguments)
+        return launch
+
+    def compiled(source):
+        return recorded(source.name, ElementwiseOnCpu(source))
+
+    def compiled_raw(source, dtype_name):
+        if dtype_name not in cuda.C_FLOATING:
+            raise TypeError(f"{source.name}: no entry for {dtype_name} arrays, only for float32 and float64")
+        return recorded(source.name, RawKernelOnCpu(source, f"{source.name}_{cuda.C_FLOATING[dtype_name]}"))
+
+    monkeypatch.setitem(sys.modules, "cupy", numpy)
+    monkeypatch.setattr(cuda, "compiled", compiled)
+    monkeypatch.setattr(cuda, "compiled_raw", compiled_raw)
+    monkeypatch.setattr(kernels, "fused", lambda *arrays: False)
+    monkeypatch.setattr(kernels, "fused_gpu", lambda *arrays: kernels.mode() == "fused" and all(
+        isinstance(a, numpy.ndarray) and a.dtype.name in kernels.COMPILED_DTYPES for a in arrays))
+    return launched

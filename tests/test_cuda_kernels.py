@@ -193,11 +193,15 @@ def test_the_lstm_step_kernels_take_the_steps_of_the_cpu_kernels(dtype, batch, s
         numpy.testing.assert_allclose(mine, theirs, rtol=tolerance, atol=tolerance)
 
 
-GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"})]
+GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"}),
+               (cuda.RELU_BACKWARD, {"g", "y"})]
 
 
 RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD,
-               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD]
+               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD,
+               cuda.IM2COL, cuda.COL2IM, cuda.MAX_POOL, cuda.MAX_POOL_BACKWARD, cuda.BATCH_NORM_SUMS,
+               cuda.BATCH_NORM_STATISTICS, cuda.BATCH_NORM_APPLY, cuda.BATCH_NORM_BACKWARD_SUMS,
+               cuda.BATCH_NORM_BACKWARD_APPLY]
 
 
 def test_the_lists_name_every_gpu_kernel():

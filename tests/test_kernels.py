@@ -116,7 +116,11 @@ def test_im2col_kernel_takes_any_memory_layout():
 @pytest.mark.parametrize("layer_class, shape", [(BatchNormLayer, (16, 5)), (BatchNorm2dLayer, (8, 3, 6, 6))])
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 def test_batch_norm_kernels_equal_the_reference(layer_class, shape, dtype):
-    x = numpy.random.default_rng(0).standard_normal(shape) * 3 + 1
+    assert_batch_norm_both_ways_equal(layer_class, shape, dtype)
+
+
+def assert_batch_norm_both_ways_equal(layer_class, shape, dtype, centre=1.0):
+    x = numpy.random.default_rng(0).standard_normal(shape) * 3 + centre
     reference, fused = both_ways(lambda: layer_class(shape[1]), x, dtype)
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], fused[index], dtype, what)

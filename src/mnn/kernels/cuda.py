@@ -15,8 +15,12 @@ Every kernel is kept as its CUDA C source, compiled by CuPy (NVRTC) on first use
 ``tests/cuda_on_cpu.py`` compiles the same text with g++ and runs it on the CPU against the
 layers' reference lines: ``__device__`` becomes ``static inline``, a row kernel runs with
 one lane per row (``LANES`` = 1, so the shuffles are never reached), and an element kernel
-runs as one thread. That checks the arithmetic and the indexing. The tests also compile every
-source with NVRTC; the shuffles and the lanes' striding run only on a GPU, in ``tests/test_cupy.py``.
+runs as one thread. That checks the arithmetic and the indexing. ``tests/test_gpu_lines.py`` goes
+further: with CuPy's kernel objects stood in for by those CPU builds, and NumPy for CuPy, the
+layers take their GPU lines on the CPU, so every launch's argument list (each array's dtype and
+layout, each scalar's width) is checked against the kernel's parameters, and whole models train
+as on the reference lines. The tests also compile every source with NVRTC; the shuffles and the
+lanes' striding run only on a GPU, in ``tests/test_cupy.py``.
 """
 import functools
 import re
@@ -121,6 +125,9 @@ GELU_BACKWARD = Elementwise(
     "T grad",
     "T t = tanh(c * (x + k * x * x * x));"
     " grad = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * c * ((T)1 + (T)3 * k * x * x))")
+
+# ReLU's Eq. (2) (mnn.layers.activations.ReluLayer), g times the indicator, in one launch rather than two.
+RELU_BACKWARD = Elementwise("mnn_relu_backward", "T g, T y", "T grad", "grad = g * (T)(y > (T)0)")
 
 # -- row kernels: one warp per row, ROWS_PER_BLOCK rows per block -----------------------------------
 
@@ -262,17 +269,20 @@ CROSS_ENTROPY_ROWS_BACKWARD = Raw("mnn_cross_entropy_rows_backward", CROSS_ENTRO
 # -- element kernels: threads striding over all elements -------------------------------------------
 
 ELEMENT_BLOCK = 256  # threads per block
+ELEMENTS = r"""
+/* A grid-stride loop: the grid's threads take elements 0, 1, ... in turn, each then steps by their count. */
+#define EACH_ELEMENT(e, count) for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < (count); \
+                                    e += (long long)gridDim.x * blockDim.x)
+"""
 
 # The LSTM's step (mnn.layers.recurrent.LSTMLayer): Eqs. (T1), (1)-(3) forward and Eqs. (4)-(7) backward,
 # one thread per (sample, unit), which reads and writes that unit's four gates. The sigmoid is
 # (1 + tanh(a / 2)) / 2, as in the reference lines.
-LSTM_STEP = Raw("mnn_lstm_step", r"""
-#define EACH_UNIT for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < (long long)batch * size; \
-                       e += (long long)gridDim.x * blockDim.x)
+LSTM_STEP = Raw("mnn_lstm_step", ELEMENTS + r"""
 template <typename T> __device__ T gate_sigmoid(T a) { return (tanh(a * (T)0.5) + (T)1) * (T)0.5; }
 template <typename T> __device__ void lstm_step(T* gates, const T* product, const T* bias, const T* c_prev, T* c,
                                                 T* tanh_c, T* h, int batch, int size) {
-    EACH_UNIT {
+    EACH_ELEMENT(e, (long long)batch * size) {
         long long b = e / size, k = e % size, row = b * 4 * size;
         T* a = gates + row + k;  /* a[0], a[size], a[2 size], a[3 size]: the unit's i, f, g, o */
         const T* p = product + row + k;
@@ -292,7 +302,7 @@ template <typename T> __device__ void lstm_step(T* gates, const T* product, cons
 template <typename T> __device__ void lstm_step_backward(const T* g_out, const T* carry_h, const T* carry_c,
                                                          const T* gates, const T* tanh_c, const T* c_prev, T* delta,
                                                          T* carry_c_out, int batch, int size) {
-    EACH_UNIT {
+    EACH_ELEMENT(e, (long long)batch * size) {
         long long b = e / size, k = e % size, row = b * 4 * size;
         const T* a = gates + row + k;
         T* d = delta + row + k;
@@ -312,6 +322,178 @@ template <typename T> __device__ void lstm_step_backward(const T* g_out, const T
               "const T* g_out, const T* carry_h, const T* carry_c, const T* gates, const T* tanh_c, const T* c_prev, "
               "T* delta, T* carry_c_out, int batch, int size"))
 LSTM_STEP_BACKWARD = Raw("mnn_lstm_step_backward", LSTM_STEP.code)
+
+
+# Convolution's im2col and col2im, and max-pooling (mnn.layers.conv, mnn.layers.pooling), on
+# channels-last images (B, H, W, C): one thread per element written. col2im and the pooling's
+# backward gather, each pixel summing what its windows send it in the order of the CPU kernels'
+# loops, so no two threads add into one place (no atomics: the sums are the same every run).
+IMAGE_GEOMETRY = "int batch, int height, int width, int channels, int out_h, int out_w"
+IM2COL = Raw("mnn_im2col", ELEMENTS + r"""
+/* X_col[(b, i, j), (p, q, c)] = x~[b, s i + p, s j + q, c], zero in the padding (Conv2dLayer, Eq. (4)). */
+template <typename T> __device__ void im2col(const T* x, T* cols, int batch, int height, int width, int channels,
+                                             int out_h, int out_w, int kh, int kw, int stride, int padding) {
+    EACH_ELEMENT(e, (long long)batch * out_h * out_w * kh * kw * channels) {
+        long long rest = e / channels;
+        int c = e % channels, q = rest % kw, p = rest / kw % kh, j = rest / kw / kh % out_w;
+        int i = rest / kw / kh / out_w % out_h;
+        long long b = rest / kw / kh / out_w / out_h;
+        int row = i * stride + p - padding, column = j * stride + q - padding;
+        bool inside = 0 <= row && row < height && 0 <= column && column < width;
+        cols[e] = inside ? x[((b * height + row) * width + column) * channels + c] : (T)0;
+    }
+}
+/* Eq. (3): pixel (b, u, v, c) sums the window entries copied from it, windows (i, j) in rising order. */
+template <typename T> __device__ void col2im(const T* d_cols, T* grad, int batch, int height, int width, int channels,
+                                             int out_h, int out_w, int kh, int kw, int stride, int padding) {
+    EACH_ELEMENT(e, (long long)batch * height * width * channels) {
+        int c = e % channels, v = e / channels % width, u = e / channels / width % height;
+        long long b = e / channels / width / height;
+        T total = 0;
+        for (int p = kh - 1; p >= 0; p--) {  /* i = (u + P - p) / s rises as p falls */
+            int top = u + padding - p;
+            if (top < 0 || top % stride != 0 || top / stride >= out_h) continue;
+            for (int q = kw - 1; q >= 0; q--) {
+                int left = v + padding - q;
+                if (left < 0 || left % stride != 0 || left / stride >= out_w) continue;
+                long long row = (b * out_h + top / stride) * out_w + left / stride;
+                total += d_cols[((row * kh + p) * kw + q) * channels + c];
+            }
+        }
+        grad[e] = total;
+    }
+}
+""" + entries("mnn_im2col", "im2col", f"const T* x, T* cols, {IMAGE_GEOMETRY}, int kh, int kw, int stride, int padding")
+    + entries("mnn_col2im", "col2im",
+              f"const T* d_cols, T* grad, {IMAGE_GEOMETRY}, int kh, int kw, int stride, int padding"))
+COL2IM = Raw("mnn_col2im", IM2COL.code)
+
+MAX_POOL = Raw("mnn_max_pool", ELEMENTS + r"""
+/* MaxPool2dLayer's Eq. (1): each window's maximum and the offset p k + q of its first (a NaN wins). */
+template <typename T> __device__ void max_pool(const T* x, T* y, int* argmax, int batch, int height, int width,
+                                               int channels, int out_h, int out_w, int kernel, int stride) {
+    EACH_ELEMENT(e, (long long)batch * out_h * out_w * channels) {
+        int c = e % channels, j = e / channels % out_w, i = e / channels / out_w % out_h;
+        long long b = e / channels / out_w / out_h;
+        const T* corner = x + ((b * height + i * stride) * width + j * stride) * channels + c;
+        T best = corner[0];
+        int at = 0;
+        for (int offset = 1; offset < kernel * kernel; offset++) {
+            T value = corner[((long long)(offset / kernel) * width + offset % kernel) * channels];
+            if (value > best || value != value) {
+                best = value;
+                at = offset;
+            }
+        }
+        y[e] = best;
+        argmax[e] = at;
+    }
+}
+/* Eq. (2): pixel (b, u, v, c) sums the gradients of the windows whose arg-max it is, in rising (i, j). */
+template <typename T> __device__ void max_pool_backward(const T* g, const int* argmax, T* grad, int batch, int height,
+                                                        int width, int channels, int out_h, int out_w, int kernel,
+                                                        int stride) {
+    EACH_ELEMENT(e, (long long)batch * height * width * channels) {
+        int c = e % channels, v = e / channels % width, u = e / channels / width % height;
+        long long b = e / channels / width / height;
+        int first_i = u < kernel ? 0 : (u - kernel) / stride + 1, last_i = min(u / stride, out_h - 1);
+        int first_j = v < kernel ? 0 : (v - kernel) / stride + 1, last_j = min(v / stride, out_w - 1);
+        T total = 0;
+        for (int i = first_i; i <= last_i; i++) {
+            for (int j = first_j; j <= last_j; j++) {
+                long long at = ((b * out_h + i) * out_w + j) * channels + c;
+                if (argmax[at] == (u - i * stride) * kernel + (v - j * stride)) total += g[at];
+            }
+        }
+        grad[e] = total;
+    }
+}
+""" + entries("mnn_max_pool", "max_pool", f"const T* x, T* y, int* argmax, {IMAGE_GEOMETRY}, int kernel, int stride")
+    + entries("mnn_max_pool_backward", "max_pool_backward",
+              f"const T* g, const int* argmax, T* grad, {IMAGE_GEOMETRY}, int kernel, int stride"))
+MAX_POOL_BACKWARD = Raw("mnn_max_pool_backward", MAX_POOL.code)
+
+# Batch norm's Eq. (1) and Eqs. (2)-(3) (mnn.layers.normalization.BatchNormLayer) over the rows of a
+# contiguous (N, C) array. Each thread sums one channel over CHUNK_ROWS rows, in double; the caller
+# adds those partial sums over the chunks (one CuPy reduction); a thread per channel turns them into
+# the statistics; a thread per entry applies them. The forward sums x - K and its square, with K the
+# first row: the variance S2/N - (S1/N)^2 then cancels no more digits than the spread of the data
+# around one of its samples costs, where sums of x and x^2 lose them all when the mean is large.
+CHUNK_ROWS = 16
+BATCH_NORM_SUMS = Raw("mnn_batch_norm_sums", ELEMENTS + r"""
+#define EACH_CHUNK_AND_CHANNEL EACH_ELEMENT(e, (count + chunk_rows - 1) / chunk_rows * channels)
+template <typename T> __device__ void batch_norm_sums(const T* rows, double* sums, long long count, int channels,
+                                                      int chunk_rows) {
+    EACH_CHUNK_AND_CHANNEL {  /* sums (chunks, 2, C): the chunk's sum of x - K, then of (x - K)^2 */
+        long long chunk = e / channels, c = e % channels, end = min(count, (chunk + 1) * chunk_rows);
+        double shift = rows[c], total = 0, squares = 0;
+        for (long long n = chunk * chunk_rows; n < end; n++) {
+            double d = rows[n * channels + c] - shift;
+            total += d;
+            squares += d * d;
+        }
+        sums[(chunk * 2) * channels + c] = total;
+        sums[(chunk * 2 + 1) * channels + c] = squares;
+    }
+}
+template <typename T> __device__ void batch_norm_statistics(const T* rows, const double* sums, T* mean, T* var,
+                                                            T* inv_std, long long count, int channels, double eps) {
+    EACH_ELEMENT(c, channels) {  /* sums (2, C): over every chunk */
+        double offset = sums[c] / count, variance = sums[channels + c] / count - offset * offset;
+        variance = variance > 0 ? variance : 0;
+        mean[c] = (T)(rows[c] + offset);
+        var[c] = (T)variance;
+        inv_std[c] = (T)(1 / sqrt(variance + eps));
+    }
+}
+template <typename T> __device__ void batch_norm_apply(const T* rows, const T* mean, const T* inv_std, const T* weight,
+                                                       const T* bias, T* x_hat, T* y, long long count, int channels) {
+    EACH_ELEMENT(e, count * channels) {
+        int c = e % channels;
+        x_hat[e] = (rows[e] - mean[c]) * inv_std[c];
+        y[e] = x_hat[e] * weight[c] + bias[c];
+    }
+}
+template <typename T> __device__ void batch_norm_backward_sums(const T* g, const T* x_hat, double* sums,
+                                                               long long count, int channels, int chunk_rows) {
+    EACH_CHUNK_AND_CHANNEL {  /* sums (chunks, 2, C): the chunk's sum of g x_hat, then of g (Eq. (2)) */
+        long long chunk = e / channels, c = e % channels, end = min(count, (chunk + 1) * chunk_rows);
+        double product = 0, total = 0;
+        for (long long n = chunk * chunk_rows; n < end; n++) {
+            product += (double)g[n * channels + c] * x_hat[n * channels + c];
+            total += g[n * channels + c];
+        }
+        sums[(chunk * 2) * channels + c] = product;
+        sums[(chunk * 2 + 1) * channels + c] = total;
+    }
+}
+/* Eq. (3), with the sums of Eq. (2) over every chunk, sums (2, C). */
+template <typename T> __device__ void batch_norm_backward_apply(const T* g, const T* x_hat, const double* sums,
+                                                                const T* weight, const T* inv_std, T* grad,
+                                                                long long count, int channels) {
+    EACH_ELEMENT(e, count * channels) {
+        int c = e % channels;
+        T mean_gx = (T)(sums[c] / count), mean_g = (T)(sums[channels + c] / count);
+        grad[e] = (weight[c] * inv_std[c]) * (g[e] - mean_g - x_hat[e] * mean_gx);
+    }
+}
+""" + entries("mnn_batch_norm_sums", "batch_norm_sums",
+              "const T* rows, double* sums, long long count, int channels, int chunk_rows")
+    + entries("mnn_batch_norm_statistics", "batch_norm_statistics",
+              "const T* rows, const double* sums, T* mean, T* var, T* inv_std, long long count, int channels, "
+              "double eps")
+    + entries("mnn_batch_norm_apply", "batch_norm_apply",
+              "const T* rows, const T* mean, const T* inv_std, const T* weight, const T* bias, T* x_hat, T* y, "
+              "long long count, int channels")
+    + entries("mnn_batch_norm_backward_sums", "batch_norm_backward_sums",
+              "const T* g, const T* x_hat, double* sums, long long count, int channels, int chunk_rows")
+    + entries("mnn_batch_norm_backward_apply", "batch_norm_backward_apply",
+              "const T* g, const T* x_hat, const double* sums, const T* weight, const T* inv_std, T* grad, "
+              "long long count, int channels"))
+BATCH_NORM_STATISTICS = Raw("mnn_batch_norm_statistics", BATCH_NORM_SUMS.code)
+BATCH_NORM_APPLY = Raw("mnn_batch_norm_apply", BATCH_NORM_SUMS.code)
+BATCH_NORM_BACKWARD_SUMS = Raw("mnn_batch_norm_backward_sums", BATCH_NORM_SUMS.code)
+BATCH_NORM_BACKWARD_APPLY = Raw("mnn_batch_norm_backward_apply", BATCH_NORM_SUMS.code)
 
 
 # -- launches ----------------------------------------------------------------------------------------
@@ -443,3 +625,100 @@ def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
     launch_elements(LSTM_STEP_BACKWARD, gates, batch * size, (g, carry_h, carry_c, gates, tanh_c, c_prev, delta,
                                                               carry_out, numpy.int32(batch), numpy.int32(size)))
     return carry_out
+
+
+def relu_backward(g, y):
+    """ReLU's Eq. (2) on CuPy arrays, in one launch."""
+    return compiled(RELU_BACKWARD)(g, y)
+
+
+def image_geometry(images, out_size):
+    """The kernels' shape arguments for channels-last images (B, H, W, C) and windows out_size (Ho, Wo)."""
+    return tuple(numpy.int32(n) for n in (*images.shape, *out_size))
+
+
+def im2col(images, kh, kw, stride, padding, out_size):
+    """Convolution's X_col (B Ho Wo, kh kw C) for channels-last CuPy images (B, H, W, C), the zero padding
+    included, in one launch."""
+    import cupy
+
+    images = cupy.ascontiguousarray(images)
+    cols = cupy.empty((images.shape[0] * out_size[0] * out_size[1], kh * kw * images.shape[3]), dtype=images.dtype)
+    launch_elements(IM2COL, images, cols.size, (images, cols, *image_geometry(images, out_size),
+                                                *(numpy.int32(n) for n in (kh, kw, stride, padding))))
+    return cols
+
+
+def col2im(d_cols, kh, kw, stride, padding, images_shape, out_size):
+    """Convolution's Eq. (3) from the gradient of X_col: the channels-last images' gradient (B, H, W, C)."""
+    import cupy
+
+    d_cols, grad = cupy.ascontiguousarray(d_cols), cupy.empty(images_shape, dtype=d_cols.dtype)
+    launch_elements(COL2IM, d_cols, grad.size, (d_cols, grad, *image_geometry(grad, out_size),
+                                                *(numpy.int32(n) for n in (kh, kw, stride, padding))))
+    return grad
+
+
+def max_pool(images, kernel, stride, out_size):
+    """Max-pooling's Eq. (1) for channels-last CuPy images (B, H, W, C): the maxima (B, Ho, Wo, C) and
+    each window's arg-max offset p k + q (int32), in one launch."""
+    import cupy
+
+    images = cupy.ascontiguousarray(images)
+    shape = (images.shape[0], *out_size, images.shape[3])
+    y, argmax = cupy.empty(shape, dtype=images.dtype), cupy.empty(shape, dtype=cupy.int32)
+    launch_elements(MAX_POOL, images, y.size, (images, y, argmax, *image_geometry(images, out_size),
+                                               numpy.int32(kernel), numpy.int32(stride)))
+    return y, argmax
+
+
+def max_pool_backward(g, argmax, kernel, stride, images_shape):
+    """Max-pooling's Eq. (2): the channels-last gradient (B, H, W, C) from g and argmax (B, Ho, Wo, C)."""
+    import cupy
+
+    g, grad = cupy.ascontiguousarray(g), cupy.empty(images_shape, dtype=g.dtype)
+    launch_elements(MAX_POOL_BACKWARD, g, grad.size, (g, argmax, grad, *image_geometry(grad, g.shape[1:3]),
+                                                      numpy.int32(kernel), numpy.int32(stride)))
+    return grad
+
+
+def chunk_sums(source, arrays, count, channels):
+    """Run a batch norm sums kernel over (count, channels) rows; its partial sums added over the chunks: (2, C)."""
+    import cupy
+
+    chunks = -(-count // CHUNK_ROWS)
+    sums = cupy.empty((chunks, 2, channels), dtype=cupy.float64)
+    launch_elements(source, arrays[0], chunks * channels, (*arrays, sums, numpy.int64(count), numpy.int32(channels),
+                                                           numpy.int32(CHUNK_ROWS)))
+    return sums.sum(axis=0)
+
+
+def batch_norm(rows, weight, bias, eps):
+    """Batch norm's Eq. (1) over the rows of a CuPy (N, C) array: (y, x_hat, 1/sigma, mean, biased variance),
+    as ``mnn.kernels.cpu.batch_norm``, in four launches."""
+    import cupy
+
+    rows = cupy.ascontiguousarray(rows)
+    (count, channels), dtype = rows.shape, rows.dtype
+    sums = chunk_sums(BATCH_NORM_SUMS, (rows,), count, channels)
+    mean, var, inv_std = (cupy.empty(channels, dtype=dtype) for _ in range(3))
+    launch_elements(BATCH_NORM_STATISTICS, rows, channels, (rows, sums, mean, var, inv_std, numpy.int64(count),
+                                                            numpy.int32(channels), numpy.float64(eps)))
+    x_hat, y = cupy.empty_like(rows), cupy.empty_like(rows)
+    launch_elements(BATCH_NORM_APPLY, rows, rows.size, (rows, mean, inv_std, weight, bias, x_hat, y,
+                                                        numpy.int64(count), numpy.int32(channels)))
+    return y, x_hat, inv_std, mean, var
+
+
+def batch_norm_backward(g, x_hat, weight, inv_std):
+    """Batch norm's Eqs. (2)-(3) for CuPy (N, C) rows: (dL/dx, dL/dgamma, dL/dbeta), as
+    ``mnn.kernels.cpu.batch_norm_backward``, in three launches and the sums' two casts."""
+    import cupy
+
+    g = cupy.ascontiguousarray(g)
+    count, channels = g.shape
+    sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
+    grad = cupy.empty_like(g)
+    launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, sums, weight, inv_std, grad, numpy.int64(count),
+                                                           numpy.int32(channels)))
+    return grad, sums[0].astype(g.dtype), sums[1].astype(g.dtype)

@@ -39,6 +39,8 @@ class ReluLayer(ElementwiseLayer):
 
     def backward(self, g):
         (y,) = self.saved()
+        if kernels.fused_gpu(g, y) and g.dtype == y.dtype:
+            return kernels.cuda.relu_backward(g, y)  # Eq. (2) in one launch
         return g * (y > 0)  # Eq. (2)
 
 

@@ -58,8 +58,14 @@ class Conv2dLayer(Layer):
     are copied in one pass (padding included) and multiplied, so the whole $X_{\text{col}}$
     never exists; backward keeps the input instead and copies the windows again for Eq. (5),
     and computes Eq. (6) as one GEMM, $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$,
-    whose rows col2im adds back onto the pixels they came from (Eq. (3), summed in another order). The columns run over $(p, q, c)$ and images are channels-last in memory (see
-    ``windows``), so im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
+    whose rows col2im adds back onto the pixels they came from (Eq. (3), summed in another order).
+    The columns run over $(p, q, c)$ and images are channels-last in memory (see ``windows``), so
+    im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a
+    $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
+
+    **On a GPU** (``mnn.kernels.cuda``) im2col is one launch, padding included, and Eq. (6) is
+    the same one GEMM followed by one col2im launch, in which each pixel gathers its window
+    entries: the $k_h k_w$ thin GEMMs and strided adds were a launch each.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
@@ -99,8 +105,12 @@ class Conv2dLayer(Layer):
         (kh, kw), pad = self.kernel_size, self.padding
         if kernels.fused(x):
             return self.forward_by_chunks(x)
-        padded = pad_channels_last(x, pad) if pad else channels_last(x)
-        cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
+        if kernels.fused_gpu(x):  # the padding and the copy in one launch
+            (batch, out_h, out_w) = (x.shape[0], *self.out_size(x.shape))
+            cols = kernels.cuda.im2col(channels_last(x), kh, kw, self.stride, pad, (out_h, out_w))
+        else:
+            padded = pad_channels_last(x, pad) if pad else channels_last(x)
+            cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
         y = cols @ self.w_col().T  # Eq. (4)
         if self.bias:
             y += self.params["b"]
@@ -128,6 +138,10 @@ class Conv2dLayer(Layer):
         xp = backend.array_module(g_col)
         (kh, kw), s, pad = self.kernel_size, self.stride, self.padding
         batch, channels, height, width = input_shape
+        if kernels.fused_gpu(g_col, self.params["w"]) and g_col.dtype == self.params["w"].dtype:
+            d_cols = g_col @ self.w_col()  # one GEMM for every offset; col2im sums its rows back in one launch
+            return channels_first(kernels.cuda.col2im(d_cols, kh, kw, s, pad, (batch, height, width, channels),
+                                                      out_size))
         out_h, out_w = out_size
         grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=g_col.dtype)
         for p in range(kh):

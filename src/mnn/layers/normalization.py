@@ -96,7 +96,9 @@ class BatchNormLayer(Layer):
 
     The code works on rows: one row per sample here, one per pixel in ``BatchNorm2dLayer``.
     In training on one process, the fused CPU kernels (``mnn.kernels.cpu``) compute Eq. (1)
-    in three passes over the rows and Eqs. (2)-(3) in two.
+    in three passes over the rows and Eqs. (2)-(3) in two. The GPU kernels (``mnn.kernels.cuda``)
+    sum each channel over chunks of rows in parallel, add those partial sums, and then apply
+    Eq. (1) or Eq. (3) in one launch over every entry.
     """
 
     batch_total = None  # synchronised batch norm: a function summing a number or an array over every rank
@@ -134,9 +136,9 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         rows = self.to_rows(x)
-        if self.fused(rows):  # Eq. (1) in three passes: the lines below' numbers, to rounding
-            y, x_hat, inv_std, mean, var = kernels.cpu.batch_norm(rows, self.params["weight"], self.params["bias"],
-                                                                  self.eps)
+        fused = self.fused_kernels(rows)
+        if fused:  # Eq. (1) in three passes (four launches on a GPU): the lines below' numbers, to rounding
+            y, x_hat, inv_std, mean, var = fused.batch_norm(rows, self.params["weight"], self.params["bias"], self.eps)
             self.update_running_stats(mean, var, rows.shape[0])
             self.save(x_hat, inv_std, True, x.shape, rows.shape[0])
             return self.from_rows(y, x.shape)
@@ -153,9 +155,17 @@ class BatchNormLayer(Layer):
         y += self.params["bias"]
         return self.from_rows(y, x.shape)
 
-    def fused(self, rows):
-        """Whether the fused CPU kernels run Eqs. (1)-(3): in training, on one process's batch."""
-        return self.training and self.batch_total is None and kernels.fused(rows)
+    def fused_kernels(self, rows):
+        """The kernels that run Eqs. (1)-(3) here, ``kernels.cpu`` or ``kernels.cuda``, if any: in training,
+        on one process's batch (on a GPU, of one dtype with the parameters)."""
+        if not self.training or self.batch_total is not None or rows.shape[0] == 0:
+            return None
+        if kernels.fused(rows):
+            return kernels.cpu
+        weight, bias = self.params["weight"], self.params["bias"]
+        if kernels.fused_gpu(rows) and rows.dtype == weight.dtype == bias.dtype:
+            return kernels.cuda
+        return None
 
     def rows_in_batch(self, rows):
         """N: the rows the statistics run over, every rank's when synchronised."""
@@ -173,8 +183,9 @@ class BatchNormLayer(Layer):
     def backward(self, g):
         x_hat, inv_std, training, shape, count = self.saved()
         g = self.to_rows(g)
-        if training and self.fused(g):  # Eqs. (2)-(3) in two passes
-            grad, d_weight, d_bias = kernels.cpu.batch_norm_backward(g, x_hat, self.params["weight"], inv_std)
+        fused = self.fused_kernels(g) if training else None
+        if fused:  # Eqs. (2)-(3) in two passes (three launches on a GPU)
+            grad, d_weight, d_bias = fused.batch_norm_backward(g, x_hat, self.params["weight"], inv_std)
             self.grads["weight"] += d_weight
             self.grads["bias"] += d_bias
             return self.from_rows(grad, shape)

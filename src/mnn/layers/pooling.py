@@ -7,7 +7,7 @@ keeps the input's memory layout.
 """
 from .. import backend, kernels
 from .base import Layer, check_size
-from .windows import offset_slices, output_size
+from .windows import channels_first, channels_last, offset_slices, output_size
 
 
 class PoolLayer(Layer):
@@ -27,7 +27,12 @@ class PoolLayer(Layer):
         k, s = self.kernel_size, self.stride
         if x.shape[2] < k or x.shape[3] < k:
             raise ValueError(f"{self!r}: kernel {k}x{k} is larger than the input {tuple(x.shape)}")
-        return offset_slices(k, s, output_size(x.shape[2], k, s), output_size(x.shape[3], k, s))
+        return offset_slices(k, s, *self.out_size(x))
+
+    def out_size(self, x):
+        """(Ho, Wo): the windows that fit down and across."""
+        return output_size(x.shape[2], self.kernel_size, self.stride), output_size(x.shape[3], self.kernel_size,
+                                                                                   self.stride)
 
 
 class MaxPool2dLayer(PoolLayer):
@@ -45,6 +50,8 @@ class MaxPool2dLayer(PoolLayer):
     first offset whose entry equals the max (ties go to the first, as in PyTorch) and adds
     $g$ into that offset's slice. The fused CPU kernels (``mnn.kernels.cpu``) take one pass
     each: forward keeps every window's arg-max (a byte per output), backward adds $g$ there.
+    On a GPU (``mnn.kernels.cuda``) each is one launch; backward gathers, each pixel summing
+    the gradients of the windows whose arg-max it is.
     """
 
     def forward(self, x):
@@ -53,6 +60,10 @@ class MaxPool2dLayer(PoolLayer):
             y, argmax = kernels.cpu.max_pool(x, self.kernel_size, self.stride)  # Eq. (1)
             self.save("fused", argmax, x.shape)
             return y
+        if kernels.fused_gpu(x):  # Eq. (1), one launch
+            y, argmax = kernels.cuda.max_pool(channels_last(x), self.kernel_size, self.stride, self.out_size(x))
+            self.save("gpu", argmax, x.shape)
+            return channels_first(y)
         xp = backend.array_module(x)
         y = x[slices[0]].copy(order="K")  # keep the memory layout (channels-last)
         for where in slices[1:]:
@@ -64,6 +75,10 @@ class MaxPool2dLayer(PoolLayer):
         path, x, y = self.saved()
         if path == "fused":  # x: the arg-max, y: the input's shape
             return kernels.cpu.max_pool_backward(g, x, self.kernel_size, self.stride, y)  # Eq. (2)
+        if path == "gpu":  # the same, as channels-last arrays; one launch
+            batch, channels, height, width = y
+            return channels_first(kernels.cuda.max_pool_backward(channels_last(g), x, self.kernel_size, self.stride,
+                                                                 (batch, height, width, channels)))
         xp = backend.array_module(g)
         slices = self.slices_for(x)
         tiled = self.stride == self.kernel_size and all(n % self.stride == 0 for n in x.shape[2:])

@@ -1,0 +1,153 @@
+"""The layers' GPU lines, run on the CPU: each GPU kernel compiled by g++ (``cuda_on_cpu``) and launched
+by the layers as on a GPU, with its argument list checked against the kernel's parameters, against
+the NumPy lines (``MNN_KERNELS=numpy``). What this cannot see are the lanes of a warp: those run
+only on a GPU, in ``tests/test_cupy.py``."""
+import numpy
+import pytest
+
+from cuda_on_cpu import run_gpu_lines_on_cpu
+from mnn import backend, kernels, models, optim
+from mnn.kernels import cuda
+from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, ReluLayer
+import test_kernels
+from test_kernels import POOLS, assert_close, both_ways, channels_last_batch
+
+CONVOLUTIONS = [(3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0),
+                (5, 3, 10, 3, 2, 2), (3, 2, 11, (2, 4), 3, 1)]
+
+
+@pytest.fixture(autouse=True)
+def launched(monkeypatch):
+    """The names of the kernels launched, in order; the kernel mode is restored afterwards."""
+    before = kernels.mode()
+    yield run_gpu_lines_on_cpu(monkeypatch)
+    kernels.use(before)
+
+
+@pytest.mark.parametrize("kernel, stride, shape", POOLS)
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_max_pooling_on_the_gpu_lines_routes_as_the_reference(kernel, stride, shape, dtype, ties, launched):
+    test_kernels.test_max_pool_kernels_route_exactly_as_the_reference(kernel, stride, shape, dtype, ties)
+    assert launched == [cuda.MAX_POOL.name, cuda.MAX_POOL_BACKWARD.name]
+
+
+def test_max_pooling_on_the_gpu_lines_propagates_nan(launched):
+    test_kernels.test_max_pool_kernel_propagates_nan_as_numpy_maximum()
+    assert launched == [cuda.MAX_POOL.name]
+
+
+@pytest.mark.parametrize("cin, cout, size, kernel, stride, padding", CONVOLUTIONS)
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("layout", ["channels-last", "channels-first"])
+def test_convolution_on_the_gpu_lines_equals_the_reference(cin, cout, size, kernel, stride, padding, dtype, layout,
+                                                           launched):
+    rng = numpy.random.default_rng(0)
+    x = channels_last_batch((3, cin, size, size), rng) if layout == "channels-last" else rng.standard_normal(
+        (3, cin, size, size))
+    reference, gpu = both_ways(lambda: Conv2dLayer(cin, cout, kernel, stride=stride, padding=padding), x, dtype)
+    assert launched == [cuda.IM2COL.name, cuda.COL2IM.name]
+    for index, what in ((0, "output"), (1, "input gradient")):
+        assert_close(reference[index], gpu[index], dtype, what)
+    for name in reference[2]:
+        assert_close(reference[2][name], gpu[2][name], dtype, name)
+
+
+@pytest.mark.parametrize("layer_class, shape", [(BatchNormLayer, (37, 5)), (BatchNorm2dLayer, (3, 4, 5, 7)),
+                                                (BatchNormLayer, (1, 3)), (BatchNormLayer, (16, 1))])
+@pytest.mark.parametrize("dtype, centre", [(numpy.float64, 1.0), (numpy.float32, 1.0), (numpy.float64, 1e3)],
+                         ids=["float64", "float32", "float64-far-from-zero"])
+def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dtype, centre, launched):
+    """Row counts around a chunk's (16) and not a multiple of it. A mean far from zero (1e3, spread 3):
+    sums of x and x^2 would lose about 1e-11 of the variance to cancellation, more than float64's
+    tolerance; the kernels' sums, shifted by a sample, do not. (In float32 it is the reference lines
+    that lose digits there, summing in float32.)"""
+    test_kernels.assert_batch_norm_both_ways_equal(layer_class, shape, dtype, centre)
+    assert launched == [cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name, cuda.BATCH_NORM_APPLY.name,
+                        cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name]
+
+
+def test_batch_norm_in_eval_mode_takes_the_reference_lines(launched):
+    layer = BatchNorm2dLayer(3)
+    layer.eval()
+    kernels.use("fused")
+    layer.backward(layer.forward(channels_last_batch((2, 3, 4, 4), numpy.random.default_rng(0)).astype(numpy.float32)))
+    assert launched == []
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_relu_on_the_gpu_lines_equals_the_reference(dtype, launched):
+    x = numpy.random.default_rng(0).standard_normal((6, 7))
+    x[0, :3] = 0  # the subgradient at 0 is 0
+    (y, grad, _, _), (y_gpu, grad_gpu, _, _) = both_ways(ReluLayer, x, dtype)
+    assert launched == [cuda.RELU_BACKWARD.name]
+    numpy.testing.assert_array_equal(y_gpu, y)
+    numpy.testing.assert_array_equal(grad_gpu, grad)
+
+
+def images(rng, batch):
+    return rng.standard_normal((batch, 1, 28, 28)), rng.integers(0, 10, batch)
+
+
+def tokens(rng, batch):
+    ids = rng.integers(0, 11, (batch, 9))
+    return ids[:, :-1], ids[:, 1:]
+
+
+MODELS = {  # each with its dropout on, so that the masks are drawn on both lines
+    "mlp": (lambda: models.mlp(hidden=[32], dropout=0.3), lambda rng: images(rng, 8)),
+    "cnn": (lambda: models.cnn(channels=[4, 8], hidden=[16]), lambda rng: images(rng, 4)),
+    "gpt": (lambda: models.gpt(vocab_size=11, context=8, layers=2, heads=2, width=16, dropout=0.2),
+            lambda rng: tokens(rng, 3)),
+    "lstm": (lambda: models.lstm(vocab_size=11, context=8, width=8, hidden=[16, 12], dropout=0.2),
+             lambda rng: tokens(rng, 3)),
+}
+EVERY_MODEL = {cuda.ADAM_UPDATE.name, cuda.CROSS_ENTROPY_ROWS.name, cuda.CROSS_ENTROPY_ROWS_BACKWARD.name,
+               cuda.DROPOUT.name}
+KERNELS = {
+    "mlp": EVERY_MODEL | {cuda.RELU_BACKWARD.name},
+    "cnn": EVERY_MODEL | {cuda.RELU_BACKWARD.name, cuda.IM2COL.name, cuda.COL2IM.name, cuda.MAX_POOL.name,
+                          cuda.MAX_POOL_BACKWARD.name, cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name,
+                          cuda.BATCH_NORM_APPLY.name, cuda.BATCH_NORM_BACKWARD_SUMS.name,
+                          cuda.BATCH_NORM_BACKWARD_APPLY.name},
+    "gpt": EVERY_MODEL | {cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
+                          cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name, cuda.LAYER_NORM_ROWS_BACKWARD.name},
+    "lstm": EVERY_MODEL | {cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},
+}
+
+
+def train_two_steps(builder, batch, mode, dtype):
+    """The loss, the gradients and the parameters after two AdamW steps of a fresh model of ``dtype``."""
+    kernels.use(mode)
+    backend.set_default_dtype(dtype)
+    try:
+        backend.seed(0)
+        net = builder()
+        net.optimizer = optim.AdamW(net, lr=1e-2)
+        for _ in range(2):
+            net.zero_grads()
+            loss = float(net(*batch))
+            net.backward()
+            grads = {name: grad.copy() for name, _, grad in net.named_parameters()}
+            net.step()
+        return loss, grads, {name: param.copy() for name, param, _ in net.named_parameters()}
+    finally:
+        backend.set_default_dtype(numpy.float32)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype, tolerance", [(numpy.float64, 1e-12), (numpy.float32, 1e-4)], ids=["float64", "float32"])
+def test_models_on_the_gpu_lines_train_as_on_the_reference_lines(name, dtype, tolerance, launched):
+    """float32 as well: a scalar of the wrong width would reach a GPU kernel as other bytes."""
+    builder, make_batch = MODELS[name]
+    x, y = make_batch(numpy.random.default_rng(0))
+    batch = (x.astype(dtype) if x.dtype.kind == "f" else x), y
+    loss, grads, params = train_two_steps(builder, batch, "numpy", dtype)
+    assert launched == []
+    gpu_loss, gpu_grads, gpu_params = train_two_steps(builder, batch, "fused", dtype)
+    assert set(launched) == KERNELS[name]
+    assert abs(gpu_loss - loss) <= tolerance * abs(loss)
+    for key in grads:
+        for reference, gpu, what in ((grads[key], gpu_grads[key], f"{key}'s gradient"), (params[key], gpu_params[key], key)):
+            error = float(numpy.abs(reference - gpu).max()) / max(float(numpy.abs(reference).max()), 1e-30)
+            assert error <= tolerance, f"{what}: relative error {error:.2e}"
