@@ -2,6 +2,8 @@
 import json
 import math
 
+import numpy
+
 from bench.run import GPU_SIZES, TINY, main
 
 
@@ -69,3 +71,42 @@ def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, flags
+
+
+def test_the_profile_charges_each_layer_its_own_time():
+    """A fake clock that only moves when a layer works: a composite layer is charged what its body does
+    not account for, and each leaf its own calls."""
+    from bench.profile import LayerClock
+    from mnn import SequentialLayers
+    from mnn.layers import ReluLayer, ResidualBlock
+
+    ticks = [0.0]
+    clock = LayerClock(sync=lambda: None, now=lambda: ticks[0])
+
+    class SlowRelu(ReluLayer):
+        def forward(self, x):
+            ticks[0] += 3.0
+            return super().forward(x)
+
+    class SlowResidual(ResidualBlock):
+        def forward(self, x):
+            ticks[0] += 1.0  # its own work, beside its body's
+            return super().forward(x)
+
+    net = SequentialLayers([SlowResidual(SequentialLayers([SlowRelu(), SlowRelu()])), SlowRelu()])
+    clock.watch(net)
+    net.forward(numpy.ones((2, 3)))
+    assert clock.seconds[("SlowRelu", "forward")] == 9.0 and clock.calls[("SlowRelu", "forward")] == 3
+    assert clock.seconds[("SlowResidual", "forward")] == 1.0
+    assert clock.seconds[("SequentialLayers", "forward")] == 0.0 and clock.calls[("SequentialLayers", "forward")] == 2
+
+
+def test_the_profile_runs_end_to_end(tmp_path, capsys):
+    from bench.profile import main as profile
+    out = tmp_path / "profile.json"
+    assert profile(["--tiny", "--steps", "1", "--warmup", "0", "--models", "gpt-12,cnn-128", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {"LinearLayer.backward", "LayerNormLayer.forward", "optimizer.step"} <= set(results["gpt-12"]["parts_ms"])
+    assert {"Conv2dLayer.backward", "MaxPool2dLayer.forward"} <= set(results["cnn-128"]["parts_ms"])
+    assert all(ms >= 0 for case in results.values() for ms in case["parts_ms"].values())
+    assert "| Conv2dLayer | backward |" in capsys.readouterr().out
