@@ -90,15 +90,17 @@ struct mnn_index { unsigned int x, y, z; };
 static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 template <typename T> T __shfl_xor_sync(unsigned int, T value, int) { return value; }
 """
-# After the source: for each entry, ``{entry}_grid(blocks, rows_per_block, ...)`` runs it for every block
-# and every row of a block (threadIdx.y) in turn, with one lane (threadIdx.x = 0). Block b of a
-# grid-stride loop is then one thread that takes elements b, b + blocks, ...
+# After the source: for each entry, ``{entry}_grid(blocks, threads, rows_per_block, ...)`` runs it for
+# every block, every row of a block (threadIdx.y) and every thread of a row (threadIdx.x) in turn.
+# A row kernel runs with one thread per row, its one lane; an element kernel with its block's threads.
 GRID_RUNNER = """
-extern "C" void {entry}_grid(unsigned int blocks, unsigned int rows_per_block, {params}) {{
+extern "C" void {entry}_grid(unsigned int blocks, unsigned int threads, unsigned int rows_per_block, {params}) {{
     gridDim.x = blocks;
+    blockDim.x = threads;
     blockDim.y = rows_per_block;
     for (blockIdx.x = 0; blockIdx.x < blocks; blockIdx.x++)
-        for (threadIdx.y = 0; threadIdx.y < rows_per_block; threadIdx.y++) {entry}({arguments});
+        for (threadIdx.y = 0; threadIdx.y < rows_per_block; threadIdx.y++)
+            for (threadIdx.x = 0; threadIdx.x < threads; threadIdx.x++) {entry}({arguments});
 }}
 """
 ENTRY = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
@@ -124,10 +126,11 @@ def compile_raw_for_cpu(source, function, argument_types):
     for blocks 0 .. blocks - 1 in turn, one thread each (LANES 1). ``argument_types`` are its
     parameters' ctypes types; NumPy arrays stand for pointers."""
     runner = getattr(raw_library(source), f"{function}_grid")
-    runner.argtypes = [ctypes.c_uint, ctypes.c_uint, *argument_types]
+    runner.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, *argument_types]
 
     def run(blocks, *arguments):
-        runner(blocks, 1, *(ctypes.c_void_p(a.ctypes.data) if isinstance(a, numpy.ndarray) else a for a in arguments))
+        runner(blocks, 1, 1, *(ctypes.c_void_p(a.ctypes.data) if isinstance(a, numpy.ndarray) else a
+                               for a in arguments))
     return run
 
 
@@ -204,7 +207,8 @@ class RawKernelOnCpu:
 
     def __call__(self, grid, block, arguments):
         assert len(arguments) == len(self.params), f"{self.entry}: {len(arguments)} arguments for {self.params}"
-        values = [ctypes.c_uint(grid[0]), ctypes.c_uint(block[1] if len(block) > 1 else 1)]
+        threads, rows_per_block = (block[0], 1) if len(block) == 1 else (1, block[1])  # a row kernel: one lane
+        values = [ctypes.c_uint(n) for n in (grid[0], threads, rows_per_block)]
         for (c_type, name), value in zip(self.params, arguments):
             if c_type.endswith("*"):
                 pointee = POINTEES[c_type.removeprefix("const ").rstrip("*").strip()]
@@ -241,6 +245,8 @@ class ElementwiseOnCpu:
                 assert value.dtype == (floating if kind == "T" else kind), f"{self.source.name}: {name} {value.dtype}"
                 values[name], arrays = numpy.ascontiguousarray(numpy.broadcast_to(value, shape)), arrays | {name}
             else:
+                assert kind != "T" or not isinstance(value, numpy.generic) or value.dtype == floating, \
+                    f"{self.source.name}: {name} is {value.dtype} for {floating} arrays (CuPy refuses the mix)"
                 values[name] = value
         for kind, name in self.outputs:
             values[name] = numpy.empty(shape, dtype=floating if kind == "T" else kind)

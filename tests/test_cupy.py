@@ -52,15 +52,19 @@ def kernel_mode(request):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_models_give_the_same_gradients_on_gpu_and_cpu(name, on_gpu, kernel_mode):
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_models_give_the_same_gradients_on_gpu_and_cpu(name, training, on_gpu, kernel_mode):
+    """In training mode too: batch norm's batch statistics, and dropout with the same masks (the same key)."""
     builder, make_batch = CASES[name]
     gpu_net = builder()
     cpu_net = cpu_copy(builder, gpu_net)
     x, y = make_batch(numpy.random.default_rng(0))
     for net in (gpu_net, cpu_net):
-        net.eval()
+        net.train(training)
+    backend.seed(5)
     cpu_loss = float(cpu_net(x, y))
     cpu_net.backward()
+    backend.seed(5)
     gpu_loss = float(gpu_net(cupy.asarray(x), cupy.asarray(y)))
     gpu_net.backward()
     assert abs(cpu_loss - gpu_loss) < 1e-4

@@ -12,8 +12,8 @@ from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, ReluLayer
 import test_kernels
 from test_kernels import POOLS, assert_close, both_ways, channels_last_batch
 
-CONVOLUTIONS = [(3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0),
-                (5, 3, 10, 3, 2, 2), (3, 2, 11, (2, 4), 3, 1)]
+CONVOLUTIONS = [(3, 5, (9, 9), 3, 1, 1), (2, 4, (10, 10), 3, 2, 1), (2, 3, (7, 7), 2, 2, 0), (1, 2, (6, 6), 5, 1, 2),
+                (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1)]  # (H, W)
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +43,8 @@ def test_max_pooling_on_the_gpu_lines_propagates_nan(launched):
 def test_convolution_on_the_gpu_lines_equals_the_reference(cin, cout, size, kernel, stride, padding, dtype, layout,
                                                            launched):
     rng = numpy.random.default_rng(0)
-    x = channels_last_batch((3, cin, size, size), rng) if layout == "channels-last" else rng.standard_normal(
-        (3, cin, size, size))
+    x = channels_last_batch((3, cin, *size), rng) if layout == "channels-last" else rng.standard_normal(
+        (3, cin, *size))
     reference, gpu = both_ways(lambda: Conv2dLayer(cin, cout, kernel, stride=stride, padding=padding), x, dtype)
     assert launched == [cuda.IM2COL.name, cuda.COL2IM.name]
     for index, what in ((0, "output"), (1, "input gradient")):
@@ -65,6 +65,33 @@ def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dt
     test_kernels.assert_batch_norm_both_ways_equal(layer_class, shape, dtype, centre)
     assert launched == [cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name, cuda.BATCH_NORM_APPLY.name,
                         cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name]
+
+
+def test_batch_norm_on_the_gpu_lines_keeps_a_nan_variance():
+    x = numpy.random.default_rng(0).standard_normal((20, 3))
+    x[4, 1] = numpy.nan
+    reference, gpu = both_ways(lambda: BatchNormLayer(3), x, numpy.float64)
+    for name in ("running_mean", "running_var"):
+        numpy.testing.assert_array_equal(numpy.isnan(gpu[3].buffers[name]), [False, True, False])
+    numpy.testing.assert_array_equal(numpy.isnan(gpu[0]), numpy.isnan(reference[0]))
+
+
+def test_batch_norm_of_parameters_in_another_dtype_takes_the_reference_lines_both_ways(launched):
+    """float64 parameters, a float32 input: forward keeps a float32 x_hat, which a float64 kernel must not read."""
+    x = channels_last_batch((2, 3, 4, 4), numpy.random.default_rng(0)).astype(numpy.float32)
+    grads = {}
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        backend.set_default_dtype(numpy.float64)
+        try:
+            layer = BatchNorm2dLayer(3)
+        finally:
+            backend.set_default_dtype(numpy.float32)
+        y = layer.forward(x)
+        grads[mode] = layer.backward(numpy.ones_like(y)), layer.grads["weight"].copy()
+    assert launched == []
+    for reference, gpu in zip(grads["numpy"], grads["fused"]):
+        numpy.testing.assert_array_equal(gpu, reference)
 
 
 def test_batch_norm_in_eval_mode_takes_the_reference_lines(launched):

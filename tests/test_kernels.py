@@ -70,7 +70,7 @@ def channels_last_batch(shape, rng, decimals=None):
 
 
 POOLS = [(2, 2, (3, 4, 8, 8)), (2, 2, (2, 3, 7, 9)), (3, 2, (2, 3, 9, 9)), (3, 1, (2, 2, 6, 7)),
-         (2, 1, (2, 2, 5, 5)), (3, 3, (2, 2, 9, 9))]
+         (2, 1, (2, 2, 5, 5)), (3, 3, (2, 2, 9, 9)), (2, 3, (2, 3, 8, 11))]  # the last: pixels between windows
 
 
 @pytest.mark.parametrize("kernel, stride, shape", POOLS)

@@ -14,9 +14,9 @@ Every kernel is kept as its CUDA C source, compiled by CuPy (NVRTC) on first use
 
 ``tests/cuda_on_cpu.py`` compiles the same text with g++ and runs it on the CPU against the
 layers' reference lines: ``__device__`` becomes ``static inline``, a row kernel runs with
-one lane per row (``LANES`` = 1, so the shuffles are never reached), and an element kernel
-runs as one thread. That checks the arithmetic and the indexing. ``tests/test_gpu_lines.py`` goes
-further: with CuPy's kernel objects stood in for by those CPU builds, and NumPy for CuPy, the
+one lane per row (``LANES`` = 1, so the shuffles are never reached), and an element kernel's
+threads run one after another. That checks the arithmetic and the indexing.
+``tests/test_gpu_lines.py`` goes further: with CuPy's kernel objects stood in for by those CPU builds, and NumPy for CuPy, the
 layers take their GPU lines on the CPU, so every launch's argument list (each array's dtype and
 layout, each scalar's width) is checked against the kernel's parameters, and whole models train
 as on the reference lines. The tests also compile every source with NVRTC; the shuffles and the
@@ -369,7 +369,8 @@ template <typename T> __device__ void col2im(const T* d_cols, T* grad, int batch
 COL2IM = Raw("mnn_col2im", IM2COL.code)
 
 MAX_POOL = Raw("mnn_max_pool", ELEMENTS + r"""
-/* MaxPool2dLayer's Eq. (1): each window's maximum and the offset p k + q of its first (a NaN wins). */
+/* MaxPool2dLayer's Eq. (1): each window's maximum and the offset p k + q of its first; a NaN wins
+   (the last NaN, if several), as in the CPU kernels. */
 template <typename T> __device__ void max_pool(const T* x, T* y, int* argmax, int batch, int height, int width,
                                                int channels, int out_h, int out_w, int kernel, int stride) {
     EACH_ELEMENT(e, (long long)batch * out_h * out_w * channels) {
@@ -421,10 +422,10 @@ MAX_POOL_BACKWARD = Raw("mnn_max_pool_backward", MAX_POOL.code)
 # around one of its samples costs, where sums of x and x^2 lose them all when the mean is large.
 CHUNK_ROWS = 16
 BATCH_NORM_SUMS = Raw("mnn_batch_norm_sums", ELEMENTS + r"""
-#define EACH_CHUNK_AND_CHANNEL EACH_ELEMENT(e, (count + chunk_rows - 1) / chunk_rows * channels)
 template <typename T> __device__ void batch_norm_sums(const T* rows, double* sums, long long count, int channels,
                                                       int chunk_rows) {
-    EACH_CHUNK_AND_CHANNEL {  /* sums (chunks, 2, C): the chunk's sum of x - K, then of (x - K)^2 */
+    /* e: a chunk of rows and a channel; sums (chunks, 2, C) gets their sum of x - K, then of (x - K)^2 */
+    EACH_ELEMENT(e, (count + chunk_rows - 1) / chunk_rows * channels) {
         long long chunk = e / channels, c = e % channels, end = min(count, (chunk + 1) * chunk_rows);
         double shift = rows[c], total = 0, squares = 0;
         for (long long n = chunk * chunk_rows; n < end; n++) {
@@ -440,7 +441,7 @@ template <typename T> __device__ void batch_norm_statistics(const T* rows, const
                                                             T* inv_std, long long count, int channels, double eps) {
     EACH_ELEMENT(c, channels) {  /* sums (2, C): over every chunk */
         double offset = sums[c] / count, variance = sums[channels + c] / count - offset * offset;
-        variance = variance > 0 ? variance : 0;
+        variance = variance < 0 ? 0 : variance;  /* rounding may take it below 0; a NaN stays */
         mean[c] = (T)(rows[c] + offset);
         var[c] = (T)variance;
         inv_std[c] = (T)(1 / sqrt(variance + eps));
@@ -456,7 +457,8 @@ template <typename T> __device__ void batch_norm_apply(const T* rows, const T* m
 }
 template <typename T> __device__ void batch_norm_backward_sums(const T* g, const T* x_hat, double* sums,
                                                                long long count, int channels, int chunk_rows) {
-    EACH_CHUNK_AND_CHANNEL {  /* sums (chunks, 2, C): the chunk's sum of g x_hat, then of g (Eq. (2)) */
+    /* e: a chunk of rows and a channel; sums (chunks, 2, C) gets their sum of g x_hat, then of g (Eq. (2)) */
+    EACH_ELEMENT(e, (count + chunk_rows - 1) / chunk_rows * channels) {
         long long chunk = e / channels, c = e % channels, end = min(count, (chunk + 1) * chunk_rows);
         double product = 0, total = 0;
         for (long long n = chunk * chunk_rows; n < end; n++) {
@@ -628,8 +630,10 @@ def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
 
 
 def relu_backward(g, y):
-    """ReLU's Eq. (2) on CuPy arrays, in one launch."""
-    return compiled(RELU_BACKWARD)(g, y)
+    """ReLU's Eq. (2) on CuPy arrays, in one launch, the gradient laid out in memory as ``g``."""
+    import cupy
+
+    return compiled(RELU_BACKWARD)(g, y, cupy.empty_like(g))  # a kernel's own output would be C-ordered
 
 
 def image_geometry(images, out_size):
@@ -698,7 +702,7 @@ def batch_norm(rows, weight, bias, eps):
     as ``mnn.kernels.cpu.batch_norm``, in four launches."""
     import cupy
 
-    rows = cupy.ascontiguousarray(rows)
+    rows, weight, bias = (cupy.ascontiguousarray(a) for a in (rows, weight, bias))  # read in memory order
     (count, channels), dtype = rows.shape, rows.dtype
     sums = chunk_sums(BATCH_NORM_SUMS, (rows,), count, channels)
     mean, var, inv_std = (cupy.empty(channels, dtype=dtype) for _ in range(3))
@@ -715,7 +719,7 @@ def batch_norm_backward(g, x_hat, weight, inv_std):
     ``mnn.kernels.cpu.batch_norm_backward``, in three launches and the sums' two casts."""
     import cupy
 
-    g = cupy.ascontiguousarray(g)
+    g, x_hat, weight, inv_std = (cupy.ascontiguousarray(a) for a in (g, x_hat, weight, inv_std))
     count, channels = g.shape
     sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
     grad = cupy.empty_like(g)

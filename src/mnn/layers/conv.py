@@ -106,7 +106,7 @@ class Conv2dLayer(Layer):
         if kernels.fused(x):
             return self.forward_by_chunks(x)
         if kernels.fused_gpu(x):  # the padding and the copy in one launch
-            (batch, out_h, out_w) = (x.shape[0], *self.out_size(x.shape))
+            batch, (out_h, out_w) = x.shape[0], self.out_size(x.shape)
             cols = kernels.cuda.im2col(channels_last(x), kh, kw, self.stride, pad, (out_h, out_w))
         else:
             padded = pad_channels_last(x, pad) if pad else channels_last(x)

@@ -155,15 +155,15 @@ class BatchNormLayer(Layer):
         y += self.params["bias"]
         return self.from_rows(y, x.shape)
 
-    def fused_kernels(self, rows):
+    def fused_kernels(self, rows, *saved):
         """The kernels that run Eqs. (1)-(3) here, ``kernels.cpu`` or ``kernels.cuda``, if any: in training,
-        on one process's batch (on a GPU, of one dtype with the parameters)."""
+        on one process's batch (on a GPU, of one dtype with the parameters and what forward saved)."""
         if not self.training or self.batch_total is not None or rows.shape[0] == 0:
             return None
         if kernels.fused(rows):
             return kernels.cpu
-        weight, bias = self.params["weight"], self.params["bias"]
-        if kernels.fused_gpu(rows) and rows.dtype == weight.dtype == bias.dtype:
+        arrays = (rows, self.params["weight"], self.params["bias"], *saved)
+        if kernels.fused_gpu(rows) and len({array.dtype for array in arrays}) == 1:
             return kernels.cuda
         return None
 
@@ -183,7 +183,7 @@ class BatchNormLayer(Layer):
     def backward(self, g):
         x_hat, inv_std, training, shape, count = self.saved()
         g = self.to_rows(g)
-        fused = self.fused_kernels(g) if training else None
+        fused = self.fused_kernels(g, x_hat, inv_std) if training else None
         if fused:  # Eqs. (2)-(3) in two passes (three launches on a GPU)
             grad, d_weight, d_bias = fused.batch_norm_backward(g, x_hat, self.params["weight"], inv_std)
             self.grads["weight"] += d_weight

@@ -27,12 +27,12 @@ class PoolLayer(Layer):
         k, s = self.kernel_size, self.stride
         if x.shape[2] < k or x.shape[3] < k:
             raise ValueError(f"{self!r}: kernel {k}x{k} is larger than the input {tuple(x.shape)}")
-        return offset_slices(k, s, *self.out_size(x))
+        return offset_slices(k, s, *self.out_size(x.shape))
 
-    def out_size(self, x):
-        """(Ho, Wo): the windows that fit down and across."""
-        return output_size(x.shape[2], self.kernel_size, self.stride), output_size(x.shape[3], self.kernel_size,
-                                                                                   self.stride)
+    def out_size(self, input_shape):
+        """(Ho, Wo): the windows that fit down and across a (B, C, H, W) input."""
+        k, s = self.kernel_size, self.stride
+        return output_size(input_shape[2], k, s), output_size(input_shape[3], k, s)
 
 
 class MaxPool2dLayer(PoolLayer):
@@ -61,7 +61,7 @@ class MaxPool2dLayer(PoolLayer):
             self.save("fused", argmax, x.shape)
             return y
         if kernels.fused_gpu(x):  # Eq. (1), one launch
-            y, argmax = kernels.cuda.max_pool(channels_last(x), self.kernel_size, self.stride, self.out_size(x))
+            y, argmax = kernels.cuda.max_pool(channels_last(x), self.kernel_size, self.stride, self.out_size(x.shape))
             self.save("gpu", argmax, x.shape)
             return channels_first(y)
         xp = backend.array_module(x)
