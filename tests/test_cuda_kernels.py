@@ -32,11 +32,14 @@ def test_the_dropout_kernel_draws_the_masks_of_the_numpy_lines(dtype, p):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype):
+@pytest.mark.parametrize("optimizer", [optim.Adam, optim.AdamW])
+def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype, optimizer):
+    """AdamW's decay included: the kernel multiplies theta by shrink = 1 - lr lambda first."""
     rng = numpy.random.default_rng(1)
     start, grads = rng.standard_normal(500).astype(dtype), rng.standard_normal((3, 500)).astype(dtype)
     param, grad = start.copy(), numpy.empty_like(start)
-    adam = optim.Adam([("w", param, grad)], lr=1e-2, betas=(0.8, 0.99), eps=1e-6)
+    decay = 0.1 if optimizer is optim.AdamW else 0.0  # Adam's decay goes into the gradient, before the kernel
+    adam = optimizer([("w", param, grad)], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=decay)
     kernels.use("numpy")
     try:
         for step_grad in grads:
@@ -46,9 +49,11 @@ def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype):
         kernels.use("fused")
     on_cpu = compile_for_cpu(cuda.ADAM_UPDATE, dtype, arrays={"g"})
     theta, m, v = start.copy(), numpy.zeros_like(start), numpy.zeros_like(start)
+    shrink = 1 - 1e-2 * decay
     for step, step_grad in enumerate(grads, 1):
         step_size, unbias = 1e-2 / (1 - 0.8**step), 1 / numpy.sqrt(1 - 0.99**step)
-        on_cpu(g=step_grad, beta1=0.8, beta2=0.99, step_size=step_size, unbias=unbias, eps=1e-6, theta=theta, m=m, v=v)
+        on_cpu(g=step_grad, beta1=0.8, beta2=0.99, step_size=step_size, unbias=unbias, eps=1e-6, shrink=shrink,
+               theta=theta, m=m, v=v)
     tolerance = 1e-12 if dtype == numpy.float64 else 2e-6
     for ours, reference in ((theta, param), (m, adam.buffers["w.m"]), (v, adam.buffers["w.v"])):
         numpy.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance)

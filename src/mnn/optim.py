@@ -217,7 +217,8 @@ class Adam(Optimizer):
       \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
 
     On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``mnn.kernels.cuda.adam_update``),
-    and on NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``).
+    and on NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``); ``AdamW``'s decay
+    runs in the same pass.
     """
 
     decoupled = False
@@ -240,17 +241,22 @@ class Adam(Optimizer):
             raise ValueError(f"{type(self).__name__}: buffer {name}, a mean of squares, holds negative values")
 
     def update(self, name, param, grad):
-        if self.decay_of(param) and not self.decoupled:
-            grad = grad + self.decay_of(param) * param  # Eq. (1)
+        decay = self.decay_of(param)
+        if decay and not self.decoupled:
+            grad = grad + decay * param  # Eq. (1)
+        shrink = 1 - self.lr * decay if self.decoupled else 1.0  # AdamW's Eq. (1), in the kernels' pass
         m = self.buffer(f"{name}.m", param)
         v = self.buffer(f"{name}.v", param)
         step_size = self.lr / (1 - self.beta1 ** self.steps)
         unbias = 1 / math.sqrt(1 - self.beta2 ** self.steps)
         xp = backend.array_module(param)
+        settings = (self.beta1, self.beta2, step_size, unbias, self.eps, shrink)
         if kernels.fused_gpu(param) and grad.dtype == param.dtype:
-            return kernels.cuda.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
+            return kernels.cuda.adam_update(grad, *settings, param, m, v)
         if kernels.fused(param) and all(a.flags.c_contiguous for a in (grad, param, m, v)):
-            return kernels.cpu.adam_update(grad, self.beta1, self.beta2, step_size, unbias, self.eps, param, m, v)
+            return kernels.cpu.adam_update(grad, *settings, param, m, v)
+        if shrink != 1:
+            param *= shrink  # AdamW's Eq. (1)
         work = self.workspace(name, param)  # no temporaries on the hot path
         m *= self.beta1
         m += xp.multiply(grad, 1 - self.beta1, out=work)  # Eq. (2)
@@ -271,18 +277,14 @@ class AdamW(Adam):
 
     $$\theta \leftarrow \theta\,(1 - \eta\lambda), \tag{1}$$
 
-    then Adam's Eqs. (2)–(3) on the raw gradient (no $\lambda\theta$ added to $g$).
+    then Adam's Eqs. (2)–(3) on the raw gradient (no $\lambda\theta$ added to $g$). ``Adam.update``
+    applies Eq. (1) where ``decoupled`` says so.
     """
 
     decoupled = True
 
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_vectors=True):
         super().__init__(parameters, lr, betas, eps, weight_decay, decay_vectors)
-
-    def update(self, name, param, grad):
-        if self.decay_of(param):
-            param *= 1 - self.lr * self.decay_of(param)  # Eq. (1)
-        super().update(name, param, grad)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

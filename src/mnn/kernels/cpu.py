@@ -226,19 +226,22 @@ def batch_norm_backward_rows(g, x_hat, scale, grad, d_weight, d_bias):
             grad[n, c] = scale[c] * (g[n, c] - mean_g[c] - x_hat[n, c] * mean_gx[c])
 
 
-def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
-    """Adam's Eqs. (2)-(3) in place, in one pass over contiguous arrays, in their dtype and in the
-    reference's order of operations (so float32 gives the same numbers)."""
-    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps)]
+def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
+    """Adam's Eqs. (2)-(3) in place, after AdamW's decay (param times ``shrink``; 1 for none), in one pass
+    over contiguous arrays, in their dtype and in the reference's order of operations (so float32
+    gives the same numbers)."""
+    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
+                                                     shrink)]
     adam_update_flat(grad.reshape(-1), *scalars, param.reshape(-1), m.reshape(-1), v.reshape(-1))
 
 
 @njit(**COMPILE)
-def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, unbias, eps, param, m, v):
+def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, unbias, eps, shrink, param, m,
+                     v):
     for k in range(param.size):
         m[k] = m[k] * beta1 + grad[k] * one_minus_beta1
         v[k] = v[k] * beta2 + grad[k] * grad[k] * one_minus_beta2
-        param[k] -= m[k] / (numpy.sqrt(v[k]) * unbias + eps) * step_size
+        param[k] = param[k] * shrink - m[k] / (numpy.sqrt(v[k]) * unbias + eps) * step_size
 
 
 def gelu_tanh(x, c, k):

@@ -85,12 +85,14 @@ def entries(name, template, params):
 
 # -- element-wise kernels --------------------------------------------------------------------------
 
-# Adam's Eqs. (2)-(3) (mnn.optim.Adam), the same arithmetic as its NumPy lines.
+# Adam's Eqs. (2)-(3) (mnn.optim.Adam), the same arithmetic as its NumPy lines, after AdamW's decay
+# (theta times shrink, 1 for none).
 ADAM_UPDATE = Elementwise(
     "mnn_adam_update",
-    "T g, float64 beta1, float64 beta2, float64 step_size, float64 unbias, float64 eps",
+    "T g, float64 beta1, float64 beta2, float64 step_size, float64 unbias, float64 eps, float64 shrink",
     "T theta, T m, T v",
-    "m = beta1 * m + (1 - beta1) * g;"
+    "theta = theta * (T)shrink;"
+    " m = beta1 * m + (1 - beta1) * g;"
     " v = beta2 * v + (1 - beta2) * g * g;"
     " theta -= step_size * m / (sqrt(v) * unbias + eps)")
 
@@ -516,9 +518,10 @@ def launch_elements(source, like, count, arguments):
         compiled_raw(source, like.dtype.name)((blocks,), (ELEMENT_BLOCK,), arguments)
 
 
-def adam_update(grad, beta1, beta2, step_size, unbias, eps, param, m, v):
-    """Adam's Eqs. (2)-(3) in place on CuPy arrays: ``param``, ``m`` and ``v`` are updated."""
-    compiled(ADAM_UPDATE)(grad, beta1, beta2, step_size, unbias, eps, param, m, v)
+def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
+    """Adam's Eqs. (2)-(3) in place on CuPy arrays, after AdamW's decay (``shrink``): ``param``, ``m`` and
+    ``v`` are updated."""
+    compiled(ADAM_UPDATE)(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v)
 
 
 def dropout(x, key, threshold, scale):
