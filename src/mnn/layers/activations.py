@@ -33,7 +33,8 @@ class ReluLayer(ElementwiseLayer):
     """
 
     def apply(self, x):
-        y = backend.array_module(x).maximum(x, 0)
+        xp = backend.array_module(x)
+        y = xp.maximum(x, 0, out=xp.empty_like(x))  # in x's memory layout (CuPy's own output would be C-ordered)
         self.save(y)
         return y
 
