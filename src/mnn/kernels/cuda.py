@@ -639,9 +639,10 @@ def relu_backward(g, y):
     return compiled(RELU_BACKWARD)(g, y, cupy.empty_like(g))  # a kernel's own output would be C-ordered
 
 
-def image_geometry(images, out_size):
-    """The kernels' shape arguments for channels-last images (B, H, W, C) and windows out_size (Ho, Wo)."""
-    return tuple(numpy.int32(n) for n in (*images.shape, *out_size))
+def image_geometry(images, out_size, *window):
+    """The kernels' shape arguments for channels-last images (B, H, W, C), windows out_size (Ho, Wo),
+    then the window's own numbers (kernel size, stride, padding), as the kernels' ints."""
+    return tuple(numpy.int32(n) for n in (*images.shape, *out_size, *window))
 
 
 def im2col(images, kh, kw, stride, padding, out_size):
@@ -651,8 +652,8 @@ def im2col(images, kh, kw, stride, padding, out_size):
 
     images = cupy.ascontiguousarray(images)
     cols = cupy.empty((images.shape[0] * out_size[0] * out_size[1], kh * kw * images.shape[3]), dtype=images.dtype)
-    launch_elements(IM2COL, images, cols.size, (images, cols, *image_geometry(images, out_size),
-                                                *(numpy.int32(n) for n in (kh, kw, stride, padding))))
+    launch_elements(IM2COL, images, cols.size, (images, cols, *image_geometry(images, out_size, kh, kw, stride,
+                                                                               padding)))
     return cols
 
 
@@ -661,8 +662,8 @@ def col2im(d_cols, kh, kw, stride, padding, images_shape, out_size):
     import cupy
 
     d_cols, grad = cupy.ascontiguousarray(d_cols), cupy.empty(images_shape, dtype=d_cols.dtype)
-    launch_elements(COL2IM, d_cols, grad.size, (d_cols, grad, *image_geometry(grad, out_size),
-                                                *(numpy.int32(n) for n in (kh, kw, stride, padding))))
+    launch_elements(COL2IM, d_cols, grad.size, (d_cols, grad, *image_geometry(grad, out_size, kh, kw, stride,
+                                                                              padding)))
     return grad
 
 
@@ -674,8 +675,7 @@ def max_pool(images, kernel, stride, out_size):
     images = cupy.ascontiguousarray(images)
     shape = (images.shape[0], *out_size, images.shape[3])
     y, argmax = cupy.empty(shape, dtype=images.dtype), cupy.empty(shape, dtype=cupy.int32)
-    launch_elements(MAX_POOL, images, y.size, (images, y, argmax, *image_geometry(images, out_size),
-                                               numpy.int32(kernel), numpy.int32(stride)))
+    launch_elements(MAX_POOL, images, y.size, (images, y, argmax, *image_geometry(images, out_size, kernel, stride)))
     return y, argmax
 
 
@@ -684,8 +684,8 @@ def max_pool_backward(g, argmax, kernel, stride, images_shape):
     import cupy
 
     g, grad = cupy.ascontiguousarray(g), cupy.empty(images_shape, dtype=g.dtype)
-    launch_elements(MAX_POOL_BACKWARD, g, grad.size, (g, argmax, grad, *image_geometry(grad, g.shape[1:3]),
-                                                      numpy.int32(kernel), numpy.int32(stride)))
+    launch_elements(MAX_POOL_BACKWARD, g, grad.size, (g, argmax, grad, *image_geometry(grad, g.shape[1:3], kernel,
+                                                                                       stride)))
     return grad
 
 
