@@ -58,3 +58,72 @@ def test_loss_in_the_middle_is_rejected():
 def test_dropout_probability_checked():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         mnn.DropoutLayer(1.0)
+
+
+F32 = numpy.float32
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: mnn.Conv2dLayer(3, 2, 2.0), r"Conv2dLayer: kernel_size must be an integer or a pair"),
+    (lambda: mnn.Conv2dLayer(3, 2, (1, 2, 3)), r"Conv2dLayer: kernel_size must be an integer or a pair"),
+    (lambda: mnn.Conv2dLayer(3, 2, (2, 2.5)), r"Conv2dLayer: kernel width must be an integer"),
+    (lambda: mnn.BatchNormLayer(4, momentum=None), r"BatchNormLayer: momentum must be a number in \[0, 1\], got None"),
+    (lambda: mnn.BatchNorm2dLayer(4, momentum="0.1"), r"BatchNorm2dLayer: momentum must be a number"),
+    (lambda: mnn.BatchNormLayer(4, eps=None), r"BatchNormLayer: eps must be a finite number > 0, got None"),
+    (lambda: mnn.LayerNormLayer(4, eps=float("inf")), r"LayerNormLayer: eps must be a finite number > 0, got inf"),
+    (lambda: mnn.SoftmaxLayer(axis=1.0), r"SoftmaxLayer: axis must be an integer"),
+    (lambda: mnn.DropoutLayer(numpy.float32(1.0)), r"DropoutLayer: p must lie in \[0, 1\)"),
+])
+def test_bad_settings_name_the_layer(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_numpy_numbers_are_accepted_as_settings():
+    conv = mnn.Conv2dLayer(numpy.int64(3), 2, numpy.int64(3), stride=numpy.int32(2), padding=numpy.int8(1))
+    assert conv.config() == {"in_channels": 3, "out_channels": 2, "kernel_size": [3, 3], "stride": 2, "padding": 1,
+                             "bias": True}
+    assert all(type(value) is int for value in (conv.in_channels, conv.stride, conv.padding, *conv.kernel_size))
+    assert mnn.DropoutLayer(numpy.float32(0.5)).config() == {"p": 0.5}
+    assert mnn.BatchNormLayer(2, eps=numpy.float64(1e-3), momentum=numpy.float32(0.5)).config() == {
+        "num_features": 2, "eps": 1e-3, "momentum": 0.5}
+
+
+@pytest.mark.parametrize("layer, x, message", [
+    (mnn.SoftmaxLayer(axis=3), numpy.ones((3, 4), F32), r"SoftmaxLayer\(axis=3\): axis 3 is out of range .*\(3, 4\)"),
+    (mnn.LogSoftmaxLayer(axis=-3), numpy.ones((3, 4), F32), r"axis -3 is out of range"),
+    (mnn.SoftmaxLayer(), numpy.ones((3, 0), F32), r"\(3, 0\) has nothing along axis -1"),
+    (mnn.LSTMLayer(4, 3), numpy.ones((2, 0, 4), F32), r"LSTMLayer\(.*\): input of shape \(2, 0, 4\); expected at least"),
+    (mnn.GRULayer(4, 3), numpy.ones((0, 5, 4), F32), r"GRULayer\(.*\): input of shape \(0, 5, 4\); expected at least"),
+    (mnn.RNNLayer(4, 3), numpy.ones((2, 0, 4), F32), r"RNNLayer\(.*\): input of shape \(2, 0, 4\)"),
+    (mnn.BatchNormLayer(3), numpy.ones((1, 3), F32), r"BatchNormLayer\(.*\): input of shape \(1, 3\) gives 1 value"),
+    (mnn.BatchNorm2dLayer(3), numpy.ones((1, 3, 1, 1), F32), r"gives 1 value\(s\) per feature/channel; training"),
+    (mnn.SoftmaxLayer(), numpy.ones((), F32), r"expected at least 1 dimension$"),
+])
+def test_inputs_a_layer_cannot_take_name_the_layer_and_the_shape(layer, x, message):
+    with pytest.raises(ValueError, match=message):
+        layer.forward(x)
+
+
+def test_batch_norm_takes_a_single_value_per_channel_in_eval_mode():
+    layer = mnn.BatchNorm2dLayer(3)
+    layer.eval()
+    assert layer.forward(numpy.ones((1, 3, 1, 1), F32)).shape == (1, 3, 1, 1)
+
+
+def test_an_integer_gradient_is_refused():
+    layer = mnn.LinearLayer(3, 2)
+    layer.forward(numpy.ones((4, 3), F32))
+    with pytest.raises(ValueError, match=r"LinearLayer\(.*\): backward's gradient must be a floating-point array, "
+                                         "got int64"):
+        layer.backward(numpy.ones((4, 2), numpy.int64))
+
+
+def test_mse_takes_its_targets_in_the_inputs_dtype():
+    loss = mnn.MSELossLayer()
+    assert float(loss.forward(numpy.full((2, 3), 2, F32), numpy.ones((2, 3), numpy.int64))) == 1.0
+    assert loss.backward().dtype == F32
+    loss.forward(numpy.ones((2, 3), F32), numpy.zeros((2, 3), numpy.float64))
+    assert loss.backward().dtype == F32
+    with pytest.raises(ValueError, match="targets must be numbers"):
+        loss.forward(numpy.ones((1, 2), F32), numpy.array([["a", "b"]]))

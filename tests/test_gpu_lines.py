@@ -54,7 +54,7 @@ def test_convolution_on_the_gpu_lines_equals_the_reference(cin, cout, size, kern
 
 
 @pytest.mark.parametrize("layer_class, shape", [(BatchNormLayer, (37, 5)), (BatchNorm2dLayer, (3, 4, 5, 7)),
-                                                (BatchNormLayer, (1, 3)), (BatchNormLayer, (16, 1))])
+                                                (BatchNormLayer, (3, 3)), (BatchNormLayer, (16, 1))])
 @pytest.mark.parametrize("dtype, centre", [(numpy.float64, 1.0), (numpy.float32, 1.0), (numpy.float64, 1e3)],
                          ids=["float64", "float32", "float64-far-from-zero"])
 def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dtype, centre, launched):

@@ -94,6 +94,22 @@ def test_max_pool_kernel_propagates_nan_as_numpy_maximum():
     assert numpy.isnan(y[0, 1, 1, 1]) and numpy.isfinite(numpy.delete(y.ravel(), 7)).all()
 
 
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 3)])
+def test_max_pool_routes_a_nan_windows_gradient_to_its_last_nan_both_ways(kernel, stride):
+    """As PyTorch does; the reference lines, which match the max by equality, once sent it to the window's last entry."""
+    x = numpy.random.default_rng(0).standard_normal((2, 3, 7, 7))
+    x[0, 0, 0, 0] = x[0, 0, 1, 0] = x[1, 2, 4, 5] = x[1, 1, 6, 6] = numpy.nan
+    (y, grad, _, _), (y_fused, grad_fused, _, _) = both_ways(lambda: MaxPool2dLayer(kernel, stride), x,
+                                                             numpy.float64)
+    numpy.testing.assert_array_equal(y, y_fused)
+    numpy.testing.assert_allclose(grad, grad_fused, rtol=1e-12, atol=1e-12)  # overlapping windows: another order
+    import torch
+    x_torch = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(x_torch, kernel, stride).backward(
+        torch.tensor(numpy.random.default_rng(1).standard_normal(y.shape)))  # both_ways's gradient
+    numpy.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cin, cout, size, kernel, stride, padding", [
     (3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0),
     (6, 4, 9, 3, 1, 1), (5, 3, 10, 3, 2, 2), (8, 2, 7, 2, 2, 0)])  # fewer than 4 channels: NumPy's copy

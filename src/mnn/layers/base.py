@@ -97,9 +97,9 @@ class Layer:
         check_array(self, x, name)
         expected = []
         if ndim is not None and x.ndim != ndim:
-            expected.append(f"{ndim} dimensions")
+            expected.append(dimensions(ndim))
         if min_ndim is not None and x.ndim < min_ndim:
-            expected.append(f"at least {min_ndim} dimensions")
+            expected.append(f"at least {dimensions(min_ndim)}")
         if last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim):
             expected.append(f"last dimension {last_dim}")
         if expected:
@@ -194,6 +194,7 @@ def check_gradient(layer, g):
     if isinstance(g, bool):
         raise TypeError(f"{describe(layer)}.backward({g}): pass debug by keyword, backward(debug={g})")
     check_array(layer, g, "backward's gradient")
+    check_floating(layer, g, "backward's gradient")
     expected = getattr(layer, "_output_shape", None)
     if expected is not None and tuple(g.shape) != tuple(expected):
         raise ValueError(f"{describe(layer)}: backward got a gradient of shape {tuple(g.shape)}; expected the "
@@ -204,6 +205,10 @@ def check_array(layer, x, name="input"):
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(f"{describe(layer)}: {name} must be a NumPy or CuPy array, got {type(x).__name__} "
                         "(convert it with numpy.asarray(x, dtype=numpy.float32))")
+
+
+def dimensions(count):
+    return f"{count} dimension" + ("" if count == 1 else "s")
 
 
 def describe(layer):
@@ -221,7 +226,7 @@ def check_size(owner, name, value, minimum=1):
 
 def check_floating(layer, x, name="input"):
     if getattr(x, "dtype", None) is None or x.dtype.kind != "f":
-        raise ValueError(f"{layer!r}: {name} must be a floating-point array, got "
+        raise ValueError(f"{describe(layer)}: {name} must be a floating-point array, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
 
 

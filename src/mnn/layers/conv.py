@@ -1,5 +1,6 @@
 r"""Two-dimensional convolution by im2col and one GEMM per product."""
 import math
+import numbers
 
 from .. import backend, kernels
 from .base import Layer, check_size
@@ -14,6 +15,16 @@ def im2col(x, kh, kw, stride):
     view = windows(x, kh, kw, stride)
     batch, out_h, out_w = view.shape[:3]
     return view.reshape(batch * out_h * out_w, -1), (batch, out_h, out_w)
+
+
+def kernel_pair(kernel_size):
+    """(kh, kw) from a kernel size given as one integer or as a pair (height, width)."""
+    if isinstance(kernel_size, numbers.Integral):
+        return kernel_size, kernel_size
+    if isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2:
+        return tuple(kernel_size)
+    raise ValueError(f"Conv2dLayer: kernel_size must be an integer or a pair (height, width) of integers, "
+                     f"got {kernel_size!r}")
 
 
 class Conv2dLayer(Layer):
@@ -70,11 +81,12 @@ class Conv2dLayer(Layer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        for name, value in [("in_channels", in_channels), ("out_channels", out_channels), ("kernel height", kh),
-                            ("kernel width", kw), ("stride", stride)]:
-            check_size("Conv2dLayer", name, value)
-        check_size("Conv2dLayer", "padding", padding, minimum=0)
+        kh, kw = kernel_pair(kernel_size)
+        in_channels, out_channels, kh, kw, stride = (
+            check_size("Conv2dLayer", name, value) for name, value in [
+                ("in_channels", in_channels), ("out_channels", out_channels), ("kernel height", kh),
+                ("kernel width", kw), ("stride", stride)])
+        padding = check_size("Conv2dLayer", "padding", padding, minimum=0)
         if not 0 <= padding < min(kh, kw) or stride < 1:
             raise ValueError(f"Conv2dLayer: padding {padding} must lie in [0, kernel size {min(kh, kw)}) "
                              f"and stride {stride} must be at least 1")

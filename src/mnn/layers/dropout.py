@@ -1,5 +1,6 @@
 r"""Inverted dropout, with masks drawn by a counter-based generator."""
 import math
+import numbers
 
 from .. import backend, kernels
 from .base import Layer
@@ -42,9 +43,9 @@ class DropoutLayer(Layer):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             raise ValueError(f"DropoutLayer: p must lie in [0, 1), got {p!r}")
-        self.p = p
+        self.p = float(p)
 
     def config(self):
         return {"p": self.p}

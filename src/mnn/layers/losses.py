@@ -14,6 +14,8 @@ class MSELossLayer(LossLayer):
     $$L = \frac1N \sum_i (x_i - t_i)^2, \tag{1}$$
 
     $$\frac{\partial L}{\partial x_i} = \frac{2}{N} (x_i - t_i). \tag{2}$$
+
+    The targets are taken in the input's dtype, so the gradient has the input's dtype too.
     """
 
     def forward(self, x, targets):
@@ -22,7 +24,9 @@ class MSELossLayer(LossLayer):
         if tuple(targets.shape) != tuple(x.shape):
             raise ValueError(f"{self!r}: targets of shape {tuple(targets.shape)}; "
                              f"expected the input's shape {tuple(x.shape)}")
-        diff = x - targets
+        if targets.dtype.kind not in "fiub":
+            raise ValueError(f"{self!r}: targets must be numbers, got {targets.dtype}")
+        diff = x - targets.astype(x.dtype, copy=False)
         self.save(diff)
         return (diff * diff).mean()  # Eq. (1)
 

@@ -11,6 +11,9 @@ using $\partial \mu/\partial x_k = 1/N$ and $\partial \sigma/\partial x_k = \hat
 $\partial \hat x_i/\partial x_k = (\delta_{ik} - 1/N - \hat x_i \hat x_k / N)/\sigma$, and
 $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 """
+import math
+import numbers
+
 from .. import backend, kernels
 from .base import Layer, check_size
 from .windows import channels_first, channels_last
@@ -108,9 +111,7 @@ class BatchNormLayer(Layer):
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
         self.num_features = check_size(type(self).__name__, "num_features", num_features)
-        self.eps, self.momentum = check_eps(self, eps), momentum
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"{type(self).__name__}: momentum must lie in [0, 1], got {momentum!r}")
+        self.eps, self.momentum = check_eps(self, eps), check_momentum(self, momentum)
         xp, dtype = backend.xp(), backend.default_dtype()
         self.add_param("weight", xp.ones(num_features, dtype=dtype))
         self.add_param("bias", xp.zeros(num_features, dtype=dtype))
@@ -136,13 +137,16 @@ class BatchNormLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         rows = self.to_rows(x)
+        count = self.rows_in_batch(rows) if self.training else rows.shape[0]
+        if self.training and count < 2:  # the variance of one value is 0: y would be the bias, whatever x is
+            raise ValueError(f"{self!r}: input of shape {tuple(x.shape)} gives {count} value(s) per feature/channel; "
+                             "training needs more than 1 (or call eval() first)")
         fused = self.fused_kernels(rows)
         if fused:  # Eq. (1) in three passes (four launches on a GPU): the lines below' numbers, to rounding
             y, x_hat, inv_std, mean, var = fused.batch_norm(rows, self.params["weight"], self.params["bias"], self.eps)
             self.update_running_stats(mean, var, rows.shape[0])
             self.save(x_hat, inv_std, True, x.shape, rows.shape[0])
             return self.from_rows(y, x.shape)
-        count = self.rows_in_batch(rows) if self.training else rows.shape[0]
         if self.training:
             x_hat, inv_std, mean, var = normalize_rows(rows, self.eps, self.batch_total, count)  # Eq. (1)
             self.update_running_stats(mean, var, count)
@@ -294,6 +298,17 @@ class LayerNormLayer(Layer):
 
 
 def check_eps(layer, eps):
-    if not eps > 0:  # also refuses NaN
-        raise ValueError(f"{type(layer).__name__}: eps must be a number > 0, got {eps!r}")
-    return eps
+    if not is_real(eps) or not 0 < eps < math.inf:  # also refuses NaN
+        raise ValueError(f"{type(layer).__name__}: eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(layer, momentum):
+    if not is_real(momentum) or not 0 <= momentum <= 1:
+        raise ValueError(f"{type(layer).__name__}: momentum must be a number in [0, 1], got {momentum!r} "
+                         "(PyTorch's momentum=None, a cumulative average, is not offered)")
+    return float(momentum)
+
+
+def is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

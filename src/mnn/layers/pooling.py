@@ -47,8 +47,9 @@ class MaxPool2dLayer(PoolLayer):
     $$\frac{\partial L}{\partial x_{b,c,u,v}} = \sum_{(i,j):\ a(i,j) = (u,v)} g_{b,c,i,j}. \tag{2}$$
 
     Forward is $k^2 - 1$ element-wise maxima. Backward finds each window's arg-max as the
-    first offset whose entry equals the max (ties go to the first, as in PyTorch) and adds
-    $g$ into that offset's slice. The fused CPU kernels (``mnn.kernels.cpu``) take one pass
+    first offset whose entry equals the max (ties go to the first; a window holding NaNs has
+    the max NaN and routes its gradient to its last NaN; both as in PyTorch) and adds $g$
+    into that offset's slice. The fused CPU kernels (``mnn.kernels.cpu``) take one pass
     each: forward keeps every window's arg-max (a byte per output), backward adds $g$ there.
     On a GPU (``mnn.kernels.cuda``) each is one launch; backward gathers, each pixel summing
     the gradients of the windows whose arg-max it is.
@@ -81,22 +82,19 @@ class MaxPool2dLayer(PoolLayer):
                                                                  (batch, height, width, channels)))
         xp = backend.array_module(g)
         slices = self.slices_for(x)
-        tiled = self.stride == self.kernel_size and all(n % self.stride == 0 for n in x.shape[2:])
-        grad = xp.empty_like(x) if tiled else xp.zeros_like(x)  # tiled: every pixel is written below
-        unclaimed = None  # outputs whose arg-max is not found yet
-        for index, where in enumerate(slices):
-            if unclaimed is None:
-                is_max = x[where] == y
-                unclaimed = ~is_max
-            elif index == len(slices) - 1:
-                is_max = unclaimed  # the last offset wins whatever is left
-            else:
-                is_max = (x[where] == y) & unclaimed
-                unclaimed ^= is_max
+        # each window's arg-max: its first entry equal to the max; where the max is NaN, its last NaN
+        # (as in PyTorch and the kernels: y == NaN holds nowhere)
+        argmax, found = xp.zeros(y.shape, dtype=xp.int32), xp.zeros(y.shape, dtype=bool)
+        for offset, where in enumerate(slices):
+            first_max = (x[where] == y) & ~found
+            found |= first_max
+            argmax[first_max | (x[where] != x[where])] = offset
+        grad = xp.zeros_like(x)
+        for offset, where in enumerate(slices):
             if self.stride < self.kernel_size:  # overlapping windows add up
-                grad[where] += g * is_max  # Eq. (2)
+                grad[where] += g * (argmax == offset)  # Eq. (2)
             else:  # each pixel in one window at most: write in place
-                xp.multiply(g, is_max, out=grad[where])  # Eq. (2)
+                xp.multiply(g, argmax == offset, out=grad[where])  # Eq. (2)
         return grad
 
 

@@ -139,6 +139,9 @@ class RecurrentLayer(Layer):
         shaped (T, B, GH), and the initial state as a tuple."""
         self.check_input(x, ndim=3, last_dim=self.input_size)
         batch, length, _ = x.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"{self!r}: input of shape {tuple(x.shape)}; expected at least one sample and one "
+                             f"step, (batch, time, {self.input_size})")
         xp, w_ih = backend.array_module(x), self.params["weight_ih"]
         state = self.unpack_state(self.initial_state if state is None else state, batch, xp,
                                   xp.result_type(x.dtype, w_ih.dtype))

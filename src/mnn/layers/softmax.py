@@ -1,4 +1,6 @@
 r"""Softmax and log-softmax along one axis, numerically stable."""
+import numbers
+
 from .. import backend, kernels
 from .base import Layer
 
@@ -25,13 +27,20 @@ class AlongAxisLayer(Layer):
 
     def __init__(self, axis=-1):
         super().__init__()
-        self.axis = axis
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise ValueError(f"{type(self).__name__}: axis must be an integer, got {axis!r}")
+        self.axis = int(axis)
 
     def config(self):
         return {"axis": self.axis}
 
     def forward(self, x):
         self.check_input(x, min_ndim=1)
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"{self!r}: axis {self.axis} is out of range for an input of shape {tuple(x.shape)}")
+        if x.shape[self.axis] == 0:
+            raise ValueError(f"{self!r}: input of shape {tuple(x.shape)} has nothing along axis {self.axis} "
+                             "to normalise over")
         y = self.normalize(x, self.axis)
         self.save(y)
         return y
