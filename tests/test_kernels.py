@@ -350,3 +350,25 @@ def test_lstm_kernels_carry_a_given_state_and_final_state_gradient_as_the_refere
     what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
     for a, b, name in zip(reference, fused, what):
         assert_close(a, b, numpy.float64, name)
+
+@pytest.mark.parametrize("make_layer, shape", [
+    (lambda: BatchNormLayer(3), (8, 3)), (lambda: BatchNorm2dLayer(3), (4, 3, 5, 5)),
+    (lambda: LayerNormLayer(5), (4, 5)), (lambda: Conv2dLayer(2, 3, 3, padding=1), (2, 2, 6, 6))])
+def test_a_float32_input_to_float64_parameters_gives_the_same_dtypes_both_ways(make_layer, shape):
+    """The kernels keep one dtype, so they leave a mixed pair to the reference lines, which promote as NumPy does."""
+    x = numpy.random.default_rng(0).standard_normal(shape).astype(numpy.float32)
+    results = []
+    backend.set_default_dtype(numpy.float64)
+    try:
+        for mode in ("numpy", "fused"):
+            kernels.use(mode)
+            backend.seed(0)
+            layer = make_layer()
+            y = layer.forward(x)
+            grad = layer.backward(numpy.ones_like(y))
+            results.append((y, grad, *layer.grads.values()))
+    finally:
+        backend.set_default_dtype(numpy.float32)
+    for reference, fused in zip(*results):
+        assert reference.dtype == fused.dtype
+        assert_close(reference, fused, numpy.float32, "mixed dtypes")

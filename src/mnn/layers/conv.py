@@ -115,7 +115,7 @@ class Conv2dLayer(Layer):
     def forward(self, x):
         self.check_shape(x)
         (kh, kw), pad = self.kernel_size, self.padding
-        if kernels.fused(x):
+        if kernels.fused(x) and x.dtype == self.params["w"].dtype:  # the kernels keep the dtype, NumPy promotes
             return self.forward_by_chunks(x)
         if kernels.fused_gpu(x):  # the padding and the copy in one launch
             batch, (out_h, out_w) = x.shape[0], self.out_size(x.shape)

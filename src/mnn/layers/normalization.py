@@ -161,15 +161,15 @@ class BatchNormLayer(Layer):
 
     def fused_kernels(self, rows, *saved):
         """The kernels that run Eqs. (1)-(3) here, ``kernels.cpu`` or ``kernels.cuda``, if any: in training,
-        on one process's batch (on a GPU, of one dtype with the parameters and what forward saved)."""
+        on one process's batch, of one dtype with the parameters and what forward saved (the kernels keep
+        that dtype, where the reference lines follow NumPy's promotions)."""
         if not self.training or self.batch_total is not None or rows.shape[0] == 0:
+            return None
+        if len({array.dtype for array in (rows, self.params["weight"], self.params["bias"], *saved)}) > 1:
             return None
         if kernels.fused(rows):
             return kernels.cpu
-        arrays = (rows, self.params["weight"], self.params["bias"], *saved)
-        if kernels.fused_gpu(rows) and len({array.dtype for array in arrays}) == 1:
-            return kernels.cuda
-        return None
+        return kernels.cuda if kernels.fused_gpu(rows) else None
 
     def rows_in_batch(self, rows):
         """N: the rows the statistics run over, every rank's when synchronised."""
@@ -261,11 +261,12 @@ class LayerNormLayer(Layer):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         weight = self.params["weight"]
         shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
-        if kernels.fused(x):  # Eq. (1), each row in one pass
+        one_dtype = x.dtype == weight.dtype == shift.dtype  # which the kernels keep; the lines below promote
+        if kernels.fused(x) and one_dtype:  # Eq. (1), each row in one pass
             y, x_hat, inv_std = kernels.cpu.layer_norm(x, weight, shift, self.eps)
             self.save(x_hat, inv_std)
             return y
-        if kernels.fused_gpu(x, weight) and x.dtype == weight.dtype == shift.dtype:  # Eq. (1), one launch for all rows
+        if kernels.fused_gpu(x) and one_dtype:  # Eq. (1), one launch for all rows
             y, x_hat, inv_std = kernels.cuda.layer_norm(x, weight, shift, self.eps)
             self.save(x_hat, inv_std)
             return y
@@ -278,13 +279,14 @@ class LayerNormLayer(Layer):
 
     def backward(self, g):
         x_hat, inv_std = self.saved()
-        if kernels.fused(g, x_hat):  # Eqs. (2)-(3), each row in one pass
+        one_dtype = g.dtype == x_hat.dtype == self.params["weight"].dtype
+        if kernels.fused(g, x_hat) and one_dtype:  # Eqs. (2)-(3), each row in one pass
             grad, d_weight, d_bias = kernels.cpu.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)
             self.grads["weight"] += d_weight
             if self.bias:
                 self.grads["bias"] += d_bias
             return grad
-        if kernels.fused_gpu(g, x_hat) and g.dtype == x_hat.dtype == self.params["weight"].dtype:
+        if kernels.fused_gpu(g, x_hat) and one_dtype:
             rows_g, rows_x = g.reshape(-1, self.dim), x_hat.reshape(-1, self.dim)
             self.grads["weight"] += column_dots(rows_g, rows_x)  # Eq. (2)
             if self.bias:
