@@ -321,3 +321,53 @@ def test_a_text_model_trains_on_any_utf8_file_given_with_data(model, sizes, tmp_
     assert f"training {model} on {text}" in out and f"mnn generate {run} --tokens 500 --top-k 20\n" in out
     assert read_checkpoint(run / CHECKPOINT)[1]["config"]["dataset"] == "text"
     assert cli.main(["generate", str(run), "--prompt", "the ", "--tokens", "5"]) == 0
+
+
+def test_a_relative_data_dir_text_without_newlines_resumes_and_generates_from_anywhere(tmp_path, capsys, monkeypatch):
+    (tmp_path / "words.txt").write_text("abcde " * 400)  # no newline: the default prompt falls back to ' '
+    monkeypatch.chdir(tmp_path)
+    flags = ["--layers", "1", "--width", "8", "--heads", "1", "--context", "8", "--quiet"]
+    assert cli.main(["train", "--model", "gpt", "--data-dir", "words.txt", "--steps", "2", "--out", "run",
+                     *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"training gpt on {tmp_path / 'words.txt'}:" in out
+    assert "sample from it: mnn generate run --tokens 500 --top-k 20\n" in out  # no ROMEO: outside its vocabulary
+    monkeypatch.chdir("/")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--steps", "3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path / "run"), "--tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(" ") and set(text.strip("\n")) <= set("abcde ")
+
+
+def test_an_out_that_is_a_file_or_cannot_be_written_fails_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("mine")
+    assert cli.main(["train", "--limit", "300", "--steps", "2", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
+    assert "afile: a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert cli.main(["train", "--limit", "300", "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+
+    def refused(*args, **kwargs):  # as a read-only folder does (the tests may run as root, whom no mode stops)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("mnn.runs.tempfile.TemporaryFile", refused)
+    monkeypatch.setattr("mnn.train.Trainer.train_step", lambda *args: pytest.fail("trained before the check"))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--steps", "4", "--quiet"]) == 2
+    assert "run: the run's files cannot be written there (Permission denied)" in capsys.readouterr().err
+
+
+def test_a_resume_that_would_end_before_the_step_reached_says_so(tmp_path, capsys):
+    assert cli.main(["train", "--limit", "300", "--steps", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--steps", "2", "--quiet"]) == 2
+    assert "--steps 2 ends the run at step 2, but it has reached step 4: a resumed run can only go on longer" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "predict"])
+def test_help_shows_defaults_only_where_there_is_one(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+    assert "(default: 0.8)" in text if command == "generate" else "(default: 3)" in text

@@ -10,7 +10,7 @@ from PIL import Image
 import mnn
 from mnn import cli
 from mnn.checkpoint import read_checkpoint
-from mnn.data.custom import label_indices, load_custom
+from mnn.data.custom import label_indices, load_custom, read_image_folder
 from mnn.data.images import Normalizer, channel_statistics, load_images
 from mnn.tasks import ImageClassification, validation_size
 from mnn.train import CHECKPOINT
@@ -474,7 +474,7 @@ def test_an_npy_is_not_an_npz(tmp_path):
     (["--data", "{tmp}/d.npz", "--dataset", "mnist"], "--data is your own data set; leave out --dataset"),
     (["--data", "{tmp}/d.npz", "--data-dir", "{tmp}"], "--data is your own data set; leave out --data-dir"),
     (["--data", "{tmp}/d.npz", "--model", "gpt"], "d.npz is not UTF-8 text"),
-    (["--data", "{tmp}/d.npz", "--batch-size", "100"], "batch size 100 exceeds the 54 training samples"),
+    (["--data", "{tmp}/d.npz", "--batch-size", "100"], "--batch-size 100 exceeds the 54 training samples"),
 ])
 def test_the_command_line_refuses_bad_data_in_one_line(tmp_path, rng, capsys, flags, message):
     write_npz(tmp_path / "d.npz", rng)
@@ -512,3 +512,22 @@ def test_a_fashion_mnist_model_tests_on_a_kaggle_style_csv(tmp_path, capsys):
     model = mnn.load(run)
     expected = (model.predict(test.images[:100]) == test.labels[:100]).mean()
     assert from_csv["test_accuracy"] == pytest.approx(expected)
+
+
+def test_sixteen_bit_grey_images_are_scaled_to_bytes_not_clipped(tmp_path):
+    """Pillow's own conversion to 8 bits clips them at 255: 20000 and 40000 would both read as white."""
+    for name, value in (("dark", 20000), ("light", 40000)):
+        (tmp_path / name).mkdir()
+        for index in range(2):
+            Image.fromarray(numpy.full((6, 5), value + index, numpy.uint16)).save(tmp_path / name / f"{index}.png")
+    images, names, _ = read_image_folder(tmp_path)
+    assert images.shape == (4, 1, 6, 5) and images.dtype == numpy.uint8
+    assert images[:, 0, 0, 0].tolist() == [78, 78, 156, 156] and names.tolist() == ["dark"] * 2 + ["light"] * 2
+
+
+def test_floating_point_images_are_refused_by_name(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(numpy.full((4, 4), 0.5, numpy.float32)).save(tmp_path / name / "x.tif")
+    with pytest.raises(ValueError, match=r"a/x.tif: a floating-point image \(Pillow mode F\)"):
+        read_image_folder(tmp_path)

@@ -79,6 +79,12 @@ def test_an_empty_text_file_is_an_error(tmp_path):
         load_text(tmp_path / "empty.txt")
 
 
+def test_a_byte_order_mark_is_not_a_character_of_the_text(tmp_path):
+    path = tmp_path / "marked.txt"
+    path.write_bytes(b"\xef\xbb\xbfhello\n")
+    assert text.read_text(path) == "hello\n"
+
+
 def test_a_text_that_is_not_utf8_names_the_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("To be, or not to be: café".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte 0xe9 at offset 24"):

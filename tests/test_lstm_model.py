@@ -64,7 +64,7 @@ TINY_FLAGS = ["--model", "lstm", "--data-dir", str(SHAKESPEARE), "--steps", "4",
 def test_cli_trains_an_lstm_then_generates_from_it(tmp_path, capsys):
     run = tmp_path / "lstm"
     assert cli.main(["train", *TINY_FLAGS, "--out", str(run)]) == 0
-    assert "training lstm on tinyshakespeare: 4 steps" in capsys.readouterr().out
+    assert f"training lstm on {SHAKESPEARE.resolve()}: 4 steps" in capsys.readouterr().out
     net, document = mnn.checkpoint.load_checkpoint(run / CHECKPOINT)
     assert document["architecture"] == {"name": "lstm", "kwargs": {"vocab_size": 65, "context": 8, "width": 8,
                                                                    "hidden": [16, 12], "dropout": 0.0}}

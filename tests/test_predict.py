@@ -61,12 +61,26 @@ def test_images_from_files_and_arrays(mlp_run, test_images, tmp_path, capsys):
     assert "first.png: " in capsys.readouterr().out
 
 
+def test_a_sixteen_bit_image_is_read_as_its_eight_bit_pixels(mlp_run, test_images, tmp_path):
+    model = mnn.load(mlp_run)
+    images, _ = test_images
+    Image.fromarray(images[0, 0].astype(numpy.uint16) * 257).save(tmp_path / "deep.png")  # 255 -> 65535
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert numpy.array_equal(model.predict_proba([tmp_path / "deep.png"]), model.predict_proba(images[:1]))
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda tmp: tmp / "missing.png", "missing.png"),
     (lambda tmp: (tmp / "text.png").write_text("not an image") and tmp / "text.png", "not an image that can be read"),
     (lambda tmp: (tmp / "notes.txt").write_text("x") and tmp / "notes.txt", "expected an image"),
     (lambda tmp: numpy.save(tmp / "wrong.npy", numpy.zeros((2, 3, 28, 28))) or tmp / "wrong.npy", "takes (1, 28, 28)"),
     (lambda tmp: numpy.save(tmp / "neg.npy", -numpy.ones((28, 28))) or tmp / "neg.npy", "raw pixel values in [0, 255]"),
+    (lambda tmp: numpy.save(tmp / "one.npy", numpy.array(3.0)) or tmp / "one.npy", "one.npy: images of shape ();"),
+    (lambda tmp: numpy.save(tmp / "text.npy", numpy.array(["a"])) or tmp / "text.npy", "text.npy: images must be raw"),
+    (lambda tmp: numpy.save(tmp / "none.npy", numpy.zeros((0, 28, 28))) or tmp / "none.npy", "none.npy: no images"),
+    (lambda tmp: numpy.save(tmp / "cut.npy", numpy.zeros((28, 28))) or (tmp / "cut.npy").write_bytes(
+        (tmp / "cut.npy").read_bytes()[:300]) and tmp / "cut.npy", "cut.npy: Failed to read all data"),
+    (lambda tmp: tmp, "a folder, not a file"),
 ])
 def test_predict_bad_inputs_are_one_line(mlp_run, tmp_path, capsys, make, message):
     path = make(tmp_path)
@@ -98,3 +112,18 @@ def test_a_fifo_is_refused_not_read(mlp_run, tmp_path, capsys):
         assert "not a regular file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a regular file"):
         mnn.load(mlp_run).predict([tmp_path / "pipe.png"])
+
+
+def test_a_checkpoint_without_class_names_predicts_numbered_classes(mlp_run, test_images, tmp_path, capsys):
+    """Older files hold no names; ``mnn test`` reads them, and so must ``predict``."""
+    from test_checkpoint_hostile import parts, written
+    tensors, document = parts(mlp_run / "best.safetensors")
+    del document["classes"]
+    old = written(tmp_path / "old.safetensors", tensors, document)
+    images, _ = test_images
+    model = mnn.load(old)
+    assert model.classes == [str(i) for i in range(10)]
+    assert numpy.array_equal(model.predict(images), mnn.load(mlp_run).predict(images))
+    numpy.save(tmp_path / "x.npy", images[:1])
+    assert cli.main(["predict", str(old), str(tmp_path / "x.npy")]) == 0
+    assert f"x.npy: {model.predict(images[:1])[0]} " in capsys.readouterr().out

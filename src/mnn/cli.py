@@ -171,6 +171,16 @@ def describe(error):
     return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, where it has one to show (not None, False or empty)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "" or \
+                action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser():
     main_parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
     main_parser.add_argument("--version", action="version", version=f"mnn {__version__}")
@@ -186,16 +196,17 @@ def parser():
                       ".csv), labels matched to the model's classes by name")
     add_common_arguments(test)
     generate = commands.add_parser("generate", help="sample text from a GPT or LSTM checkpoint",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsShown)
     generate.add_argument("checkpoint", help="a run folder or its checkpoint file")
-    generate.add_argument("--prompt", default="\n", help="text to continue")
+    generate.add_argument("--prompt", help="text to continue (default: a newline, or the vocabulary's first "
+                          "character where the text had none)")
     generate.add_argument("--tokens", type=count, default=500, help="characters to sample")
     generate.add_argument("--temperature", type=non_negative, default=0.8, help="0: always the likeliest")
     generate.add_argument("--top-k", type=count, default=0, help="sample among the k likeliest (0: all)")
     generate.add_argument("--seed", type=count, default=0)
     add_common_arguments(generate)
     predict = commands.add_parser("predict", help="classify image files or .npy arrays with a trained model",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=DefaultsShown)
     predict.add_argument("checkpoint", help="a run folder or its checkpoint file")
     predict.add_argument("files", nargs="+", metavar="FILE", help="PNG/JPEG images (resized and converted to the "
                          "model's input) or .npy arrays of raw pixels (0-255)")

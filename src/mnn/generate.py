@@ -29,7 +29,10 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     Each character is predicted from the last ``context`` characters, as the model saw text in
     training (the LSTM too: every window from a zero state).
 
-    ``on_text``, if given, receives the prompt and then each character as it is sampled."""
+    ``prompt`` None starts from a newline, or from the vocabulary's first character where the text
+    had no newline. ``on_text``, if given, receives the prompt and then each character as it is sampled."""
+    if prompt is None:
+        prompt = "\n" if "\n" in tokenizer.index else tokenizer.chars[0]
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise ValueError("the prompt must hold at least one character")
@@ -45,7 +48,7 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     return tokenizer.decode(ids)
 
 
-def generate_from_checkpoint(path, prompt, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
+def generate_from_checkpoint(path, prompt=None, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
     net, document = load_checkpoint(path)
     if "vocab" not in document:
         raise ValueError(f"{path}: not a text model's checkpoint (no vocabulary stored; mnn generate samples "

@@ -14,7 +14,7 @@ import numpy
 
 from . import backend
 from .checkpoint import load_checkpoint
-from .data.custom import IMAGE_EXTENSIONS
+from .data.custom import IMAGE_EXTENSIONS, eight_bit
 from .data.images import Normalizer
 from .data.text import CharTokenizer
 from .generate import generate
@@ -38,7 +38,8 @@ class Classifier:
 
     def __init__(self, net, document, path):
         self.net, self.path = net, path
-        self.classes = list(document["classes"])
+        count = document["architecture"]["kwargs"]["classes"]
+        self.classes = list(document.get("classes", map(str, range(count))))  # older files hold no names: numbers
         self.normalizer = Normalizer(**document["normalizer"])
         self.input_shape = input_shape(document)
 
@@ -80,8 +81,9 @@ class TextModel:
     def __repr__(self):
         return f"TextModel({self.path}, {len(self.tokenizer)} characters, context {self.context})"
 
-    def generate(self, prompt="\n", tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
-        """``prompt`` and ``tokens`` sampled characters (temperature 0: always the likeliest)."""
+    def generate(self, prompt=None, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):
+        """``prompt`` and ``tokens`` sampled characters (temperature 0: always the likeliest; ``prompt`` None:
+        a newline, or the vocabulary's first character where the text had none)."""
         return generate(self.net, self.tokenizer, prompt, tokens, self.context, temperature, top_k, seed, on_text)
 
 
@@ -100,11 +102,15 @@ def input_shape(document):
 
 def batch_of(images, shape):
     """Raw images as a batch shaped ``(N, *shape)``: one image or a batch, grey ones without a channel axis."""
-    if images.dtype.kind not in "uif" or (images.size and not (0 <= images.min() and images.max() <= 255)):
+    if images.dtype.kind not in "uif":
+        raise ValueError(f"images must be raw pixel values in [0, 255] (the model normalises them), got {images.dtype}")
+    if images.size == 0:
+        raise ValueError(f"no images: an array of shape {images.shape}")
+    if not (0 <= images.min() and images.max() <= 255):
         raise ValueError(f"images must be raw pixel values in [0, 255] (the model normalises them), got "
-                         f"{images.dtype} values" + (f" in [{images.min()}, {images.max()}]" if images.size else ""))
-    candidates = {4: [images], 3: [images[None], images[:, None]], 2: [images[None, None]]}.get(images.ndim, [])
-    for candidate in candidates:
+                         f"{images.dtype} values in [{images.min()}, {images.max()}]")
+    readings = {4: lambda: [images], 3: lambda: [images[None], images[:, None]], 2: lambda: [images[None, None]]}
+    for candidate in readings.get(images.ndim, list)():
         if tuple(candidate.shape[1:]) == tuple(shape):
             return candidate
     raise ValueError(f"images of shape {images.shape}; the model takes {shape} images (C, H, W), "
@@ -119,10 +125,12 @@ def read_image(path, shape):
     channels, height, width = shape
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            image = eight_bit(image, channels).resize((width, height), Image.BILINEAR)
             pixels = numpy.asarray(image, dtype=numpy.uint8)
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"{path}: not an image that can be read ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -132,7 +140,7 @@ def read_inputs(paths, shape):
     for path in map(Path, paths):
         require_regular_file(path)
         if path.suffix.lower() == ".npy":
-            images = batch_of(numpy.load(path, allow_pickle=False), shape)
+            images = batch_of_file(path, shape)
             names += [f"{path}[{i}]" for i in range(len(images))] if len(images) > 1 else [str(path)]
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images = read_image(path, shape)[None]
@@ -143,8 +151,17 @@ def read_inputs(paths, shape):
     return names, numpy.concatenate(batches)
 
 
+def batch_of_file(path, shape):
+    """``batch_of`` the array in a ``.npy`` file, any error naming the file."""
+    try:
+        return batch_of(numpy.load(path, allow_pickle=False), shape)
+    except (ValueError, OSError, EOFError) as error:  # NumPy reports a damaged or pickled file as these
+        raise ValueError(f"{path}: {error}") from error
+
+
 def require_regular_file(path):
     """Refuse what is not a plain file: a FIFO or a device would block a read, or never end it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")
+        raise ValueError(f"{path}: a folder, not a file" if path.is_dir() else
+                         f"{path}: not a regular file" if path.exists() else f"{path}: no such file")

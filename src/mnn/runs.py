@@ -1,4 +1,5 @@
 """What a run folder holds, by name: the checkpoints, the metrics, the curves."""
+import tempfile
 from pathlib import Path
 
 CHECKPOINT = "checkpoint.safetensors"  # the last state: what --resume continues
@@ -15,3 +16,17 @@ def checkpoint_file(path):
     if not path.is_dir():
         return path
     return path / BEST if (path / BEST).is_file() else path / CHECKPOINT
+
+
+def make_run_folder(path):
+    """The run folder, made if new and checked to take files: a run that cannot save must fail now,
+    not at its first checkpoint, an epoch of training later."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: a file, not a folder; a run's files go into a folder of its own")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{path}: the run's files cannot be written there ({error.strerror or error})") from error

@@ -61,7 +61,7 @@ class ImageClassification:
         if limit:
             training, validation = training[:limit], validation[:max(limit // 5, 1)]
         if len(training) < batch_size:
-            raise ValueError(f"batch size {batch_size} exceeds the {len(training)} training samples")
+            raise ValueError(f"--batch-size {batch_size} exceeds the {len(training)} training samples")
         self.classes, self.model = full.classes, model
         self.normalizer = Normalizer.fit(full.images[training])
         self.train_x, self.train_y = self.normalizer(full.images[training]), full.labels[training]

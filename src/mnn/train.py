@@ -23,7 +23,7 @@ from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, re
                          save_checkpoint)
 from .files import atomic_write, remove_stale_temporaries
 from .plots import plot_curves
-from .runs import BEST, CHECKPOINT, CURVES, METRICS
+from .runs import BEST, CHECKPOINT, CURVES, METRICS, make_run_folder
 from .tasks import ImageClassification
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -125,6 +125,10 @@ class Trainer:
             config.steps, config.epochs = steps or 0, epochs or config.epochs
         trainer = cls(config, run_dir, quiet, ranks)
         check_same_data(path, document, trainer.task.metadata(), config)
+        if (steps is not None or epochs is not None) and document["step"] > trainer.total_steps:
+            asked = f"--steps {steps}" if steps is not None else f"--epochs {epochs}"
+            raise ValueError(f"{asked} ends the run at step {trainer.total_steps}, but it has reached step "
+                             f"{document['step']}: a resumed run can only go on longer")
         check_resume_step(path, document["step"], trainer.total_steps)
         load_checkpoint(path, trainer.net, trainer.optimizer)
         trainer.step, trainer.metrics = document["step"], document["metrics"]
@@ -137,7 +141,7 @@ class Trainer:
     def run(self):
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
         if self.ranks.is_root:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_run_folder(self.run_dir)
         with self.stop_signals_caught():
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
                       dynamic_ncols=True) as bar:

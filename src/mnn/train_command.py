@@ -90,6 +90,8 @@ def config_from(args):
         raise ValueError(f"--min-lr {values['min_lr']} exceeds the peak learning rate --lr {values.get('lr', 1e-3)}")
     if values.get("data") is not None:
         values.update(own_data(args, model, values.pop("data")))
+    elif values.get("data_dir") is not None:  # recorded whole, so that --resume and mnn test find it from anywhere
+        values["data_dir"] = str(Path(values["data_dir"]).resolve())
     from .train import TrainConfig
 
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
@@ -132,7 +134,7 @@ def command_train(args):
         test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
         say(f"evaluate on the test set: {test}" if image_model else
             f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
-            + (' --prompt "ROMEO:"' if trainer.config.dataset == "tinyshakespeare" else ""))
+            + (' --prompt "ROMEO:"' if set("ROMEO:") <= set(trainer.task.tokenizer.chars) else ""))
     return 130 if trainer.stop_requested else 0
 
 
@@ -154,6 +156,7 @@ def start_run(args, ranks, say):
     if (run_dir / CHECKPOINT).exists() and not args.overwrite:
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
                          "--overwrite, or choose another --out")
+    from .models import TEXT_MODELS
     from .train import Trainer
 
     trainer = Trainer(config, run_dir, quiet=args.quiet, ranks=ranks)
@@ -163,7 +166,8 @@ def start_run(args, ranks, say):
     if args.overwrite and ranks.is_root:  # nothing of the run replaced may be taken for the new one's
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    where = config.data or (config.data_dir if config.dataset == "text" else config.dataset)
+    where = config.data or (config.dataset if config.data_dir is None else config.data_dir
+                            if config.model in TEXT_MODELS else f"{config.dataset} from {config.data_dir}")
     on_ranks = f" on {ranks.size} ranks" if ranks.size > 1 else ""
     say(f"training {config.model} on {where}{on_ranks}: {trainer.total_steps} steps -> {run_dir}")
     return trainer

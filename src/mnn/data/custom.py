@@ -34,7 +34,8 @@ from ..files import one_line
 from .images import ImageDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # Pillow's grey image modes
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit grey modes (and its 32-bit "I")
+GREY_MODES = ("1", "L", "LA", "La", *SIXTEEN_BIT_MODES, "F")  # Pillow's grey image modes
 MAX_BYTES = 4 << 30  # raw pixels an image folder may decode to (float32 training copies take 4 times more)
 CSV_CHUNK = 1000  # rows parsed at a time
 FORMS = "a folder of class folders of images, an .npz (x_train, y_train) or a .csv (label, pixels)"
@@ -358,11 +359,28 @@ def read_image_folder(path, channels=None):
     for index, file in enumerate(files):
         try:
             with Image.open(file) as image:
-                pixels = numpy.asarray(image.convert("L" if channels == 1 else "RGB"))
+                pixels = numpy.asarray(eight_bit(image, channels))
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from error
         except Exception as error:  # Pillow raises many kinds for a file it cannot decode
             raise ValueError(f"{file}: cannot be decoded ({one_line(error)})") from error
         images[index] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
     return images, numpy.array(names), lambda i: str(files[i])
+
+
+def eight_bit(image, channels):
+    """A Pillow image as 8-bit grey (``channels`` 1) or RGB (3). Pillow's own conversion clips 16-bit
+    grey at 255, which would turn most such images white: they are scaled instead, 65535 to 255.
+    Floating-point images (mode F) have no agreed range, and are refused."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ValueError("a floating-point image (Pillow mode F), whose pixel range is unknown; "
+                         "save it with 8 or 16 bits per pixel")
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = numpy.asarray(image).astype(numpy.float64) * (255 / 65535)
+        image = Image.fromarray(numpy.clip(numpy.rint(pixels), 0, 255).astype(numpy.uint8))  # grey, "L"
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def image_files(folder):

@@ -61,9 +61,10 @@ def shipped_text():
 
 
 def read_text(path):
-    """The UTF-8 text in ``path``; an empty file or one that is not UTF-8 is an error that names it."""
+    """The UTF-8 text in ``path``, without the byte-order mark some editors put first; an empty file or
+    one that is not UTF-8 is an error that names it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text: byte {error.object[error.start]:#04x} at offset "
                          f"{error.start} ({error.reason})") from error
