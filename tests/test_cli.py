@@ -344,6 +344,8 @@ def test_an_out_that_is_a_file_or_cannot_be_written_fails_before_training(tmp_pa
     (tmp_path / "afile").write_text("mine")
     assert cli.main(["train", "--limit", "300", "--steps", "2", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
     assert "afile: a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["train", "--limit", "300", "--steps", "2", "--out", str(tmp_path / "afile"), "--overwrite"]) == 2
+    assert "afile: a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "mine"
     assert cli.main(["train", "--limit", "300", "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
 
@@ -370,4 +372,5 @@ def test_help_shows_defaults_only_where_there_is_one(command, capsys):
         cli.main([command, "--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
-    assert "(default: 0.8)" in text if command == "generate" else "(default: 3)" in text
+    shown = {"generate": "(default: 0.8)", "predict": "(default: 3)"}[command]
+    assert shown in text

@@ -83,6 +83,9 @@ def test_a_byte_order_mark_is_not_a_character_of_the_text(tmp_path):
     path = tmp_path / "marked.txt"
     path.write_bytes(b"\xef\xbb\xbfhello\n")
     assert text.read_text(path) == "hello\n"
+    path.write_bytes(b"\xef\xbb\xbfabc\xe9")
+    with pytest.raises(ValueError, match=r"marked.txt is not UTF-8 text: byte 0xe9 at offset 6"):
+        text.read_text(path)
 
 
 def test_a_text_that_is_not_utf8_names_the_file(tmp_path):

@@ -351,6 +351,7 @@ def test_lstm_kernels_carry_a_given_state_and_final_state_gradient_as_the_refere
     for a, b, name in zip(reference, fused, what):
         assert_close(a, b, numpy.float64, name)
 
+
 @pytest.mark.parametrize("make_layer, shape", [
     (lambda: BatchNormLayer(3), (8, 3)), (lambda: BatchNorm2dLayer(3), (4, 3, 5, 5)),
     (lambda: LayerNormLayer(5), (4, 5)), (lambda: Conv2dLayer(2, 3, 3, padding=1), (2, 2, 6, 6))])

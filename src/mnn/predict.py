@@ -14,7 +14,7 @@ import numpy
 
 from . import backend
 from .checkpoint import load_checkpoint
-from .data.custom import IMAGE_EXTENSIONS, eight_bit
+from .data.custom import IMAGE_EXTENSIONS, ImageModeError, eight_bit
 from .data.images import Normalizer
 from .data.text import CharTokenizer
 from .generate import generate
@@ -109,12 +109,15 @@ def batch_of(images, shape):
     if not (0 <= images.min() and images.max() <= 255):
         raise ValueError(f"images must be raw pixel values in [0, 255] (the model normalises them), got "
                          f"{images.dtype} values in [{images.min()}, {images.max()}]")
-    readings = {4: lambda: [images], 3: lambda: [images[None], images[:, None]], 2: lambda: [images[None, None]]}
-    for candidate in readings.get(images.ndim, list)():
+    wrong_shape = ValueError(f"images of shape {images.shape}; the model takes {shape} images (C, H, W), "
+                             f"one or a batch (a grey image may leave out C)")
+    if not 2 <= images.ndim <= 4:
+        raise wrong_shape
+    candidates = {4: [images], 3: [images[None], images[:, None]], 2: [images[None, None]]}[images.ndim]
+    for candidate in candidates:
         if tuple(candidate.shape[1:]) == tuple(shape):
             return candidate
-    raise ValueError(f"images of shape {images.shape}; the model takes {shape} images (C, H, W), "
-                     f"one or a batch (a grey image may leave out C)")
+    raise wrong_shape
 
 
 def read_image(path, shape):
@@ -129,7 +132,7 @@ def read_image(path, shape):
             pixels = numpy.asarray(image, dtype=numpy.uint8)
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"{path}: not an image that can be read ({error})") from error
-    except ValueError as error:
+    except ImageModeError as error:
         raise ValueError(f"{path}: {error}") from error
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 

@@ -22,11 +22,16 @@ def make_run_folder(path):
     """The run folder, made if new and checked to take files: a run that cannot save must fail now,
     not at its first checkpoint, an epoch of training later."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path}: a file, not a folder; a run's files go into a folder of its own")
     try:
+        require_folder_or_nothing(path)
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
         raise ValueError(f"{path}: the run's files cannot be written there ({error.strerror or error})") from error
+
+
+def require_folder_or_nothing(path):
+    """A run folder may be new or a folder, not a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: a file, not a folder; a run's files go into a folder of its own")

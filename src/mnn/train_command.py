@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .arguments import count, non_empty, non_negative, positive, positive_int, probability, widths
-from .runs import CHECKPOINT, RUN_FILES
+from .runs import CHECKPOINT, RUN_FILES, require_folder_or_nothing
 
 MODEL_DEFAULTS = {
     "mlp": {},
@@ -153,10 +153,10 @@ def test_data_flag(config):
 def start_run(args, ranks, say):
     config = config_from(args)
     run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    require_folder_or_nothing(run_dir)
     if (run_dir / CHECKPOINT).exists() and not args.overwrite:
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
                          "--overwrite, or choose another --out")
-    from .models import TEXT_MODELS
     from .train import Trainer
 
     trainer = Trainer(config, run_dir, quiet=args.quiet, ranks=ranks)
@@ -166,11 +166,20 @@ def start_run(args, ranks, say):
     if args.overwrite and ranks.is_root:  # nothing of the run replaced may be taken for the new one's
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    where = config.data or (config.dataset if config.data_dir is None else config.data_dir
-                            if config.model in TEXT_MODELS else f"{config.dataset} from {config.data_dir}")
     on_ranks = f" on {ranks.size} ranks" if ranks.size > 1 else ""
-    say(f"training {config.model} on {where}{on_ranks}: {trainer.total_steps} steps -> {run_dir}")
+    say(f"training {config.model} on {data_source(config)}{on_ranks}: {trainer.total_steps} steps -> {run_dir}")
     return trainer
+
+
+def data_source(config):
+    """What a run trains on, in words: the user's data, a text file, or a built-in data set."""
+    from .models import TEXT_MODELS
+
+    if config.data is not None:
+        return config.data
+    if config.data_dir is None:
+        return config.dataset
+    return config.data_dir if config.model in TEXT_MODELS else f"{config.dataset} from {config.data_dir}"
 
 
 def resume_run(args, ranks, say):

@@ -360,7 +360,7 @@ def read_image_folder(path, channels=None):
         try:
             with Image.open(file) as image:
                 pixels = numpy.asarray(eight_bit(image, channels))
-        except ValueError as error:
+        except ImageModeError as error:
             raise ValueError(f"{file}: {error}") from error
         except Exception as error:  # Pillow raises many kinds for a file it cannot decode
             raise ValueError(f"{file}: cannot be decoded ({one_line(error)})") from error
@@ -368,14 +368,19 @@ def read_image_folder(path, channels=None):
     return images, numpy.array(names), lambda i: str(files[i])
 
 
+class ImageModeError(ValueError):
+    """An image whose pixels mnn cannot map onto 0-255."""
+
+
 def eight_bit(image, channels):
     """A Pillow image as 8-bit grey (``channels`` 1) or RGB (3). Pillow's own conversion clips 16-bit
-    grey at 255, which would turn most such images white: they are scaled instead, 65535 to 255.
+    grey at 255, which would turn most such images white: they are scaled instead, 65535 to 255 (mode
+    I, Pillow's 32-bit integers, in which older Pillows open 16-bit PNGs, is taken as 16-bit too).
     Floating-point images (mode F) have no agreed range, and are refused."""
     from PIL import Image
 
     if image.mode == "F":
-        raise ValueError("a floating-point image (Pillow mode F), whose pixel range is unknown; "
+        raise ImageModeError("a floating-point image (Pillow mode F), whose pixel range is unknown; "
                          "save it with 8 or 16 bits per pixel")
     if image.mode in SIXTEEN_BIT_MODES:
         pixels = numpy.asarray(image).astype(numpy.float64) * (255 / 65535)

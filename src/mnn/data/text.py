@@ -1,4 +1,5 @@
 """Text for the character-level GPT: Tiny Shakespeare (shipped with mnn) and a character tokenizer."""
+import codecs
 import functools
 from pathlib import Path
 
@@ -63,11 +64,13 @@ def shipped_text():
 def read_text(path):
     """The UTF-8 text in ``path``, without the byte-order mark some editors put first; an empty file or
     one that is not UTF-8 is an error that names it."""
+    data = Path(path).read_bytes()
+    mark = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = data[mark:].decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text: byte {error.object[error.start]:#04x} at offset "
-                         f"{error.start} ({error.reason})") from error
+                         f"{mark + error.start} ({error.reason})") from error
     if not text:
         raise ValueError(f"{path} is empty: no text to learn from")
     return text

@@ -140,7 +140,7 @@ class BatchNormLayer(Layer):
         count = self.rows_in_batch(rows) if self.training else rows.shape[0]
         if self.training and count < 2:  # the variance of one value is 0: y would be the bias, whatever x is
             raise ValueError(f"{self!r}: input of shape {tuple(x.shape)} gives {count} value(s) per feature/channel; "
-                             "training needs more than 1 (or call eval() first)")
+                             "training needs more than 1: a larger batch (mnn train --batch-size), or eval()")
         fused = self.fused_kernels(rows)
         if fused:  # Eq. (1) in three passes (four launches on a GPU): the lines below' numbers, to rounding
             y, x_hat, inv_std, mean, var = fused.batch_norm(rows, self.params["weight"], self.params["bias"], self.eps)

@@ -88,7 +88,7 @@ class MaxPool2dLayer(PoolLayer):
         for offset, where in enumerate(slices):
             first_max = (x[where] == y) & ~found
             found |= first_max
-            argmax[first_max | (x[where] != x[where])] = offset
+            xp.copyto(argmax, offset, where=first_max | xp.isnan(x[where]))
         grad = xp.zeros_like(x)
         for offset, where in enumerate(slices):
             if self.stride < self.kernel_size:  # overlapping windows add up
