@@ -208,3 +208,35 @@ def test_a_negative_running_variance_is_refused(tmp_path):
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(CheckpointError, match=f'tensor "{name}": a variance below 0'):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("architecture", [None, {"name": "custom"}, {"name": "mlp", "kwargs": {"depth": 3}}])
+def test_an_architecture_no_checkpoint_could_rebuild_is_refused_at_saving(tmp_path, architecture):
+    net = models.build({"name": "mlp", "kwargs": {"hidden": [4]}})
+    with pytest.raises(ValueError, match=r"architecture: .*save a network of your own with "
+                                         r"mnn.checkpoint.save_weights\(path, net\)"):
+        save_checkpoint(tmp_path / "c.safetensors", net, architecture)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_network_of_your_own_saves_and_reads_its_weights(tmp_path):
+    import mnn
+    from mnn.checkpoint import read_weights, save_weights
+
+    def build():
+        return mnn.SequentialLayers([mnn.LinearLayer(3, 4), mnn.BatchNormLayer(4), mnn.TanhLayer(),
+                                     mnn.LinearLayer(4, 2), mnn.MSELossLayer()])
+    net, x = build(), numpy.random.default_rng(0).standard_normal((6, 3)).astype(numpy.float32)
+    net(x, numpy.zeros((6, 2), numpy.float32))  # batch norm's running statistics move off their start
+    net.eval()
+    save_weights(tmp_path / "w.safetensors", net)
+    again = build()
+    again.load_weights(read_weights(tmp_path / "w.safetensors"))
+    again.eval()
+    numpy.testing.assert_array_equal(again(x), net(x))
+    with pytest.raises(ValueError, match="missing"):
+        mnn.SequentialLayers([mnn.LinearLayer(3, 4), mnn.MSELossLayer()]).load_weights(
+            read_weights(tmp_path / "w.safetensors"))
+    (tmp_path / "p.safetensors").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(CheckpointError, match="mnn never unpickles"):
+        read_weights(tmp_path / "p.safetensors")

@@ -214,3 +214,25 @@ def test_targets_for_a_network_without_a_loss_are_an_error():
     net = mnn.SequentialLayers([mnn.LinearLayer(3, 2)])
     with pytest.raises(ValueError, match="targets given, but the network ends in no loss layer"):
         net(numpy.ones((1, 3), dtype=numpy.float32), numpy.ones((1, 2), dtype=numpy.float32))
+
+
+def test_a_parameter_shared_without_its_gradient_is_refused_and_a_full_tie_trains_as_one():
+    """Sharing only the array would drop one layer's gradient; sharing both adds the two, as a reused weight needs."""
+    mnn.backend.set_default_dtype(numpy.float64)
+    try:
+        a, b = mnn.LinearLayer(4, 4, bias=False), mnn.LinearLayer(4, 4, bias=False)
+        b.params["w"] = a.params["w"]
+        with pytest.raises(ValueError, match=r"2.w shares its parameter array with 0.w but not its gradient array"):
+            mnn.SequentialLayers([a, mnn.TanhLayer(), b, mnn.MSELossLayer()])
+        b.grads["w"] = a.grads["w"]
+        net = mnn.SequentialLayers([a, mnn.TanhLayer(), b, mnn.MSELossLayer()])
+        rng = numpy.random.default_rng(0)
+        x, y = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+        net(x, y)
+        net.backward()
+        w = torch.tensor(a.params["w"], requires_grad=True)
+        torch.nn.functional.mse_loss(torch.tanh(torch.tensor(x) @ w.T) @ w.T, torch.tensor(y)).backward()
+        assert [name for name, _, _ in net.named_parameters()] == ["0.w"]
+        assert max_relative_difference(net.named_parameters()[0][2], w.grad.numpy()) < 1e-12
+    finally:
+        mnn.backend.set_default_dtype(numpy.float32)

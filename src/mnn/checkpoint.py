@@ -52,8 +52,12 @@ class CheckpointError(ValueError):
 
 # -- writing ----------------------------------------------------------------
 def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
-    """Write ``net``'s parameters, the optimizer state and JSON metadata to ``path`` atomically."""
+    """Write ``net``'s parameters, the optimizer state and JSON metadata to ``path`` atomically.
+
+    ``architecture`` names one of ``mnn.models``' builders and its settings, from which the checkpoint
+    rebuilds its network; a network of your own is saved with ``save_weights``."""
     path = Path(path)
+    check_architecture(architecture)
     tensors = {f"param/{name}": backend.to_numpy(p) for name, p in net.state_dict().items()}
     document = {"mnn_version": __version__, "architecture": architecture, **metadata}
     if optimizer is not None:
@@ -64,6 +68,38 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
                             metadata={"mnn": json.dumps(document)})
     remove_stale_temporaries(path)
     return atomic_write(path, lambda handle: handle.write(data))
+
+
+def check_architecture(architecture):
+    """Refuse, at saving, an architecture no checkpoint could be loaded with."""
+    try:
+        if not isinstance(architecture, dict):
+            raise ValueError(f"must be a dict naming a model, got {type(architecture).__name__}")
+        models.resolve(architecture)
+    except (ValueError, FieldError) as error:
+        raise ValueError(f"architecture: {one_line(error)}. A checkpoint rebuilds one of mnn.models' networks "
+                         f"({', '.join(sorted(models.BUILDERS))}); save a network of your own with "
+                         "mnn.checkpoint.save_weights(path, net)") from error
+
+
+def save_weights(path, net):
+    """Write ``net.state_dict()`` (parameters and buffers, by name) to a safetensors file, atomically.
+
+    For a network of your own, which no checkpoint architecture describes: build the same
+    network again and load with ``net.load_weights(read_weights(path))``."""
+    path = Path(path)
+    tensors = {f"param/{name}": numpy.ascontiguousarray(backend.to_numpy(value))
+               for name, value in net.state_dict().items()}
+    data = save_safetensors(tensors, metadata={"mnn_version": __version__})
+    remove_stale_temporaries(path)
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def read_weights(path):
+    """The arrays ``save_weights`` wrote, by name, checked as a checkpoint's are (nothing is unpickled)."""
+    data = read_regular_file(path)
+    read_header(path, data)
+    return {name.removeprefix("param/"): value for name, value in load_tensors(path, data).items()}
 
 
 # -- reading ----------------------------------------------------------------

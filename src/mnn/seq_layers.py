@@ -63,6 +63,7 @@ class SequentialLayers(CompositeLayer):
             if isinstance(layer, LossLayer) and index != len(self.layers) - 1:
                 raise ValueError(f"SequentialLayers: loss layer {layer!r} must be the last layer")
         reject_repeated_layers(self)
+        self.named_parameters()  # refuses a parameter shared without its gradient
         self.optimizer = optimizer
         self.loss_is_current = False  # did the last forward pass end in the loss?
         self.flat = None  # the flat buffers, once flatten() made them
@@ -219,8 +220,8 @@ def reject_repeated_layers(net):
     for path, layer in walk(net):
         if id(layer) in seen:
             raise ValueError(f"SequentialLayers: the same {type(layer).__name__} object sits at {seen[id(layer)]} "
-                             f"and at {path}; give each place its own layer (to tie weights, share parameter "
-                             "arrays between two layers instead)")
+                             f"and at {path}; give each place its own layer (to tie weights, share a parameter "
+                             "and its gradient array between two layers instead)")
         seen[id(layer)] = path
 
 

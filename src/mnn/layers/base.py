@@ -123,12 +123,16 @@ class CompositeLayer(Layer):
         raise NotImplementedError
 
     def named_parameters(self, prefix=""):
-        seen, triples = set(), []
+        seen, triples = {}, []
         for name, layer in self.sublayers().items():
             for triple in layer.named_parameters(f"{prefix}{name}."):
-                if id(triple[1]) not in seen:
-                    seen.add(id(triple[1]))
+                first = seen.setdefault(id(triple[1]), triple)
+                if first is triple:
                     triples.append(triple)
+                elif first[2] is not triple[2]:  # its gradient would be dropped
+                    raise ValueError(f"{type(self).__name__}: {triple[0]} shares its parameter array with {first[0]} "
+                                     "but not its gradient array; tie both, as in b.params['w'] = a.params['w']; "
+                                     "b.grads['w'] = a.grads['w']")
         return triples
 
     def named_buffers(self, prefix=""):
