@@ -189,10 +189,12 @@ def test_threads_follow_the_flag_then_the_environment_then_the_affinity(monkeypa
 def test_gradcheck_prints_pass_or_fail_per_layer_and_fails_on_a_wrong_one(monkeypatch, capsys):
     import mnn.gradcheck
     monkeypatch.setattr(mnn.gradcheck, "check_all_layers",
-                        lambda: iter([("GoodLayer", {"input0": 1e-10}), ("WrongLayer", {"input0": 1e-10, "w": 0.3})]))
+                        lambda: iter([("GoodLayer", {"input0": 1e-10, "w (accumulated)": 0.0}),
+                                      ("WrongLayer", {"input0": 1e-10, "w": 0.3})]))
     assert cli.main(["gradcheck"]) == 1
     out = capsys.readouterr().out
     assert "below 1e-06" in out and "PASS  GoodLayer" in out and "FAIL  WrongLayer" in out
+    assert "GoodLayer                input0 1.0e-10  (+= 0.0e+00)" in out
     assert "1 layers failed: WrongLayer" in out
 
 

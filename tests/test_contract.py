@@ -108,6 +108,32 @@ def test_gradcheck_refuses_float32_parameters():
         check_layer(mnn.ReluLayer(), numpy.ones((2, 3), dtype=numpy.float32))
 
 
+def test_gradcheck_catches_a_backward_that_overwrites_its_gradients():
+    """Right derivatives, but ``=`` where ``+=`` belongs: accumulation and tied weights would break."""
+    class Overwriting(mnn.LinearLayer):
+        def backward(self, g):
+            grads = {name: grad.copy() for name, grad in self.grads.items()}
+            grad_x = super().backward(g)
+            for name, grad in self.grads.items():
+                grad -= grads[name]  # only this pass's gradient is left
+            return grad_x
+
+    mnn.backend.set_default_dtype(numpy.float64)
+    try:
+        right, wrong = check_layer(mnn.LinearLayer(3, 2), numpy.ones((2, 3))), check_layer(Overwriting(3, 2),
+                                                                                            numpy.ones((2, 3)))
+    finally:
+        mnn.backend.set_default_dtype(numpy.float32)
+    assert max(right.values()) < 1e-6 and right["w (accumulated)"] == 0
+    assert wrong["w"] < 1e-6 and wrong["w (accumulated)"] == pytest.approx(0.5)
+
+
+def test_gradcheck_refuses_targets_for_a_layer_that_is_no_loss():
+    with pytest.raises(ValueError, match="targets are for a loss layer, and SequentialLayers is none"):
+        check_layer(mnn.SequentialLayers([mnn.ReluLayer(), mnn.MSELossLayer()]), numpy.ones((2, 3)),
+                    targets=numpy.ones((2, 3)))
+
+
 @pytest.mark.parametrize("make", [
     lambda: mnn.LinearLayer(0, 3), lambda: mnn.LinearLayer(-1, 3), lambda: mnn.LinearLayer(2.5, 3),
     lambda: mnn.LinearLayer(True, 3), lambda: mnn.Conv2dLayer(1, 0, 3), lambda: mnn.Conv2dLayer(1, 2, 3, stride=0),

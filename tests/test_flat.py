@@ -33,15 +33,19 @@ def test_tied_weights_share_one_place_in_the_buffer():
     assert head.params["w"] is embedding.params["weight"] and head.grads["w"] is embedding.grads["weight"]
 
 
-def test_a_flattened_network_trains_exactly_as_before():
+@pytest.mark.parametrize("optimizer_first", [False, True])  # the net's optimizer follows the parameters
+def test_a_flattened_network_trains_exactly_as_before(optimizer_first):
     x = numpy.random.default_rng(0).integers(0, 11, (4, 8))
     y = numpy.random.default_rng(1).integers(0, 11, (4, 8))
     finals = []
     for flatten in (False, True):
         net = small_gpt(tie_weights=True)
+        if optimizer_first:
+            net.optimizer = optim.AdamW(net, lr=1e-2)
         if flatten:
             net.flatten()
-        net.optimizer = optim.AdamW(net, lr=1e-2)
+        if not optimizer_first:
+            net.optimizer = optim.AdamW(net, lr=1e-2)
         for _ in range(3):
             net.zero_grads()
             net(x, y)

@@ -74,7 +74,7 @@ def torch_run(module, x, state, g, g_final):
 def test_finite_differences_for_input_and_parameters(cell, bias, float64, rng):
     layer = CELLS[cell][0](3, 4, bias=bias)
     errors = check_layer(layer, rng.standard_normal((2, 5, 3)))
-    assert set(errors) == {"input0", *layer.params}
+    assert set(errors) == {"input0", *layer.params, *(f"{name} (accumulated)" for name in layer.params)}
     assert max(errors.values()) <= TOL, errors
 
 
@@ -84,7 +84,7 @@ def test_finite_differences_for_initial_and_final_state(cell, float64, rng):
     state = [rng.standard_normal((2, 4)) for _ in range(parts)]
     layer = layer_cls(3, 4)
     errors = check_layer(StateInOut(layer), rng.standard_normal((2, 5, 3)), *state)
-    assert len(errors) == 1 + parts + len(layer.params)  # the input, the state, the parameters
+    assert len(errors) == 1 + parts + 2 * len(layer.params)  # the input, the state, the parameters (and their +=)
     assert max(errors.values()) <= TOL, errors
 
 

@@ -91,7 +91,10 @@ def command_gradcheck(args):
     for name, errors in check_all_layers():
         passed = max(errors.values()) < GRADCHECK_TOLERANCE
         failed += [] if passed else [name]
-        print(f"{'PASS' if passed else 'FAIL'}  {name:<24} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        derivatives = {k: v for k, v in errors.items() if not k.endswith(" (accumulated)")}
+        adds = [v for k, v in errors.items() if k.endswith(" (accumulated)")]  # backward's +=, one number
+        print(f"{'PASS' if passed else 'FAIL'}  {name:<24} " + "  ".join(f"{k} {v:.1e}" for k, v in derivatives.items())
+              + (f"  (+= {max(adds):.1e})" if adds else ""))
     print(f"{len(failed)} layers failed: {', '.join(failed)}" if failed else "all layers passed")
     return 1 if failed else 0
 

@@ -22,16 +22,31 @@ def _scalar(layer, inputs, targets, weights):
     return float((out * weights).sum())
 
 
-def _analytic(layer, inputs, targets, weights):
-    layer.zero_grads()
+def _backward(layer, inputs, targets, weights):
+    """A forward and a backward pass: the input gradients, as a tuple."""
     if isinstance(layer, LossLayer):
         layer.forward(*inputs, targets)
         grads = layer.backward()
     else:
         layer.forward(*inputs)
         grads = layer.backward(weights)
-    grads = grads if isinstance(grads, tuple) else (grads,)
+    return grads if isinstance(grads, tuple) else (grads,)
+
+
+def _analytic(layer, inputs, targets, weights):
+    layer.zero_grads()
+    grads = _backward(layer, inputs, targets, weights)
     return [None if g is None else g.copy() for g in grads], {name: g.copy() for name, g in layer.grads.items()}
+
+
+def _accumulation_errors(layer, inputs, targets, weights):
+    """A second pass without ``zero_grads()`` must double every parameter gradient: backward adds to
+    them (``+=``), which gradient accumulation and tied weights rely on."""
+    _, once = _analytic(layer, inputs, targets, weights)
+    _backward(layer, inputs, targets, weights)
+    return {f"{name} (accumulated)": float(numpy.abs(layer.grads[name] - 2 * grad).max()
+                                           / max(2 * float(numpy.abs(grad).max()), 1e-12))
+            for name, grad in once.items()}
 
 
 def relative_error(a, b):
@@ -56,9 +71,13 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
 
     Floating ``inputs`` and the layer's parameters must be float64 (integer inputs, such as
     token indices, are passed through unperturbed); for a loss layer pass ``targets``. Returns a dict such
-    as ``{"input0": 3e-10, "w": 1e-9}``; values near 1e-8 or below mean backward is right.
+    as ``{"input0": 3e-10, "w": 1e-9, "w (accumulated)": 0.0}``; values near 1e-8 or below mean
+    backward is right (the ``accumulated`` entries: that a second backward adds to the gradients).
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
     """
+    if targets is not None and not isinstance(layer, LossLayer):
+        raise ValueError(f"check_layer: targets are for a loss layer, and {type(layer).__name__} is none; "
+                         "check a network's layers and its loss layer one by one")
     if not (isinstance(probes, int) and probes >= 1):
         raise ValueError(f"check_layer: probes must be an integer >= 1, got {probes!r}")
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):  # also refuses NaN
@@ -85,7 +104,7 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
             numeric = (plus - minus) / (2 * eps)
             error = relative_error(float((grad * direction).sum()), numeric)
             errors[name] = max(errors.get(name, 0.0), error)
-    return errors
+    return {**errors, **_accumulation_errors(layer, inputs, targets, rng.standard_normal(shape))}
 
 
 def standard_cases(rng):

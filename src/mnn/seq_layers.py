@@ -189,10 +189,13 @@ class SequentialLayers(CompositeLayer):
     def flatten(self):
         """Make every parameter and gradient a view into one flat buffer per dtype (``mnn.flat``),
         so that ``zero_grads`` is one pass and data-parallel training sends the gradients in one
-        message. Call it before creating the optimizer. Returns the ``FlatBuffers``."""
+        message. Returns the ``FlatBuffers``. The network's optimizer (``self.optimizer``) follows the
+        parameters into the buffers; an optimizer kept elsewhere must be created after this call."""
         from .flat import flatten
 
         self.flat = flatten(self)
+        if self.optimizer is not None:  # it held the arrays that the buffers' views replaced
+            self.optimizer.parameters = self.named_parameters()
         return self.flat
 
     def zero_grads(self):
