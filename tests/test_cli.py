@@ -376,3 +376,12 @@ def test_help_shows_defaults_only_where_there_is_one(command, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
     shown = {"generate": "(default: 0.8)", "predict": "(default: 3)"}[command]
     assert shown in text
+
+
+def test_the_best_of_equal_accuracies_is_the_one_with_the_lower_loss(tmp_path):
+    trainer = Trainer(TrainConfig(limit=400, batch_size=50, steps=4, model_kwargs={"hidden": [8]}), tmp_path / "r",
+                      quiet=True)
+    scores = [(0.9, 0.2), (1.0, 0.5), (1.0, 0.1), (1.0, 0.1)]
+    trainer.metrics = [{"step": step, "val_accuracy": accuracy, "val_loss": loss}
+                       for step, (accuracy, loss) in enumerate(scores, 1)]
+    assert trainer.best_evaluation() == 2  # the first of the truly equal

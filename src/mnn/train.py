@@ -234,10 +234,11 @@ class Trainer:
                       f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
 
     def best_evaluation(self):
-        """Index of the record with the best validation score: accuracy, else loss (the first of equals)."""
+        """Index of the record with the best validation score: accuracy, ties broken by the lower loss; a
+        text model's, the loss (the first of equals)."""
         def score(record):
-            return record["val_accuracy"] if "val_accuracy" in record else -record["val_loss"]
-        return max(range(len(self.metrics)), key=lambda i: (score(self.metrics[i]), -i))
+            return record.get("val_accuracy", 0.0), -record["val_loss"]
+        return max(range(len(self.metrics)), key=lambda i: (*score(self.metrics[i]), -i))
 
     def out_of_patience(self):
         """True once ``patience`` evaluations in a row have not beaten the best one before them."""
