@@ -37,7 +37,7 @@ def test_a_bad_flag_value_is_one_line_on_stderr(command, flag, value, capsys):
         cli.main([command, *positional, flag, value])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert f"error: argument {flag}: must " in err and "Traceback" not in err
+    assert f"error: argument {flag}: must " in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("flags,message", [

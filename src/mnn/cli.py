@@ -174,6 +174,13 @@ def describe(error):
     return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, saying where the flags are listed, not the usage text first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (the flags: {self.prog} --help)\n")
+
+
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, where it has one to show (not None, False or empty)."""
 
@@ -185,7 +192,7 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser():
-    main_parser = argparse.ArgumentParser(prog="mnn", description="Manual Neural Networks")
+    main_parser = OneLineErrors(prog="mnn", description="Manual Neural Networks")
     main_parser.add_argument("--version", action="version", version=f"mnn {__version__}")
     commands = main_parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (defaults: MLP on Fashion-MNIST)")
