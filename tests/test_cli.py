@@ -364,7 +364,7 @@ def test_a_resume_that_would_end_before_the_step_reached_says_so(tmp_path, capsy
     assert cli.main(["train", "--limit", "300", "--steps", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(tmp_path / "run"), "--steps", "2", "--quiet"]) == 2
-    assert "--steps 2 ends the run at step 2, but it has reached step 4: a resumed run can only go on longer" in \
+    assert "--steps 2 ends the run at step 2, but it has reached step 4 already: give a later end" in \
         capsys.readouterr().err
 
 

@@ -531,3 +531,33 @@ def test_floating_point_images_are_refused_by_name(tmp_path):
         Image.fromarray(numpy.full((4, 4), 0.5, numpy.float32)).save(tmp_path / name / "x.tif")
     with pytest.raises(ValueError, match=r"a/x.tif: a floating-point image \(Pillow mode F\)"):
         read_image_folder(tmp_path)
+
+
+def test_csv_labels_written_as_whole_floats_are_integers_by_value(tmp_path, rng):
+    """pandas writes an integer column that has gaps as 0.0, 1.0, ...: as text, 10.0 would sort before 2.0."""
+    names = tuple(f"{label}.0" for label in range(11))
+    _, labels = write_csv(tmp_path / "f.csv", rng, count=44, side=4, names=names)
+    dataset = load_custom(tmp_path / "f.csv")
+    assert dataset.classes == [str(label) for label in range(11)] and dataset.labels.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path, rng: numpy.savez(path, x_train=numpy.zeros((40, 8, 0), numpy.uint8), y_train=numpy.arange(40) % 2),
+     r"images of shape \(C, H, W\) = \(1, 8, 0\) hold no pixels"),
+    (lambda path, rng: numpy.savez(path, x_train=synthetic(rng, 3, (1, 4, 4))[0],
+                                   y_train=numpy.array([2 ** 63 + 5, 1, 2], numpy.uint64)),
+     r"label 9223372036854775813 does not fit in 64 signed bits"),
+])
+def test_npz_shapes_and_labels_no_model_can_take_are_named(tmp_path, rng, make, message):
+    make(tmp_path / "d.npz", rng)
+    with pytest.raises(ValueError, match=message):
+        load_custom(tmp_path / "d.npz")
+
+
+def test_a_csv_pixel_with_an_underscore_is_named_as_no_number(tmp_path, rng):
+    write_csv(tmp_path / "u.csv", rng, count=4, side=2)
+    lines = (tmp_path / "u.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",1_0"
+    (tmp_path / "u.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"u.csv line 3: column 'pixel4' holds '1_0', not a number"):
+        load_custom(tmp_path / "u.csv")

@@ -27,6 +27,8 @@ CNN = ["--model", "cnn", "--limit", "400", "--batch-size", "50", "--channels", "
        "0", "--quiet"]
 GPT = ["--model", "gpt", "--batch-size", "4", "--layers", "1", "--heads", "2", "--width", "16", "--context", "8",
        "--quiet"]
+LSTM = ["--model", "lstm", "--batch-size", "4", "--width", "8", "--hidden", "16", "--context", "8", "--dropout", "0",
+        "--quiet"]
 # rank 1 of an MPMD job: mnn train with one step replaced, to fail as a real run can
 FAILING_RANK = """
 import os, sys
@@ -61,7 +63,7 @@ def relative_difference(a, b):
     return difference / numpy.sqrt(sum(float((a[n].astype(numpy.float64) ** 2).sum()) for n in names))
 
 
-@pytest.mark.parametrize("flags", [MLP + ["--dropout", "0"], CNN, GPT], ids=["mlp", "cnn", "gpt"])
+@pytest.mark.parametrize("flags", [MLP + ["--dropout", "0"], CNN, GPT, LSTM], ids=["mlp", "cnn", "gpt", "lstm"])
 def test_two_ranks_train_as_one_process(tmp_path, flags):
     """The global batch, split in two and all-reduced, gives one process's weights (float32 rounding);
     the CNN needs its batch norm synchronised for that."""

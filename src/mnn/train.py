@@ -128,7 +128,7 @@ class Trainer:
         if (steps is not None or epochs is not None) and document["step"] > trainer.total_steps:
             asked = f"--steps {steps}" if steps is not None else f"--epochs {epochs}"
             raise ValueError(f"{asked} ends the run at step {trainer.total_steps}, but it has reached step "
-                             f"{document['step']}: a resumed run can only go on longer")
+                             f"{document['step']} already: give a later end")
         check_resume_step(path, document["step"], trainer.total_steps)
         load_checkpoint(path, trainer.net, trainer.optimizer)
         trainer.step, trainer.metrics = document["step"], document["metrics"]

@@ -95,6 +95,8 @@ def check_pixels(images, path, name_of, training=True):
     says where image i came from, for the error."""
     if len(images) == 0:
         raise ValueError(f"{path}: holds no images")
+    if images.size == 0:
+        raise ValueError(f"{path}: images of shape (C, H, W) = {tuple(images.shape[1:])} hold no pixels")
     if images.dtype.kind not in "uif":
         raise ValueError(f"{path}: pixels must be numbers, found {images.dtype}")
     if images.dtype.kind == "f":
@@ -167,6 +169,8 @@ def preview(names, count=5):
 def label_array(labels, where):
     """An .npz's labels as integers, or as strings (stripped) where any is not an integer, as a CSV's."""
     if labels.dtype.kind in "iu":
+        if labels.size and labels.dtype.kind == "u" and int(labels.max()) >= 2 ** 63:
+            raise ValueError(f"{where}: label {int(labels.max())} does not fit in 64 signed bits")
         return labels.astype(numpy.int64)
     if labels.dtype.kind not in "SU":
         raise ValueError(f"{where}: labels must be integers or strings, found {labels.dtype}"
@@ -179,7 +183,7 @@ def label_array(labels, where):
     if len(empty):
         raise ValueError(f"{where}: label {empty[0]} is empty")
     if all(is_integer_text(text) for text in texts.tolist()):
-        return numpy.array([int(text) for text in texts.tolist()], numpy.int64)
+        return numpy.array([integer_label(text) for text in texts.tolist()], numpy.int64)
     return texts
 
 
@@ -295,7 +299,7 @@ def read_csv_rows(reader, path):
         raise ValueError(f"{path}: a header but no rows: holds no images")
     images = numpy.concatenate(blocks).reshape(len(labels), 1, side, side)
     integers = all(is_integer_text(label) for label in labels)
-    raw = numpy.array([int(label) for label in labels], numpy.int64) if integers else numpy.array(labels)
+    raw = numpy.array([integer_label(label) for label in labels], numpy.int64) if integers else numpy.array(labels)
     return images, raw, lambda i: f"line {lines[i]}"
 
 
@@ -304,29 +308,42 @@ def parse_pixels(rows, lines, names, path):
     try:
         return numpy.loadtxt([",".join(row) for row in rows], delimiter=",", dtype=numpy.float32, ndmin=2,
                              comments=None)
-    except ValueError:
+    except ValueError as error:
         for row, line in zip(rows, lines):
             for cell, name in zip(row, names):
-                if not is_number(cell):
+                if not is_number(cell.strip()):
                     raise ValueError(f"{path} line {line}: column {name!r} holds {cell.strip()!r}, not a number") \
                         from None
-        raise
+        raise ValueError(f"{path}: {one_line(error)}") from error
 
 
 def is_number(text):
+    """Whether a CSV cell is a number as NumPy reads one (Python's ``float`` also takes "1_000")."""
     try:
         float(text)
     except ValueError:
         return False
-    return True
+    return "_" not in text
+
+
+def integer_label(text):
+    """The integer a label spells, "7" or "7.0" (as pandas writes a column with gaps), if it fits in
+    64 bits; else None."""
+    if not is_number(text):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():  # also NaN and infinity
+            return None
+        value = int(number)
+    return value if -2 ** 63 <= value < 2 ** 63 else None
 
 
 def is_integer_text(text):
-    """Whether ``text`` is an integer label (one that fits in 64 bits)."""
-    try:
-        return -2 ** 63 <= int(text) < 2 ** 63
-    except ValueError:
-        return False
+    """Whether ``text`` is an integer label (see ``integer_label``)."""
+    return integer_label(text) is not None
 
 
 # -- a folder of class folders ---------------------------------------------------
