@@ -4,6 +4,7 @@ tests/test_checkpoint_hostile.py holds the many hostile inputs; tests/test_check
 """
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -210,11 +211,16 @@ def test_a_negative_running_variance_is_refused(tmp_path):
         read_checkpoint(path)
 
 
-@pytest.mark.parametrize("architecture", [None, {"name": "custom"}, {"name": "mlp", "kwargs": {"depth": 3}}])
-def test_an_architecture_no_checkpoint_could_rebuild_is_refused_at_saving(tmp_path, architecture):
+@pytest.mark.parametrize("architecture, message", [
+    (None, "save a network of your own with mnn.checkpoint.save_weights"),
+    ({"name": "custom"}, "unknown model 'custom'"),
+    ({"name": "mlp", "kwargs": {"depth": 3}}, "no setting depth"),
+    ({"name": "mlp", "kwargs": {"hidden": [4]}, "extra": 1}, "a dict of a model's name and kwargs"),
+    ({"name": "mlp", "kwargs": {"hidden": [5]}}, "describes 3,985 parameters and buffers, but the network holds 3,190"),
+])
+def test_an_architecture_no_checkpoint_could_rebuild_is_refused_at_saving(tmp_path, architecture, message):
     net = models.build({"name": "mlp", "kwargs": {"hidden": [4]}})
-    with pytest.raises(ValueError, match=r"architecture: .*save a network of your own with "
-                                         r"mnn.checkpoint.save_weights\(path, net\)"):
+    with pytest.raises(ValueError, match=f"architecture: .*{re.escape(message)}"):
         save_checkpoint(tmp_path / "c.safetensors", net, architecture)
     assert not list(tmp_path.iterdir())
 
@@ -240,3 +246,14 @@ def test_a_network_of_your_own_saves_and_reads_its_weights(tmp_path):
     (tmp_path / "p.safetensors").write_bytes(pickle.dumps({"w": 1}))
     with pytest.raises(CheckpointError, match="mnn never unpickles"):
         read_weights(tmp_path / "p.safetensors")
+
+
+def test_read_weights_takes_a_checkpoints_weights_too(tmp_path):
+    from mnn.checkpoint import read_weights
+    net = models.build({"name": "mlp", "kwargs": {"hidden": [4]}})
+    net.optimizer = optim.AdamW(net, lr=1e-3)
+    save_checkpoint(tmp_path / "c.safetensors", net, {"name": "mlp", "kwargs": {"hidden": [4]}}, net.optimizer)
+    again = models.build({"name": "mlp", "kwargs": {"hidden": [4]}})
+    again.load_weights(read_weights(tmp_path / "c.safetensors"))  # the optimizer's buffers left out
+    for name, value in net.state_dict().items():
+        numpy.testing.assert_array_equal(again.state_dict()[name], value)

@@ -385,3 +385,10 @@ def test_the_best_of_equal_accuracies_is_the_one_with_the_lower_loss(tmp_path):
     trainer.metrics = [{"step": step, "val_accuracy": accuracy, "val_loss": loss}
                        for step, (accuracy, loss) in enumerate(scores, 1)]
     assert trainer.best_evaluation() == 2  # the first of the truly equal
+
+
+def test_an_unknown_flag_is_told_by_its_subcommand(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "--bogus"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "mnn train: error: unrecognized arguments: --bogus (the flags: mnn train --help)\n"

@@ -561,3 +561,10 @@ def test_a_csv_pixel_with_an_underscore_is_named_as_no_number(tmp_path, rng):
     (tmp_path / "u.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"u.csv line 3: column 'pixel4' holds '1_0', not a number"):
         load_custom(tmp_path / "u.csv")
+
+
+@pytest.mark.parametrize("text, value", [("7", 7), ("7.0", 7), (" -3.00 ", -3), ("+2", 2), ("1e3", None), ("3.5", None),
+                                         ("nan", None), ("1_000", None), ("9007199254740993.0", 9007199254740993)])
+def test_an_integer_label_is_digits_perhaps_with_a_zero_fraction(text, value):
+    from mnn.data.custom import integer_label
+    assert integer_label(text) == value

@@ -87,3 +87,22 @@ def test_synchronised_batch_norm_equals_batch_norm_of_the_global_batch(layer_cla
             numpy.testing.assert_allclose(2 * local.grads[name], together.grads[name], rtol=1e-12)
     finally:
         backend.set_default_dtype(numpy.float32)
+
+
+def test_flatten_keeps_an_optimizers_own_names_and_the_parameters_it_leaves_alone():
+    net = small_gpt()
+    head = net[-2]
+    net.optimizer = optim.SGD([(f"p{i}", *pair) for i, pair in enumerate(zip(head.params.values(),
+                                                                               head.grads.values()))], lr=0.1)
+    frozen = {name: param.copy() for name, param in net.state_dict().items() if not name.startswith(f"{len(net) - 2}.")}
+    net.flatten()
+    assert [name for name, _, _ in net.optimizer.parameters] == ["p0"]  # the head: w, no bias
+    assert all(param.base is not None for _, param, _ in net.optimizer.parameters)  # views into the buffer
+    net(numpy.zeros((2, 8), dtype=int), numpy.ones((2, 8), dtype=int))
+    net.backward()
+    before = head.params["w"].copy()
+    net.step()
+    assert not numpy.array_equal(head.params["w"], before)
+    for name, param in net.state_dict().items():
+        if name in frozen:
+            numpy.testing.assert_array_equal(param, frozen[name])

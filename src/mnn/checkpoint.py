@@ -57,7 +57,7 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
     ``architecture`` names one of ``mnn.models``' builders and its settings, from which the checkpoint
     rebuilds its network; a network of your own is saved with ``save_weights``."""
     path = Path(path)
-    check_architecture(architecture)
+    check_architecture(architecture, net)
     tensors = {f"param/{name}": backend.to_numpy(p) for name, p in net.state_dict().items()}
     document = {"mnn_version": __version__, "architecture": architecture, **metadata}
     if optimizer is not None:
@@ -70,20 +70,26 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def check_architecture(architecture):
-    """Refuse, at saving, an architecture no checkpoint could be loaded with."""
+def check_architecture(architecture, net):
+    """Refuse, at saving, what no load could take: an architecture that is not one of ``mnn.models``'
+    (with nothing but ``name`` and ``kwargs``), or one that describes another size than ``net``."""
     try:
-        if not isinstance(architecture, dict):
-            raise ValueError(f"must be a dict naming a model, got {type(architecture).__name__}")
-        models.resolve(architecture)
+        if not isinstance(architecture, dict) or not set(architecture) <= {"name", "kwargs"}:
+            raise ValueError(f"must be a dict of a model's name and kwargs, got {architecture!r}")
+        described = models.parameter_count(architecture, buffers=True)
     except (ValueError, FieldError) as error:
         raise ValueError(f"architecture: {one_line(error)}. A checkpoint rebuilds one of mnn.models' networks "
                          f"({', '.join(sorted(models.BUILDERS))}); save a network of your own with "
                          "mnn.checkpoint.save_weights(path, net)") from error
+    held = sum(value.size for value in net.state_dict().values())
+    if described != held:
+        raise ValueError(f"architecture: describes {described:,} parameters and buffers, but the network holds "
+                         f"{held:,}: not the network it describes")
 
 
 def save_weights(path, net):
-    """Write ``net.state_dict()`` (parameters and buffers, by name) to a safetensors file, atomically.
+    """Write ``net.state_dict()`` (a network's parameters and buffers, by name) to a safetensors file,
+    atomically.
 
     For a network of your own, which no checkpoint architecture describes: build the same
     network again and load with ``net.load_weights(read_weights(path))``."""
@@ -96,10 +102,12 @@ def save_weights(path, net):
 
 
 def read_weights(path):
-    """The arrays ``save_weights`` wrote, by name, checked as a checkpoint's are (nothing is unpickled)."""
+    """The arrays ``save_weights`` wrote (or a checkpoint's weights), by name, checked as a checkpoint's
+    are (nothing is unpickled)."""
     data = read_regular_file(path)
     read_header(path, data)
-    return {name.removeprefix("param/"): value for name, value in load_tensors(path, data).items()}
+    return {name.removeprefix("param/"): value for name, value in load_tensors(path, data).items()
+            if name.startswith("param/")}
 
 
 # -- reading ----------------------------------------------------------------

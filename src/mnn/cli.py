@@ -17,8 +17,8 @@ from .runs import checkpoint_file
 from .train_command import add_train_arguments, command_train
 
 def add_common_arguments(parser):
-    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads (default: $OMP_NUM_THREADS, else the "
-                        "cores this process may use)")
+    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads (default: the first of $OMP_NUM_THREADS, "
+                        "$OPENBLAS_NUM_THREADS and $MKL_NUM_THREADS that is set, else the cores this process may use)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error ($MNN_DEBUG=1 too)")
 
 
@@ -84,15 +84,15 @@ def numpy_top(probabilities, k):
 
 
 def command_gradcheck(args):
-    from .gradcheck import check_all_layers
+    from .gradcheck import ACCUMULATED, check_all_layers
 
     print(f"finite differences in float64; a layer passes when every relative error is below {GRADCHECK_TOLERANCE:g}")
     failed = []
     for name, errors in check_all_layers():
         passed = max(errors.values()) < GRADCHECK_TOLERANCE
         failed += [] if passed else [name]
-        derivatives = {k: v for k, v in errors.items() if not k.endswith(" (accumulated)")}
-        adds = [v for k, v in errors.items() if k.endswith(" (accumulated)")]  # backward's +=, one number
+        derivatives = {k: v for k, v in errors.items() if not k.endswith(ACCUMULATED)}
+        adds = [v for k, v in errors.items() if k.endswith(ACCUMULATED)]  # backward's +=, one number
         print(f"{'PASS' if passed else 'FAIL'}  {name:<24} " + "  ".join(f"{k} {v:.1e}" for k, v in derivatives.items())
               + (f"  (+= {max(adds):.1e})" if adds else ""))
     print(f"{len(failed)} layers failed: {', '.join(failed)}" if failed else "all layers passed")
@@ -121,7 +121,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options belong to bench/run.py
         return command_bench(argv[1:])
-    args = parser().parse_args(argv)
+    main_parser = parser()
+    args, unknown = main_parser.parse_known_args(argv)
+    if unknown:  # told by the subcommand, whose --help lists its flags
+        main_parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = args.debug or os.environ.get("MNN_DEBUG", "") not in ("", "0")
     handlers = {"train": command_train, "test": command_test, "generate": command_generate, "predict": command_predict,
                 "gradcheck": command_gradcheck}
@@ -225,6 +228,7 @@ def parser():
     add_common_arguments(predict)
     add_common_arguments(commands.add_parser("gradcheck", help="finite-difference check of every layer"))
     commands.add_parser("bench", help="time mnn against PyTorch (from the repository root; see mnn bench --help)")
+    main_parser.subcommands = commands.choices  # name -> parser: where a subcommand's unknown flag is told
     return main_parser
 
 

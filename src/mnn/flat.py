@@ -30,12 +30,13 @@ class FlatBuffers:
         return sum(grad.size for grad in self.grads.values())
 
 
-def flatten(net):
+def flatten(net, optimizer=None):
     """Move ``net``'s parameters and gradients into flat buffers, one per dtype; return them.
 
     Every array is copied into its place, then every layer that held the old array holds
-    the view instead (tied weights included). Call it before creating the optimizer,
-    which keeps references to the arrays it updates."""
+    the view instead (tied weights included). An optimizer keeps references to the arrays
+    it updates: one created before this call is passed as ``optimizer``, and each array
+    it holds is replaced by its view (its names, and the parameters it leaves alone, kept)."""
     layout = plan(net.named_parameters())
     xp = backend.array_module(next(iter(layout.values()))[0][0]) if layout else backend.xp()
     buffers = {}
@@ -50,6 +51,9 @@ def flatten(net):
             views[0][...], views[1][...] = param, grad
             moved[id(param)], moved[id(grad)] = views
     point_layers_at(net, moved)
+    if optimizer is not None:
+        optimizer.parameters = [(name, moved.get(id(param), param), moved.get(id(grad), grad))
+                                for name, param, grad in optimizer.parameters]
     return FlatBuffers({dtype: pair[0] for dtype, pair in buffers.items()},
                        {dtype: pair[1] for dtype, pair in buffers.items()})
 

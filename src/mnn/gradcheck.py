@@ -39,14 +39,19 @@ def _analytic(layer, inputs, targets, weights):
     return [None if g is None else g.copy() for g in grads], {name: g.copy() for name, g in layer.grads.items()}
 
 
+ACCUMULATED = " (accumulated)"  # the suffix of the accumulation checks' names
+
+
 def _accumulation_errors(layer, inputs, targets, weights):
     """A second pass without ``zero_grads()`` must double every parameter gradient: backward adds to
     them (``+=``), which gradient accumulation and tied weights rely on."""
     _, once = _analytic(layer, inputs, targets, weights)
     _backward(layer, inputs, targets, weights)
-    return {f"{name} (accumulated)": float(numpy.abs(layer.grads[name] - 2 * grad).max()
-                                           / max(2 * float(numpy.abs(grad).max()), 1e-12))
-            for name, grad in once.items()}
+    errors = {name + ACCUMULATED: float(numpy.abs(layer.grads[name] - 2 * grad).max()
+                                        / max(2 * float(numpy.abs(grad).max()), 1e-12))
+              for name, grad in once.items()}
+    layer.zero_grads()
+    return errors
 
 
 def relative_error(a, b):

@@ -193,9 +193,7 @@ class SequentialLayers(CompositeLayer):
         parameters into the buffers; an optimizer kept elsewhere must be created after this call."""
         from .flat import flatten
 
-        self.flat = flatten(self)
-        if self.optimizer is not None:  # it held the arrays that the buffers' views replaced
-            self.optimizer.parameters = self.named_parameters()
+        self.flat = flatten(self, self.optimizer)
         return self.flat
 
     def zero_grads(self):

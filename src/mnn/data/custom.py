@@ -25,6 +25,7 @@ naming the file (and the line, the key or the image).
 import csv
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -326,19 +327,17 @@ def is_number(text):
     return "_" not in text
 
 
+WHOLE_FLOAT = re.compile(r"\s*([+-]?\d+)\.0*\s*")  # "7.0", as pandas writes an integer column with gaps
+
+
 def integer_label(text):
-    """The integer a label spells, "7" or "7.0" (as pandas writes a column with gaps), if it fits in
-    64 bits; else None."""
-    if not is_number(text):
-        return None
+    """The integer a label spells, "7" or "7.0", if it fits in 64 bits; else None."""
+    whole = WHOLE_FLOAT.fullmatch(text)
     try:
-        value = int(text)
+        value = int(whole.group(1) if whole else text)
     except ValueError:
-        number = float(text)
-        if not number.is_integer():  # also NaN and infinity
-            return None
-        value = int(number)
-    return value if -2 ** 63 <= value < 2 ** 63 else None
+        return None
+    return value if "_" not in text and -2 ** 63 <= value < 2 ** 63 else None
 
 
 def is_integer_text(text):
