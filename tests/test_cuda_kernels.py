@@ -52,8 +52,9 @@ def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype, optimizer):
     shrink = 1 - 1e-2 * decay
     for step, step_grad in enumerate(grads, 1):
         step_size, unbias = 1e-2 / (1 - 0.8**step), 1 / numpy.sqrt(1 - 0.99**step)
-        on_cpu(g=step_grad, beta1=0.8, beta2=0.99, step_size=step_size, unbias=unbias, eps=1e-6, shrink=shrink,
-               theta=theta, m=m, v=v)
+        settings = {"beta1": 0.8, "one_minus_beta1": 1 - 0.8, "beta2": 0.99, "one_minus_beta2": 1 - 0.99,
+                    "step_size": step_size, "unbias": unbias, "eps": 1e-6, "shrink": shrink}  # rounded, as the wrapper
+        on_cpu(g=step_grad, **{name: dtype(value) for name, value in settings.items()}, theta=theta, m=m, v=v)
     tolerance = 1e-12 if dtype == numpy.float64 else 2e-6
     for ours, reference in ((theta, param), (m, adam.buffers["w.m"]), (v, adam.buffers["w.v"])):
         numpy.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance)

@@ -120,4 +120,37 @@ def test_the_gpu_kernels_take_the_inputs_the_reference_lines_take(on_gpu):
     logits = numpy.random.default_rng(0).standard_normal((6, 5)).astype(numpy.float32)
     labels = numpy.arange(6) % 5
     losses = [float(CrossEntropyLossLayer().forward(move(logits), labels)) for move in (cupy.asarray, numpy.asarray)]
-    assert abs(losses[0] - losses[1]) < 1e-6
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("rows, width", [(1, 33), (3, 100), (5, 1000), (7, 31)])
+@pytest.mark.parametrize("layer", ["softmax", "causal attention", "layer norm", "cross-entropy"])
+def test_the_row_kernels_on_long_rows_and_odd_row_counts(on_gpu, rows, width, layer):
+    """Rows longer than a warp (each lane loops) and row counts off a block's 4 rows (a block's last
+    warps idle): what the CPU harness, one lane at a time, cannot see. Forward and backward against the CPU."""
+    from mnn.layers import CrossEntropyLossLayer, LayerNormLayer, MultiHeadAttention, SoftmaxLayer
+
+    rng = numpy.random.default_rng(rows * width)
+    x = (3 * rng.standard_normal((rows, width))).astype(numpy.float32)
+    g = rng.standard_normal((rows, width)).astype(numpy.float32)
+    tokens = rng.standard_normal((rows, width, 8)).astype(numpy.float32)  # attention: width is the context
+
+    def forward_and_backward(move):
+        if layer == "cross-entropy":
+            loss = CrossEntropyLossLayer()
+            return loss.forward(move(x), numpy.arange(rows) * 7 % width), loss.backward()
+        if layer == "causal attention":  # the masked, scaled softmax over rows of `width` scores
+            attention = MultiHeadAttention(8, 2, causal=True)
+            y = attention.forward(move(tokens))
+            return y, attention.backward(move(numpy.ones(y.shape, numpy.float32)))
+        made = SoftmaxLayer() if layer == "softmax" else LayerNormLayer(width)
+        return made.forward(move(x)), made.backward(move(g))
+
+    results = []
+    for name, move in (("cupy", cupy.asarray), ("numpy", numpy.asarray)):
+        backend.use(name)
+        backend.seed(0)  # the same attention weights both times
+        results.append([backend.to_numpy(output) for output in forward_and_backward(move)])
+    backend.use("cupy")
+    for gpu, cpu in zip(*results):
+        numpy.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5)

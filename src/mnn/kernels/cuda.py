@@ -85,16 +85,17 @@ def entries(name, template, params):
 
 # -- element-wise kernels --------------------------------------------------------------------------
 
-# Adam's Eqs. (2)-(3) (mnn.optim.Adam), the same arithmetic as its NumPy lines, after AdamW's decay
-# (theta times shrink, 1 for none).
+# Adam's Eqs. (2)-(3) (mnn.optim.Adam) after AdamW's decay (theta times shrink, 1 for none), in the
+# order of operations of the CPU kernel, and in T: the settings come rounded to the parameters' dtype,
+# as there (double arithmetic would also be slow on GPUs with few float64 units).
 ADAM_UPDATE = Elementwise(
     "mnn_adam_update",
-    "T g, float64 beta1, float64 beta2, float64 step_size, float64 unbias, float64 eps, float64 shrink",
+    "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, T shrink",
     "T theta, T m, T v",
-    "theta = theta * (T)shrink;"
-    " m = beta1 * m + (1 - beta1) * g;"
-    " v = beta2 * v + (1 - beta2) * g * g;"
-    " theta -= step_size * m / (sqrt(v) * unbias + eps)")
+    "theta = theta * shrink;"
+    " m = m * beta1 + g * one_minus_beta1;"
+    " v = v * beta2 + g * g * one_minus_beta2;"
+    " theta -= m / (sqrt(v) * unbias + eps) * step_size")
 
 # SplitMix64's output function (mnn.layers.dropout, Eq. (4)).
 SPLITMIX64 = f"""
@@ -471,14 +472,13 @@ template <typename T> __device__ void batch_norm_backward_sums(const T* g, const
         sums[(chunk * 2 + 1) * channels + c] = total;
     }
 }
-/* Eq. (3), with the sums of Eq. (2) over every chunk, sums (2, C). */
-template <typename T> __device__ void batch_norm_backward_apply(const T* g, const T* x_hat, const double* sums,
+/* Eq. (3), with the means of Eq. (2)'s sums over every chunk, means (2, C): of g x_hat, then of g. */
+template <typename T> __device__ void batch_norm_backward_apply(const T* g, const T* x_hat, const T* means,
                                                                 const T* weight, const T* inv_std, T* grad,
                                                                 long long count, int channels) {
     EACH_ELEMENT(e, count * channels) {
         int c = e % channels;
-        T mean_gx = (T)(sums[c] / count), mean_g = (T)(sums[channels + c] / count);
-        grad[e] = (weight[c] * inv_std[c]) * (g[e] - mean_g - x_hat[e] * mean_gx);
+        grad[e] = (weight[c] * inv_std[c]) * (g[e] - means[channels + c] - x_hat[e] * means[c]);
     }
 }
 """ + entries("mnn_batch_norm_sums", "batch_norm_sums",
@@ -492,7 +492,7 @@ template <typename T> __device__ void batch_norm_backward_apply(const T* g, cons
     + entries("mnn_batch_norm_backward_sums", "batch_norm_backward_sums",
               "const T* g, const T* x_hat, double* sums, long long count, int channels, int chunk_rows")
     + entries("mnn_batch_norm_backward_apply", "batch_norm_backward_apply",
-              "const T* g, const T* x_hat, const double* sums, const T* weight, const T* inv_std, T* grad, "
+              "const T* g, const T* x_hat, const T* means, const T* weight, const T* inv_std, T* grad, "
               "long long count, int channels"))
 BATCH_NORM_STATISTICS = Raw("mnn_batch_norm_statistics", BATCH_NORM_SUMS.code)
 BATCH_NORM_APPLY = Raw("mnn_batch_norm_apply", BATCH_NORM_SUMS.code)
@@ -521,7 +521,9 @@ def launch_elements(source, like, count, arguments):
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
     """Adam's Eqs. (2)-(3) in place on CuPy arrays, after AdamW's decay (``shrink``): ``param``, ``m`` and
     ``v`` are updated."""
-    compiled(ADAM_UPDATE)(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v)
+    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
+                                                     shrink)]
+    compiled(ADAM_UPDATE)(grad, *scalars, param, m, v)
 
 
 def dropout(x, key, threshold, scale):
@@ -707,6 +709,8 @@ def batch_norm(rows, weight, bias, eps):
 
     rows, weight, bias = (cupy.ascontiguousarray(a) for a in (rows, weight, bias))  # read in memory order
     (count, channels), dtype = rows.shape, rows.dtype
+    if count == 0:  # the statistics kernel reads a first row
+        raise ValueError("batch norm's kernels take at least one row")
     sums = chunk_sums(BATCH_NORM_SUMS, (rows,), count, channels)
     mean, var, inv_std = (cupy.empty(channels, dtype=dtype) for _ in range(3))
     launch_elements(BATCH_NORM_STATISTICS, rows, channels, (rows, sums, mean, var, inv_std, numpy.int64(count),
@@ -719,13 +723,13 @@ def batch_norm(rows, weight, bias, eps):
 
 def batch_norm_backward(g, x_hat, weight, inv_std):
     """Batch norm's Eqs. (2)-(3) for CuPy (N, C) rows: (dL/dx, dL/dgamma, dL/dbeta), as
-    ``mnn.kernels.cpu.batch_norm_backward``, in three launches and the sums' two casts."""
+    ``mnn.kernels.cpu.batch_norm_backward``, in three launches and the sums' casts."""
     import cupy
 
     g, x_hat, weight, inv_std = (cupy.ascontiguousarray(a) for a in (g, x_hat, weight, inv_std))
     count, channels = g.shape
     sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
-    grad = cupy.empty_like(g)
-    launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, sums, weight, inv_std, grad, numpy.int64(count),
+    means, grad = (sums / count).astype(g.dtype), cupy.empty_like(g)  # rounded once a channel, not per entry
+    launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, means, weight, inv_std, grad, numpy.int64(count),
                                                            numpy.int32(channels)))
     return grad, sums[0].astype(g.dtype), sums[1].astype(g.dtype)
