@@ -57,8 +57,8 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
     ``architecture`` names one of ``mnn.models``' builders and its settings, from which the checkpoint
     rebuilds its network; a network of your own is saved with ``save_weights``."""
     path = Path(path)
-    check_architecture(architecture, net)
     tensors = {f"param/{name}": backend.to_numpy(p) for name, p in net.state_dict().items()}
+    check_architecture(architecture, sum(tensor.size for tensor in tensors.values()))
     document = {"mnn_version": __version__, "architecture": architecture, **metadata}
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -70,9 +70,10 @@ def save_checkpoint(path, net, architecture, optimizer=None, **metadata):
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def check_architecture(architecture, net):
+def check_architecture(architecture, held):
     """Refuse, at saving, what no load could take: an architecture that is not one of ``mnn.models``'
-    (with nothing but ``name`` and ``kwargs``), or one that describes another size than ``net``."""
+    (with nothing but ``name`` and ``kwargs``), or one that describes another size than the ``held``
+    values of the network's parameters and buffers."""
     try:
         if not isinstance(architecture, dict) or not set(architecture) <= {"name", "kwargs"}:
             raise ValueError(f"must be a dict of a model's name and kwargs, got {architecture!r}")
@@ -81,7 +82,6 @@ def check_architecture(architecture, net):
         raise ValueError(f"architecture: {one_line(error)}. A checkpoint rebuilds one of mnn.models' networks "
                          f"({', '.join(sorted(models.BUILDERS))}); save a network of your own with "
                          "mnn.checkpoint.save_weights(path, net)") from error
-    held = sum(value.size for value in net.state_dict().values())
     if described != held:
         raise ValueError(f"architecture: describes {described:,} parameters and buffers, but the network holds "
                          f"{held:,}: not the network it describes")

@@ -1,8 +1,8 @@
 r"""Inverted dropout, with masks drawn by a counter-based generator."""
 import math
-import numbers
 
 from .. import backend, kernels
+from ..optim import is_finite_number
 from .base import Layer
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2^64 / golden ratio, made odd
@@ -43,7 +43,7 @@ class DropoutLayer(Layer):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        if not (is_finite_number(p) and 0 <= p < 1):
             raise ValueError(f"DropoutLayer: p must lie in [0, 1), got {p!r}")
         self.p = float(p)
 

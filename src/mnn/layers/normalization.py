@@ -11,10 +11,8 @@ using $\partial \mu/\partial x_k = 1/N$ and $\partial \sigma/\partial x_k = \hat
 $\partial \hat x_i/\partial x_k = (\delta_{ik} - 1/N - \hat x_i \hat x_k / N)/\sigma$, and
 $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 """
-import math
-import numbers
-
 from .. import backend, kernels
+from ..optim import is_finite_number
 from .base import Layer, check_size
 from .windows import channels_first, channels_last
 
@@ -261,13 +259,9 @@ class LayerNormLayer(Layer):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         weight = self.params["weight"]
         shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
-        one_dtype = x.dtype == weight.dtype == shift.dtype  # which the kernels keep; the lines below promote
-        if kernels.fused(x) and one_dtype:  # Eq. (1), each row in one pass
-            y, x_hat, inv_std = kernels.cpu.layer_norm(x, weight, shift, self.eps)
-            self.save(x_hat, inv_std)
-            return y
-        if kernels.fused_gpu(x) and one_dtype:  # Eq. (1), one launch for all rows
-            y, x_hat, inv_std = kernels.cuda.layer_norm(x, weight, shift, self.eps)
+        fused = kernels.cpu if kernels.fused(x) else kernels.cuda if kernels.fused_gpu(x) else None
+        if fused and x.dtype == weight.dtype == shift.dtype:  # the kernels keep one dtype; the lines below promote
+            y, x_hat, inv_std = fused.layer_norm(x, weight, shift, self.eps)  # Eq. (1), each row in one pass
             self.save(x_hat, inv_std)
             return y
         x_hat, inv_std, _, _ = normalize(x, -1, self.eps)  # Eq. (1)
@@ -300,17 +294,13 @@ class LayerNormLayer(Layer):
 
 
 def check_eps(layer, eps):
-    if not is_real(eps) or not 0 < eps < math.inf:  # also refuses NaN
+    if not (is_finite_number(eps) and eps > 0):
         raise ValueError(f"{type(layer).__name__}: eps must be a finite number > 0, got {eps!r}")
     return float(eps)
 
 
 def check_momentum(layer, momentum):
-    if not is_real(momentum) or not 0 <= momentum <= 1:
+    if not (is_finite_number(momentum) and 0 <= momentum <= 1):
         raise ValueError(f"{type(layer).__name__}: momentum must be a number in [0, 1], got {momentum!r} "
                          "(PyTorch's momentum=None, a cumulative average, is not offered)")
     return float(momentum)
-
-
-def is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
