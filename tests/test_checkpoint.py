@@ -257,3 +257,25 @@ def test_read_weights_takes_a_checkpoints_weights_too(tmp_path):
     again.load_weights(read_weights(tmp_path / "c.safetensors"))  # the optimizer's buffers left out
     for name, value in net.state_dict().items():
         numpy.testing.assert_array_equal(again.state_dict()[name], value)
+
+
+def test_a_failed_save_names_the_file_asked_for_not_the_temporary_one(tmp_path, rng):
+    from mnn.checkpoint import save_weights
+    net = trained_net(rng)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a file").write_text("x")
+    cases = {tmp_path / "folder": "Is a directory",
+             tmp_path / "a file" / "w.safetensors": "a file stands where a folder of its path should be"}
+    for path, why in cases.items():
+        with pytest.raises(OSError, match=rf"^\[Errno \d+\] cannot write {re.escape(str(path))} \({why}\)$"):
+            save_weights(path, net)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "folder"]
+    assert not any((tmp_path / "folder").iterdir())  # no temporary file left behind
+
+
+def test_loading_weights_alone_as_a_checkpoint_says_how_to_load_them(tmp_path, rng):
+    import mnn
+    from mnn.checkpoint import save_weights
+    save_weights(tmp_path / "w.safetensors", trained_net(rng))
+    with pytest.raises(CheckpointError, match=r"weights alone, as save_weights writes them: .*read_weights"):
+        mnn.load(tmp_path / "w.safetensors")

@@ -187,8 +187,9 @@ def test_backward_after_a_forward_without_targets_is_an_error(rng):
 def test_import_mnn_names_every_layer_lazily():
     import subprocess
     import sys
-    assert sorted(mnn.__all__) == sorted({"backend", "gradcheck", "optim", "load", "SequentialLayers",
-                                          *mnn.layers.__all__})
+    assert sorted(mnn.__all__) == sorted({"backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint",
+                                          "load", "SequentialLayers", *mnn.layers.__all__})
+    assert not [name for name in dir(mnn) if name.startswith("_") and name != "__version__"]
     loaded = subprocess.run([sys.executable, "-c", "import sys, mnn.cli; print('numpy' in sys.modules)"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"  # the command starts before NumPy loads: a Ctrl-C then is caught by main

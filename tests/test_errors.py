@@ -127,3 +127,51 @@ def test_mse_takes_its_targets_in_the_inputs_dtype():
     assert loss.backward().dtype == F32
     with pytest.raises(ValueError, match="targets must be numbers"):
         loss.forward(numpy.ones((1, 2), F32), numpy.array([["a", "b"]]))
+
+
+def test_a_torch_tensor_is_refused_with_the_conversion_to_make():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"input must be a NumPy or CuPy array, got Tensor"):
+        mnn.SequentialLayers([mnn.LinearLayer(4, 3)])(torch.ones(5, 4))
+
+
+def test_labels_given_as_a_list_are_told_to_become_integers():
+    with pytest.raises(TypeError, match=r"numpy.asarray\(x, dtype=numpy.int64\)"):
+        mnn.CrossEntropyLossLayer().forward(numpy.zeros((4, 3), numpy.float32), [0, 1, 2, 1])
+
+
+@pytest.mark.parametrize("loss, targets", [(mnn.CrossEntropyLossLayer, numpy.zeros(0, int)),
+                                           (mnn.NllLossLayer, numpy.zeros(0, int)),
+                                           (mnn.MSELossLayer, numpy.zeros((0, 2)))])
+def test_a_loss_of_an_empty_batch_is_refused_not_nan(loss, targets):
+    with pytest.raises(ValueError, match=r"input of shape \(0, 2\) holds nothing to average"):
+        loss().forward(numpy.zeros((0, 2), numpy.float32), targets)
+
+
+@pytest.mark.parametrize("build", [lambda flag: mnn.LinearLayer(2, 3, bias=flag),
+                                   lambda flag: mnn.Conv2dLayer(1, 2, 3, bias=flag),
+                                   lambda flag: mnn.LayerNormLayer(4, bias=flag),
+                                   lambda flag: mnn.GRULayer(2, 3, bias=flag),
+                                   lambda flag: mnn.MultiHeadAttention(4, 2, bias=flag),
+                                   lambda flag: mnn.MultiHeadAttention(4, 2, causal=flag)])
+def test_a_flag_must_be_true_or_false(build):
+    with pytest.raises(ValueError, match=r"must be True or False, got 'False'"):
+        build("False")  # a non-empty string is true: it would have built the bias
+    assert build(numpy.bool_(False)) is not None
+
+
+def test_attention_refuses_an_empty_batch_or_sequence():
+    for shape in [(1, 0, 4), (0, 3, 4)]:
+        with pytest.raises(ValueError, match=r"at least one sample and one position"):
+            mnn.MultiHeadAttention(4, 2).forward(numpy.zeros(shape, numpy.float32))
+
+
+def test_a_default_dtype_that_is_no_dtype():
+    with pytest.raises(ValueError, match=r"default dtype must be floating point .*'bogus'"):
+        mnn.backend.set_default_dtype("bogus")
+
+
+def test_check_layer_wants_arrays():
+    from mnn.gradcheck import check_layer
+    with pytest.raises(TypeError, match=r"check_layer: input 0 must be a NumPy array, got list"):
+        check_layer(mnn.ReluLayer(), [[1.0]])

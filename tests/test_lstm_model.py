@@ -70,8 +70,11 @@ def test_cli_trains_an_lstm_then_generates_from_it(tmp_path, capsys):
                                                                    "hidden": [16, 12], "dropout": 0.0}}
     assert [m["step"] for m in document["metrics"]] == [2, 4] and document["metrics"][-1]["val_loss"] < 4.2
     assert cli.main(["generate", str(run), "--prompt", "ROMEO:", "--tokens", "30", "--top-k", "5"]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 36
+    printed = capsys.readouterr()
+    assert printed.out.startswith("ROMEO:") and len(printed.out.rstrip("\n")) >= 36
+    assert printed.err == f"{run / 'best.safetensors'}\n"  # which checkpoint, beside the text, not in it
+    assert cli.main(["test", str(run)]) == 2
+    assert "a text model, not an image classifier: its held-out loss is the val_loss" in capsys.readouterr().err
     assert cli.main(["train", "--model", "lstm", "--heads", "2", "--steps", "1"]) == 2
     assert "model 'lstm' has no setting heads" in capsys.readouterr().err
 
@@ -114,3 +117,17 @@ def test_the_torch_reference_trains_the_same_run(tmp_path):
     assert result["max_difference"] <= 1e-9 and result["within_tolerance"]
     assert result["mnn_ms_per_step"] > 0 and result["torch_ms_per_step"] > 0
     assert "| 6 |" in report(result) and mnn.backend.default_dtype() is numpy.float32
+
+
+@pytest.mark.parametrize("argument, message", [
+    ({"tokens": -1}, "tokens must be an integer >= 0, got -1"), ({"tokens": True}, "tokens must be an integer"),
+    ({"top_k": -2}, "top_k must be an integer >= 0"), ({"top_k": 2.5}, "top_k must be an integer >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"temperature": "0.5"}, "temperature must be a finite number >= 0"), ({"seed": -1}, "seed must be an integer"),
+    ({"prompt": 5}, "prompt must be a string or None, got int")])
+def test_generate_from_python_checks_what_the_command_line_checks(argument, message):
+    from mnn.data.text import CharTokenizer
+    from mnn.generate import generate
+    with pytest.raises((TypeError, ValueError), match=rf"^generate: {message}"):
+        generate(small_lstm(), CharTokenizer.from_text("abcdefghijk"), **{"prompt": "ab", "tokens": 3,
+                                                                            "context": 8, **argument})

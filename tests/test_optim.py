@@ -254,3 +254,23 @@ def test_weight_decay_can_skip_vectors_as_torch_param_groups(rng):
         theirs.step()
     for k in params:
         assert max_relative_difference(params[k], tensors[k].detach().numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("parameters", ["arrays", "dict", "number"])
+def test_parameters_that_are_not_named_triples_are_refused(parameters):
+    import mnn
+    net = mnn.SequentialLayers([mnn.LinearLayer(4, 3), mnn.MSELossLayer()])
+    given = {"arrays": list(net.params.values()), "dict": net.params, "number": 5}[parameters]
+    before = net.params["0.w"].copy()
+    with pytest.raises(TypeError, match=r"SGD: pass a network, or its named_parameters\(\)"):
+        optim.SGD(given, lr=0.5).step()  # a bare list of arrays was unpacked row by row, and trained nonsense
+    assert (net.params["0.w"] == before).all()
+
+
+def test_betas_may_be_an_array_of_two():
+    import mnn
+    net = mnn.SequentialLayers([mnn.LinearLayer(2, 2)])
+    adam = optim.AdamW(net, betas=numpy.array([0.8, 0.95]))
+    assert (adam.beta1, adam.beta2) == (0.8, 0.95)
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        optim.AdamW(net, betas=numpy.array([0.8, 0.9, 0.95]))

@@ -235,8 +235,12 @@ def test_bad_input_names_the_layer_and_the_shapes():
     gru.initial_state = numpy.zeros((2, 5), dtype=numpy.float32)  # e.g. carried from another layer
     with pytest.raises(ValueError, match=r"initial state h of shape \(2, 5\); expected \(2, 4\)"):
         gru.forward(x)
-    with pytest.raises(ValueError, match=r"LSTMLayer.*initial state must be a pair \(h, c\).*\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"LSTMLayer.*initial state must be a pair \(h, c\) of arrays of shape "
+                                         r"\(2, 4\), got an array of shape \(2, 4\)$"):
         lstm.forward(x, numpy.zeros((2, 4), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"GRULayer.*must be an array of shape \(2, 4\), got a tuple of 2: "
+                                         r"\(2, 4\), int$"):
+        gru.forward(x, (numpy.zeros((2, 4)), 5))
     with pytest.raises(ValueError, match=r"initial state c of shape \(1, 4\); expected \(2, 4\)"):
         lstm.forward(x, (numpy.zeros((2, 4)), numpy.zeros((1, 4))))
     with pytest.raises(ValueError, match="initial state h must be a floating-point array"):
@@ -289,3 +293,17 @@ def test_the_same_gradients_under_cupy(cell, rng):
         assert numpy.allclose(cupy.asnumpy(ours), theirs, atol=1e-5)
     for name, grad in cpu.grads.items():
         assert numpy.allclose(cupy.asnumpy(gpu.grads[name]), grad, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (2, 1, 3), (2, 5, 3)])
+def test_the_output_is_never_what_backward_saved(shape, float64, rng):
+    """Where B or T is 1 a transpose is already contiguous: the output must still be a copy."""
+    layer, x, g = mnn.LSTMLayer(3, 4), rng.standard_normal(shape), rng.standard_normal(shape[:2] + (4,))
+    layer.forward(x)
+    layer.backward(g)
+    expected = layer.grads["weight_hh"].copy()
+    layer.zero_grads()
+    y = layer.forward(x)
+    y *= 2  # the caller's array to change
+    layer.backward(g)
+    assert numpy.array_equal(layer.grads["weight_hh"], expected)

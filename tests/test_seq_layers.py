@@ -236,3 +236,53 @@ def test_a_parameter_shared_without_its_gradient_is_refused_and_a_full_tie_train
         assert max_relative_difference(net.named_parameters()[0][2], w.grad.numpy()) < 1e-12
     finally:
         mnn.backend.set_default_dtype(numpy.float32)
+
+
+def test_load_weights_checks_every_value_before_copying_any(rng):
+    net = mnn.SequentialLayers([mnn.LinearLayer(2, 3), mnn.LinearLayer(3, 2), mnn.BatchNormLayer(2)])
+    before = {name: value.copy() for name, value in net.state_dict().items()}
+    bad_values = {"1.b": (numpy.array(["x", "y"]), "holds <U1 values; expected real numbers"),
+                  "0.w": ([[1.0] * 2] * 3, "must be a NumPy or CuPy array, got list"),
+                  "1.w": (numpy.full((2, 3), numpy.nan), "holds NaN or infinity"),
+                  "0.b": (numpy.array([1e300, 0, 0]), r"NaN or infinity \(or values beyond float32's range\)"),
+                  "2.weight": (numpy.array([1 + 2j, 1]), "complex128 values"),
+                  "2.running_var": (numpy.array([1.0, -1.0], numpy.float32), "a variance, holds values below 0")}
+    for name, (value, message) in bad_values.items():
+        state = {key: numpy.ones(v.shape) for key, v in net.state_dict().items()}
+        state[name] = value
+        with pytest.raises((TypeError, ValueError), match=rf"load_weights: {name}.*{message}"):
+            net.load_weights(state)
+        assert all((before[key] == v).all() for key, v in net.state_dict().items())  # nothing half-loaded
+
+
+def test_a_single_layer_saves_and_loads_weights(tmp_path):
+    from mnn.checkpoint import read_weights, save_weights
+    layer, copy = mnn.LinearLayer(3, 2), mnn.LinearLayer(3, 2)
+    save_weights(tmp_path / "w.safetensors", layer)
+    copy.load_weights(read_weights(tmp_path / "w.safetensors"))
+    assert (copy.params["w"] == layer.params["w"]).all() and (copy.params["b"] == layer.params["b"]).all()
+
+
+def test_a_loss_inside_a_layer_is_refused():
+    inner = mnn.SequentialLayers([mnn.LinearLayer(4, 2), mnn.MSELossLayer()])
+    for outer in ([inner, mnn.ReluLayer()], [mnn.ResidualBlock(inner)]):
+        with pytest.raises(ValueError, match=r"item 0 \(\w+\) holds a loss layer, which a network used as a "
+                                             r"layer skips"):
+            mnn.SequentialLayers(outer)
+
+
+def test_from_config_tells_what_is_wrong():
+    build = mnn.SequentialLayers.from_config
+    with pytest.raises(ValueError, match=r"a SequentialLayers without its 'layers'"):
+        build({"layerz": []})
+    with pytest.raises(ValueError, match=r"LinearLayer: .*missing 1 required positional argument: 'out_features'"):
+        build({"layers": [{"type": "LinearLayer", "config": {"in_features": 2}}]})
+    for base in ("Layer", "LossLayer", "CompositeLayer"):
+        with pytest.raises(ValueError, match=rf"unknown layer type '{base}'"):
+            build({"layers": [{"type": base}]})
+
+
+def test_repr_indents_nested_networks():
+    net = mnn.SequentialLayers([mnn.SequentialLayers([mnn.ReluLayer()]), mnn.MSELossLayer()])
+    assert repr(net).splitlines() == ["SequentialLayers(", "  (0) SequentialLayers(", "    (0) ReluLayer()", "  )",
+                                      "  (1) MSELossLayer()", ")"]

@@ -136,3 +136,47 @@ def test_a_model_and_a_dataset_that_do_not_fit(capsys):
 def test_a_size_flag_the_model_does_not_take(capsys):
     assert cli.main(["train", "--layers", "3", "--limit", "500"]) == 2
     assert "model 'mlp' has no setting layers" in capsys.readouterr().err
+
+
+def diverging_trainer(tmp_path, at_step, breaks):
+    """A tiny run in which ``breaks(trainer)`` makes the numbers overflow once ``at_step`` steps are done."""
+    trainer = Trainer(TrainConfig(**{**TINY, "eval_every": 5, "steps": 20}), tmp_path / "run", quiet=True)
+    original = trainer.train_step
+
+    def step_then_break(bar):
+        original(bar)
+        if trainer.step == at_step:
+            breaks(trainer)
+
+    trainer.train_step = step_then_break
+    return trainer
+
+
+def test_an_overflowed_optimizer_state_ends_the_run_before_a_checkpoint_holds_it(tmp_path):
+    """Adam's squared gradients can overflow while the weights stay finite: no loader would take that back."""
+    def overflow(trainer):
+        next(iter(trainer.optimizer.buffers.values()))[0] = numpy.inf
+    trainer = diverging_trainer(tmp_path, 10, overflow)
+    with pytest.raises(FloatingPointError, match=r"AdamW's \S+ holds NaN or infinity at step 10: training diverged; "
+                                                 r"start a new run with a lower --lr; the checkpoint of step 5 is kept"):
+        trainer.run()
+    _, document = read_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert document["step"] == 5  # still loads
+
+
+def test_a_validation_loss_that_overflowed_is_neither_recorded_nor_the_best(tmp_path):
+    def overflow(trainer):
+        trainer.net.params["4.b"][0] = numpy.nan
+    trainer = diverging_trainer(tmp_path, 10, overflow)
+    with pytest.raises(FloatingPointError, match=r"the validation loss became nan at step 10: training diverged"):
+        trainer.run()
+    assert [record["step"] for record in trainer.metrics] == [5]
+    assert read_checkpoint(tmp_path / "run" / "best.safetensors")[1]["step"] == 5
+
+
+def test_a_bad_kernel_mode_is_told_before_a_run_folder_is_made(tmp_path, capsys, monkeypatch):
+    from mnn import kernels
+    monkeypatch.setitem(kernels._state, "mode", None)
+    monkeypatch.setenv("MNN_KERNELS", "NUMPY")
+    assert cli.main(["train", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "kernels: unknown mode 'NUMPY'" in capsys.readouterr().err and not (tmp_path / "run").exists()

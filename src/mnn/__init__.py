@@ -17,7 +17,7 @@ _LAYERS = [
 _WHERE = {"load": ".predict", "SequentialLayers": ".seq_layers", **{name: ".layers" for name in _LAYERS}}
 _MODULES = ["backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint"]
 
-__all__ = ["backend", "gradcheck", "optim", "load", "SequentialLayers", *_LAYERS]
+__all__ = [*_MODULES, "load", "SequentialLayers", *_LAYERS]
 
 
 def __getattr__(name):
@@ -28,5 +28,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'mnn' has no attribute {name!r}")
 
 
-def __dir__():
-    return sorted({*globals(), *__all__, *_MODULES})
+def __dir__():  # the public names, not this file's own plumbing
+    return sorted({"__version__", *__all__})

@@ -46,13 +46,21 @@ def array_module(array):
     return numpy
 
 
+def is_array(x):
+    """Whether ``x`` is a NumPy or a CuPy array (a torch tensor, a list is not)."""
+    return isinstance(x, numpy.ndarray) or (type(x).__module__.startswith("cupy") and hasattr(x, "shape"))
+
+
 def default_dtype():
     return _state["dtype"]
 
 
 def set_default_dtype(dtype):
     """Set the dtype of new parameters: float32 (default) or float64 (gradient checks)."""
-    dtype = numpy.dtype(dtype)
+    try:
+        dtype = numpy.dtype(dtype)
+    except TypeError as error:
+        raise ValueError(f"default dtype must be floating point (float32, float64), got {dtype!r}") from error
     if dtype.kind != "f":
         raise ValueError(f"default dtype must be floating point, got {dtype}")
     _state["dtype"] = dtype.type

@@ -182,6 +182,9 @@ def read_header(path, data):
 
 def read_document(path, metadata):
     """The JSON document under ``__metadata__["mnn"]``, checked against the schema."""
+    if type(metadata) is dict and "mnn_version" in metadata and "mnn" not in metadata:
+        raise CheckpointError(f"{path}: weights alone, as save_weights writes them: build the network again and "
+                              "load them with net.load_weights(mnn.checkpoint.read_weights(path))")
     if type(metadata) is not dict or type(metadata.get("mnn")) is not str:
         raise CheckpointError(f'{path}: __metadata__.mnn: missing; not a checkpoint written by mnn')
     document = parse_json(path, metadata["mnn"], "__metadata__.mnn")

@@ -50,8 +50,9 @@ def command_generate(args):
     def stream(text):
         print(text, end="", flush=True)
 
-    generate_from_checkpoint(checkpoint_file(args.checkpoint), args.prompt, args.tokens, args.temperature,
-                             args.top_k, args.seed, on_text=stream)
+    path = checkpoint_file(args.checkpoint)
+    print(path, file=sys.stderr)  # which of a run's checkpoints; the text alone goes to standard output
+    generate_from_checkpoint(path, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, on_text=stream)
     print()
     return 0
 
@@ -129,8 +130,9 @@ def main(argv=None):
     handlers = {"train": command_train, "test": command_test, "generate": command_generate, "predict": command_predict,
                 "gradcheck": command_gradcheck}
     try:
-        from . import backend
+        from . import backend, kernels
 
+        kernels.mode()  # a bad MNN_KERNELS is told now, before a run folder is made
         backend.tune_cpu(args.threads)
         return handlers[args.command](args)
     except KeyboardInterrupt:

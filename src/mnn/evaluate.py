@@ -28,6 +28,9 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
     the report's ``written`` lines say where each went, or why it could not be written (a
     read-only folder): the numbers returned never depend on either file."""
     net, document = load_checkpoint(path)
+    if "vocab" in document:
+        raise ValueError(f"{path}: a text model, not an image classifier: its held-out loss is the val_loss in "
+                         "its run's metrics.json; sample from it with mnn generate")
     if "normalizer" not in document:
         raise ValueError(f"{path}: not an image classifier checkpoint (no normaliser stored)")
     dataset = test_split(path, document, data_dir, data)

@@ -5,6 +5,7 @@ from . import backend
 from .checkpoint import load_checkpoint
 from .data.text import CharTokenizer
 from .layers.softmax import softmax
+from .optim import COUNT, NON_NEGATIVE, require
 
 
 def next_token_probabilities(logits, temperature, top_k):
@@ -31,6 +32,7 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
 
     ``prompt`` None starts from a newline, or from the vocabulary's first character where the text
     had no newline. ``on_text``, if given, receives the prompt and then each character as it is sampled."""
+    check_sampling(prompt, tokens, temperature, top_k, seed)
     if prompt is None:
         prompt = "\n" if "\n" in tokenizer.index else tokenizer.chars[0]
     ids = list(tokenizer.encode(prompt))
@@ -46,6 +48,16 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
         ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
         emit(tokenizer.decode(ids[-1:]))
     return tokenizer.decode(ids)
+
+
+def check_sampling(prompt, tokens, temperature, top_k, seed):
+    """The checks ``mnn generate``'s flags get, for callers of ``generate`` from Python."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"generate: prompt must be a string or None, got {type(prompt).__name__}")
+    require("generate", "tokens", tokens, COUNT)
+    require("generate", "temperature", temperature, NON_NEGATIVE)
+    require("generate", "top_k", top_k, COUNT)
+    require("generate", "seed", seed, COUNT)
 
 
 def generate_from_checkpoint(path, prompt=None, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):

@@ -12,6 +12,7 @@ Run in float64: in float32 the rounding error swamps $O(\epsilon^2)$.
 """
 import numpy
 
+from . import backend
 from .layers.base import LossLayer
 
 
@@ -87,6 +88,10 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
         raise ValueError(f"check_layer: probes must be an integer >= 1, got {probes!r}")
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):  # also refuses NaN
         raise ValueError(f"check_layer: eps must be a step in (0, 1), got {eps!r}")
+    for index, x in enumerate(inputs):
+        if not backend.is_array(x):
+            raise TypeError(f"check_layer: input {index} must be a NumPy array, got {type(x).__name__} "
+                            "(numpy.asarray(x, dtype=numpy.float64))")
     rng = numpy.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     require_float64(layer, inputs)

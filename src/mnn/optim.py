@@ -50,6 +50,26 @@ def names_list(names, limit=3):
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def checked_triples(owner, parameters):
+    """The ``(name, parameter, gradient)`` triples as a list, or a TypeError saying what to pass: a
+    bare list of arrays (PyTorch's habit) would otherwise be unpacked row by row and train nonsense."""
+    expected = f"{owner}: pass a network, or its named_parameters(): (name, parameter, gradient) triples"
+    if isinstance(parameters, dict) or not hasattr(parameters, "__iter__"):
+        raise TypeError(f"{expected}; got {type(parameters).__name__}")
+    triples = list(parameters)
+    for item in triples:
+        if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str)
+                and all(backend.is_array(a) for a in item[1:]) and item[1].shape == item[2].shape):
+            raise TypeError(f"{expected}; got an item {describe_item(item)}")
+    return triples
+
+
+def describe_item(item):
+    if backend.is_array(item):
+        return f"that is an array of shape {tuple(item.shape)}"
+    return f"of type {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+
+
 class Optimizer:
     """Shared plumbing: parameters, learning rate, step count and per-parameter buffers.
 
@@ -61,7 +81,7 @@ class Optimizer:
     def __init__(self, parameters, lr, decay_vectors=True):
         if hasattr(parameters, "named_parameters"):
             parameters = parameters.named_parameters()
-        self.parameters = list(parameters)
+        self.parameters = checked_triples(type(self).__name__, parameters)
         self.lr = require(type(self).__name__, "lr", lr, POSITIVE)
         self.decay_vectors = decay_vectors
         self.steps = 0
@@ -103,11 +123,13 @@ class Optimizer:
         return self.scratch[name]
 
     def step(self):
+        """Update every parameter in place from its gradient (``update``, each rule's equations)."""
         self.steps += 1
         for name, param, grad in self.parameters:
             self.update(name, param, grad)
 
     def zero_grads(self):
+        """Set the gradients of the parameters this optimizer updates to 0, in place."""
         for _, _, grad in self.parameters:
             grad[...] = 0
 
@@ -227,9 +249,9 @@ class Adam(Optimizer):
 
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_vectors=True):
         super().__init__(parameters, lr, decay_vectors)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        if not (hasattr(betas, "__len__") and len(betas) == 2):
             raise ValueError(f"{type(self).__name__}: betas must be a pair of numbers in [0, 1), got {betas!r}")
-        self.beta1, self.beta2 = betas
+        self.beta1, self.beta2 = betas  # a tuple, a list, or a NumPy array of two
         self.eps, self.weight_decay = eps, weight_decay
         self.check_settings(self.settings())
 

@@ -62,6 +62,9 @@ class SequentialLayers(CompositeLayer):
                 raise TypeError(f"SequentialLayers: item {index} is {type(layer).__name__}, not a Layer")
             if isinstance(layer, LossLayer) and index != len(self.layers) - 1:
                 raise ValueError(f"SequentialLayers: loss layer {layer!r} must be the last layer")
+            if not isinstance(layer, LossLayer) and holds_loss(layer):
+                raise ValueError(f"SequentialLayers: item {index} ({type(layer).__name__}) holds a loss layer, which "
+                                 "a network used as a layer skips: only the outermost network may end in a loss")
         reject_repeated_layers(self)
         self.named_parameters()  # refuses a parameter shared without its gradient
         self.optimizer = optimizer
@@ -69,7 +72,7 @@ class SequentialLayers(CompositeLayer):
         self.flat = None  # the flat buffers, once flatten() made them
 
     def __repr__(self):
-        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        inner = "".join(f"\n  ({i}) " + repr(layer).replace("\n", "\n  ") for i, layer in enumerate(self.layers))
         return f"SequentialLayers({inner}\n)"
 
     # -- a list of layers ---------------------------------------------------
@@ -123,6 +126,7 @@ class SequentialLayers(CompositeLayer):
         return loss
 
     def forward(self, inputs, debug=False):
+        """The output of every layer before the loss, in order (``debug``: print each one's shapes)."""
         self.loss_is_current = False
         x = inputs
         for layer in self.body:
@@ -243,16 +247,31 @@ def layer_config(layer):
     return {"type": type(layer).__name__, "config": layer.config()}
 
 
+def holds_loss(layer):
+    """Whether a loss layer is ``layer`` or anywhere inside it."""
+    inner = layer.sublayers().values() if isinstance(layer, CompositeLayer) else ()
+    return isinstance(layer, LossLayer) or any(holds_loss(part) for part in inner)
+
+
+BASE_CLASSES = ("Layer", "LossLayer", "CompositeLayer")  # no layer of their own: a description names none
+
+
 def layer_from_config(config, custom_layers):
     from . import layers
 
     kind = config.get("type") if isinstance(config, dict) else None
+    part = {"SequentialLayers": "layers", "ResidualBlock": "body"}.get(kind)
+    if part and part not in config:
+        raise ValueError(f"SequentialLayers.from_config: a {kind} without its {part!r}")
     if kind == "SequentialLayers":
         return SequentialLayers([layer_from_config(item, custom_layers) for item in config["layers"]])
     if kind == "ResidualBlock":
         return ResidualBlock(layer_from_config(config["body"], custom_layers))
-    known = {name: getattr(layers, name) for name in layers.__all__} | custom_layers
+    known = {name: getattr(layers, name) for name in layers.__all__ if name not in BASE_CLASSES} | custom_layers
     if kind not in known:
         raise ValueError(f"SequentialLayers.from_config: unknown layer type {kind!r}; mnn's layers and "
                          "custom_layers={name: class} are accepted")
-    return known[kind](**config.get("config", {}))
+    try:
+        return known[kind](**config.get("config", {}))
+    except TypeError as error:  # a setting missing or unknown
+        raise ValueError(f"SequentialLayers.from_config: {kind}: {error}") from error

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy
 from tqdm import tqdm
 
 from . import backend, models, optim
@@ -142,7 +143,8 @@ class Trainer:
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
         if self.ranks.is_root:
             make_run_folder(self.run_dir)
-        with self.stop_signals_caught():
+        # NumPy's overflow warnings would come before the one-line error; divergence is caught by the checks
+        with self.stop_signals_caught(), numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
                       dynamic_ncols=True) as bar:
                 while True:
@@ -154,6 +156,7 @@ class Trainer:
                     self.train_step(bar)
         if self.stop_requested:
             if self.saved_at != self.step:
+                self.check_state_is_finite()
                 self.save()
             self.say(f"interrupted: checkpoint saved at step {self.step}; continue with "
                      f"`mnn train --resume {self.run_dir}`")
@@ -199,7 +202,7 @@ class Trainer:
         self.ranks.average(self.flat.grads.values())  # the global batch's gradient (mnn.distributed, Eq. (1))
         loss = self.ranks.mean(float(loss))
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
+            raise self.diverged(f"the training loss became {loss}")
         if self.config.clip:
             optim.clip_grad_norm(self.optimizer.parameters, self.config.clip)
         self.net.step()
@@ -221,6 +224,9 @@ class Trainer:
         if scores is None:
             self.stop_requested = True
             return
+        if not math.isfinite(scores["val_loss"]):
+            raise self.diverged(f"the validation loss became {scores['val_loss']}")
+        self.check_state_is_finite()
         record = {"step": self.step, "epoch": round(self.step / self.task.steps_per_epoch, 3),
                   "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr, **scores}
         self.metrics.append(record)
@@ -232,6 +238,22 @@ class Trainer:
         if self.out_of_patience():
             self.say(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
                       f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
+
+    def diverged(self, what):
+        """The error that ends a run whose numbers overflowed: nothing past the last checkpoint is saved."""
+        kept = f"; the checkpoint of step {self.saved_at} is kept" if self.saved_at else ""
+        return FloatingPointError(f"{what} at step {self.step}: training diverged; start a new run with a lower "
+                                  f"--lr{kept}")
+
+    def check_state_is_finite(self):
+        """Before a checkpoint: weights and optimizer state that overflowed (Adam's squared gradients can,
+        while the weights stay finite) would be saved where no loader takes them back."""
+        owner = type(self.optimizer).__name__
+        arrays = [(name, param) for name, param, _ in self.net.named_parameters()]
+        arrays += [(f"{owner}'s {name}", buffer) for name, buffer in self.optimizer.buffers.items()]
+        for name, array in arrays:
+            if not bool(backend.array_module(array).isfinite(array).all()):
+                raise self.diverged(f"{name} holds NaN or infinity")
 
     def best_evaluation(self):
         """Index of the record with the best validation score: accuracy, ties broken by the lower loss; a

@@ -2,7 +2,7 @@ r"""Multi-head self-attention, as in GPT-2: fused QKV projection, scaled dot pro
 import math
 
 from .. import backend, kernels
-from .base import CompositeLayer, check_size
+from .base import CompositeLayer, check_flag, check_size
 from .dropout import DropoutLayer
 from .linear import LinearLayer, MatrixProduct
 from .softmax import SoftmaxLayer
@@ -56,7 +56,9 @@ class MultiHeadAttention(CompositeLayer):
         check_size("MultiHeadAttention", "heads", heads)
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: width {dim} is not divisible by {heads} heads")
-        self.dim, self.heads, self.causal, self.bias = dim, heads, causal, bias
+        self.dim, self.heads = dim, heads
+        self.causal = check_flag("MultiHeadAttention", "causal", causal)
+        self.bias = check_flag("MultiHeadAttention", "bias", bias)
         self.qkv, self.proj = LinearLayer(dim, 3 * dim, bias), LinearLayer(dim, dim, bias)
         self.scores, self.softmax, self.mix = MatrixProduct(), SoftmaxLayer(), MatrixProduct()
         self.dropout = DropoutLayer(dropout) if dropout else None
@@ -85,6 +87,9 @@ class MultiHeadAttention(CompositeLayer):
 
     def forward(self, x):
         self.check_input(x, ndim=3, last_dim=self.dim)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{self!r}: input of shape {tuple(x.shape)}; expected at least one sample and one "
+                             f"position, (batch, time, {self.dim})")
         xp = backend.array_module(x)
         q, k, v = (self.split_heads(part) for part in xp.split(self.qkv.forward(x), 3, axis=-1))  # Eq. (1)
         scale = 1 / math.sqrt(self.dim // self.heads)

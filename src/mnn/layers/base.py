@@ -18,6 +18,8 @@ returned (NumPy would otherwise broadcast a wrong gradient silently).
 import functools
 import numbers
 
+import numpy
+
 from .. import backend
 
 
@@ -62,18 +64,37 @@ class Layer:
         return [(prefix + name, self.params[name], self.grads[name]) for name in self.params]
 
     def named_buffers(self, prefix=""):
+        """(name, array) pairs of the state that is not trained (batch norm's running statistics)."""
         return [(prefix + name, value) for name, value in self.buffers.items()]
 
     def zero_grads(self):
+        """Set every gradient to 0 in place: ``backward`` adds to them."""
         for grad in self.grads.values():
             grad[...] = 0
 
+    def load_weights(self, state_dict):
+        """Copy arrays into the parameters and buffers in place, after checking every name, shape and
+        value: a failure leaves the layer (or network) as it was."""
+        targets = self.state_dict()
+        missing, unexpected = targets.keys() - state_dict.keys(), state_dict.keys() - targets.keys()
+        if missing or unexpected:
+            raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        values = {name: loadable(name, state_dict[name], target) for name, target in targets.items()}
+        for name, target in targets.items():
+            target[...] = values[name]
+
+    def state_dict(self):
+        """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
+        return {**self.params, **dict(self.named_buffers())}
+
     # -- modes ------------------------------------------------------------
     def train(self, mode=True):
+        """Training mode (dropout drops, batch norm uses the batch's statistics), or with False evaluation."""
         self.training = mode
         return self
 
     def eval(self):
+        """Evaluation mode: ``train(False)``."""
         return self.train(False)
 
     # -- description, for checkpoints that rebuild their own network -----
@@ -83,12 +104,14 @@ class Layer:
 
     # -- what backward needs ----------------------------------------------
     def save(self, *tensors):
+        """Keep what ``backward`` will need; ``saved()`` gives it back."""
         self._saved = tensors
 
     def saved(self):
         """Tensors kept by forward; a clear error if backward comes first."""
         if self._saved is None:
-            raise RuntimeError(f"{self!r}: backward() called before forward()")
+            raise RuntimeError(f"{self!r}: backward() called before forward() (or a forward that kept nothing "
+                               "with self.save)")
         return self._saved
 
     # -- input checks -----------------------------------------------------
@@ -138,23 +161,6 @@ class CompositeLayer(Layer):
     def named_buffers(self, prefix=""):
         return [item for name, layer in self.sublayers().items() for item in layer.named_buffers(f"{prefix}{name}.")]
 
-    def load_weights(self, state_dict):
-        """Copy arrays into the parameters and buffers in place, after checking every name and shape."""
-        targets = self.state_dict()
-        missing, unexpected = targets.keys() - state_dict.keys(), state_dict.keys() - targets.keys()
-        if missing or unexpected:
-            raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        for name, target in targets.items():
-            if tuple(state_dict[name].shape) != tuple(target.shape):
-                raise ValueError(f"load_weights: {name} has shape {tuple(state_dict[name].shape)}; "
-                                 f"expected {tuple(target.shape)}")
-        for name, target in targets.items():
-            target[...] = backend.array_module(target).asarray(state_dict[name])
-
-    def state_dict(self):
-        """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
-        return {**self.params, **dict(self.named_buffers())}
-
     @property
     def params(self):
         return {name: param for name, param, _ in self.named_parameters()}
@@ -172,6 +178,26 @@ class CompositeLayer(Layer):
         for layer in self.sublayers().values():
             layer.train(mode)
         return self
+
+
+def loadable(name, value, target):
+    """``value`` as an array of ``target``'s dtype on its device, or a ValueError naming ``name``: the
+    shape must match, the numbers be real and finite (a variance, at least 0), as a checkpoint's are."""
+    if not backend.is_array(value):
+        raise TypeError(f"load_weights: {name} must be a NumPy or CuPy array, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"load_weights: {name} has shape {tuple(value.shape)}; expected {tuple(target.shape)}")
+    if value.dtype.kind not in "fiu":
+        raise ValueError(f"load_weights: {name} holds {value.dtype} values; expected real numbers")
+    xp = backend.array_module(target)
+    with numpy.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+        converted = xp.asarray(value, dtype=target.dtype)
+    if not bool(xp.isfinite(converted).all()):
+        beyond = f" (or values beyond {target.dtype}'s range)" if value.dtype != target.dtype else ""
+        raise ValueError(f"load_weights: {name} holds NaN or infinity{beyond}")
+    if name.endswith("running_var") and not bool((converted >= 0).all()):
+        raise ValueError(f"load_weights: {name}, a variance, holds values below 0")
+    return converted
 
 
 def records_output_shape(forward):
@@ -205,10 +231,10 @@ def check_gradient(layer, g):
                          f"shape of the last forward's output, {tuple(expected)}")
 
 
-def check_array(layer, x, name="input"):
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+def check_array(layer, x, name="input", dtype="float32"):
+    if not backend.is_array(x):
         raise TypeError(f"{describe(layer)}: {name} must be a NumPy or CuPy array, got {type(x).__name__} "
-                        "(convert it with numpy.asarray(x, dtype=numpy.float32))")
+                        f"(convert it with numpy.asarray(x, dtype=numpy.{dtype}))")
 
 
 def dimensions(count):
@@ -226,6 +252,14 @@ def check_size(owner, name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_flag(owner, name, value):
+    """A yes/no setting (``bias``, ``causal``) as a bool, or a ValueError naming ``owner``: the string
+    'False' is true in Python, so nothing but True, False (or NumPy's) is taken."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_floating(layer, x, name="input"):

@@ -3,7 +3,7 @@ import math
 import numbers
 
 from .. import backend, kernels
-from .base import Layer, check_size
+from .base import Layer, check_flag, check_size
 from .normalization import column_sums
 from .windows import channels_first, channels_last, output_size, pad_channels_last, windows
 
@@ -91,7 +91,8 @@ class Conv2dLayer(Layer):
             raise ValueError(f"Conv2dLayer: padding {padding} must lie in [0, kernel size {min(kh, kw)}) "
                              f"and stride {stride} must be at least 1")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding, self.bias = (kh, kw), stride, padding, bias
+        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
+        self.bias = check_flag("Conv2dLayer", "bias", bias)
         bound = 1 / math.sqrt(in_channels * kh * kw)  # PyTorch's default initialisation
         self.add_param("w", backend.uniform(-bound, bound, (out_channels, in_channels, kh, kw)))
         if bias:

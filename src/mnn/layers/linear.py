@@ -2,7 +2,7 @@ r"""Affine maps: ``LinearLayer`` and the product of two inputs, ``MatrixProduct`
 import math
 
 from .. import backend
-from .base import Layer, check_floating, check_size
+from .base import Layer, check_flag, check_floating, check_size
 
 
 class LinearLayer(Layer):
@@ -39,7 +39,7 @@ class LinearLayer(Layer):
         super().__init__()
         self.in_features = check_size("LinearLayer", "in_features", in_features)
         self.out_features = check_size("LinearLayer", "out_features", out_features)
-        self.bias = bias
+        self.bias = check_flag("LinearLayer", "bias", bias)
         bound = 1 / math.sqrt(in_features)
         self.add_param("w", backend.uniform(-bound, bound, (out_features, in_features)))
         if bias:

@@ -26,6 +26,7 @@ class MSELossLayer(LossLayer):
                              f"expected the input's shape {tuple(x.shape)}")
         if targets.dtype.kind not in "fiub":
             raise ValueError(f"{self!r}: targets must be numbers, got {targets.dtype}")
+        check_not_empty(self, x)
         diff = x - targets.astype(x.dtype, copy=False)
         self.save(diff)
         return (diff * diff).mean()  # Eq. (1)
@@ -38,16 +39,24 @@ class MSELossLayer(LossLayer):
 def check_labels(layer, x, labels):
     """Labels must be integers shaped like the input without its class axis, in [0, C)."""
     check_floating(layer, x)
-    check_array(layer, labels, "targets")
+    check_array(layer, labels, "targets", dtype="int64")
     if x.ndim < 2 or tuple(labels.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"{layer!r}: input {tuple(x.shape)} and targets {tuple(labels.shape)}; "
                          "expected input (..., C) and integer class labels (...)")
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{layer!r}: targets must be integer class labels, got {labels.dtype}")
+    check_not_empty(layer, x)
     classes = x.shape[-1]
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
         raise ValueError(f"{layer!r}: target labels must lie in [0, {classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def check_not_empty(layer, x):
+    """A mean loss needs at least one term (NumPy's mean of nothing is NaN, with a warning)."""
+    if x.size == 0:
+        raise ValueError(f"{layer!r}: input of shape {tuple(x.shape)} holds nothing to average; "
+                         "a loss needs at least one sample")
 
 
 def pick(rows, labels):

@@ -13,7 +13,7 @@ $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 """
 from .. import backend, kernels
 from ..optim import is_finite_number
-from .base import Layer, check_size
+from .base import Layer, check_flag, check_size
 from .windows import channels_first, channels_last
 
 
@@ -246,7 +246,8 @@ class LayerNormLayer(Layer):
 
     def __init__(self, dim, eps=1e-5, bias=True):
         super().__init__()
-        self.dim, self.eps, self.bias = check_size("LayerNormLayer", "dim", dim), check_eps(self, eps), bias
+        self.dim, self.eps = check_size("LayerNormLayer", "dim", dim), check_eps(self, eps)
+        self.bias = check_flag("LayerNormLayer", "bias", bias)
         xp, dtype = backend.xp(), backend.default_dtype()
         self.add_param("weight", xp.ones(dim, dtype=dtype))
         if bias:

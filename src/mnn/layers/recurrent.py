@@ -6,7 +6,7 @@ for the weights, the state carried between calls); each cell derives its own gat
 import math
 
 from .. import backend, kernels
-from .base import Layer, check_floating, check_size
+from .base import Layer, check_flag, check_floating, check_size
 from .normalization import column_sums
 
 
@@ -102,7 +102,7 @@ class RecurrentLayer(Layer):
         super().__init__()
         self.input_size = check_size(type(self).__name__, "input_size", input_size)
         self.hidden_size = check_size(type(self).__name__, "hidden_size", hidden_size)
-        self.bias = bias
+        self.bias = check_flag(type(self).__name__, "bias", bias)
         bound, rows = 1 / math.sqrt(hidden_size), self.gates * hidden_size
         self.add_param("weight_ih", backend.uniform(-bound, bound, (rows, input_size)))
         self.add_param("weight_hh", backend.uniform(-bound, bound, (rows, hidden_size)))
@@ -125,7 +125,7 @@ class RecurrentLayer(Layer):
         parts = tuple(state) if len(self.state_names) > 1 and isinstance(state, (tuple, list)) else (state,)
         if len(parts) != len(self.state_names) or any(not hasattr(p, "shape") for p in parts):
             form = "a pair (h, c) of arrays" if len(self.state_names) > 1 else "an array"
-            raise ValueError(f"{self!r}: {what} must be {form} of shape {shape}, got {type(state).__name__}")
+            raise ValueError(f"{self!r}: {what} must be {form} of shape {shape}, got {described(state)}")
         for name, part in zip(self.state_names, parts):
             if tuple(part.shape) != shape:
                 raise ValueError(f"{self!r}: {what} {name} of shape {tuple(part.shape)}; expected {shape} "
@@ -191,9 +191,18 @@ def same_dtype(*arrays):
     return len({array.dtype for array in arrays}) == 1
 
 
+def described(state):
+    """What was given as a state, with shapes: 'a tuple of 2: (2, 5), (2, 5)', 'an array of shape (2, 5)'."""
+    if isinstance(state, (tuple, list)):
+        shapes = ", ".join(str(tuple(part.shape)) if hasattr(part, "shape") else type(part).__name__ for part in state)
+        return f"a {type(state).__name__} of {len(state)}: {shapes}"
+    return f"an array of shape {tuple(state.shape)}" if hasattr(state, "shape") else type(state).__name__
+
+
 def swap_batch_time(x):
-    """(B, T, n) <-> (T, B, n), contiguous."""
-    return backend.array_module(x).ascontiguousarray(x.transpose(1, 0, 2))
+    """(B, T, n) <-> (T, B, n), a new contiguous array: never a view of ``x``, even where B or T is 1, so an
+    output changed in place cannot change what backward saved."""
+    return x.transpose(1, 0, 2).copy()
 
 
 class RNNLayer(RecurrentLayer):
