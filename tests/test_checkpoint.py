@@ -279,3 +279,14 @@ def test_loading_weights_alone_as_a_checkpoint_says_how_to_load_them(tmp_path, r
     save_weights(tmp_path / "w.safetensors", trained_net(rng))
     with pytest.raises(CheckpointError, match=r"weights alone, as save_weights writes them: .*read_weights"):
         mnn.load(tmp_path / "w.safetensors")
+
+
+def test_what_the_writer_raises_passes_unchanged(tmp_path):
+    """A download writes from inside atomic_write: its network error is not the disk's."""
+    from mnn.files import atomic_write
+
+    def fetch(handle):
+        raise ConnectionResetError(104, "Connection reset by peer")
+    with pytest.raises(ConnectionResetError, match=r"^\[Errno 104\] Connection reset by peer$"):
+        atomic_write(tmp_path / "train.gz", fetch)
+    assert not list(tmp_path.iterdir())

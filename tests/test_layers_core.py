@@ -181,3 +181,13 @@ def test_float32_stays_float32(rng):
     loss = mnn.CrossEntropyLossLayer()
     loss.forward(x, numpy.array([0, 1, 2, 3]))
     assert loss.backward().dtype == numpy.float32
+
+
+def test_relu_backward_at_nan_inputs_and_infinite_gradients_equals_torch():
+    x = numpy.array([numpy.nan, -1.0, 0.0, 2.0, -3.0], dtype=numpy.float32)
+    g = numpy.array([1.0, numpy.inf, 5.0, 3.0, -numpy.inf], dtype=numpy.float32)
+    layer = mnn.ReluLayer()
+    layer.forward(x)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.relu(tx).backward(torch.tensor(g))
+    assert numpy.array_equal(layer.backward(g), tx.grad.numpy(), equal_nan=True)  # 1, 0, 0, 3, 0: no inf * 0

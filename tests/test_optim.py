@@ -270,7 +270,17 @@ def test_parameters_that_are_not_named_triples_are_refused(parameters):
 def test_betas_may_be_an_array_of_two():
     import mnn
     net = mnn.SequentialLayers([mnn.LinearLayer(2, 2)])
-    adam = optim.AdamW(net, betas=numpy.array([0.8, 0.95]))
-    assert (adam.beta1, adam.beta2) == (0.8, 0.95)
-    with pytest.raises(ValueError, match="betas must be a pair"):
-        optim.AdamW(net, betas=numpy.array([0.8, 0.9, 0.95]))
+    adam = optim.AdamW(net, betas=numpy.array([0.8, 0.95], dtype=numpy.float32))
+    assert type(adam.beta1) is float and (adam.beta1, adam.beta2) == (float(numpy.float32(0.8)), 0.949999988079071)
+    for betas in (numpy.array([0.8, 0.9, 0.95]), numpy.array(0.9), {0.8, 0.9}, "ab"):
+        with pytest.raises(ValueError, match="betas must be a pair"):
+            optim.AdamW(net, betas=betas)
+
+
+def test_a_triple_that_does_not_fit_is_told_what_is_wrong():
+    w = numpy.zeros((2, 2))
+    cases = [(("0.w", w, numpy.zeros((5, 5))), r"0.w: a parameter of shape \(2, 2\) and a gradient of shape \(5, 5\)"),
+             ((1, w, w), "a name of type int"), (("w", [1.0], w), "w: a list and a ndarray, where two arrays belong")]
+    for triple, problem in cases:
+        with pytest.raises(TypeError, match=rf"triples; got {problem}$"):
+            optim.SGD([triple], lr=1.0)

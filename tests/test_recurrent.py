@@ -295,15 +295,21 @@ def test_the_same_gradients_under_cupy(cell, rng):
         assert numpy.allclose(cupy.asnumpy(gpu.grads[name]), grad, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("cell", [mnn.RNNLayer, mnn.LSTMLayer, mnn.GRULayer])
 @pytest.mark.parametrize("shape", [(1, 5, 3), (2, 1, 3), (2, 5, 3)])
-def test_the_output_is_never_what_backward_saved(shape, float64, rng):
-    """Where B or T is 1 a transpose is already contiguous: the output must still be a copy."""
-    layer, x, g = mnn.LSTMLayer(3, 4), rng.standard_normal(shape), rng.standard_normal(shape[:2] + (4,))
+def test_neither_the_output_nor_the_input_is_what_backward_saved(cell, shape, float64, rng):
+    """Where B or T is 1 a transpose is already contiguous: swapping batch and time must still copy, so
+    changing the output, or the input, after forward changes no gradient."""
+    x, g = rng.standard_normal(shape), rng.standard_normal(shape[:2] + (4,))
+    layer = cell(3, 4)
     layer.forward(x)
-    layer.backward(g)
-    expected = layer.grads["weight_hh"].copy()
+    expected_dx = layer.backward(g)
+    expected = {name: grad.copy() for name, grad in layer.grads.items()}
     layer.zero_grads()
-    y = layer.forward(x)
-    y *= 2  # the caller's array to change
-    layer.backward(g)
-    assert numpy.array_equal(layer.grads["weight_hh"], expected)
+    changed = x.copy()
+    y = layer.forward(changed)
+    y *= 2  # the caller's arrays to change
+    changed *= 3
+    assert numpy.array_equal(layer.backward(g), expected_dx)
+    for name, grad in layer.grads.items():
+        assert numpy.array_equal(grad, expected[name]), name

@@ -138,9 +138,9 @@ def test_a_size_flag_the_model_does_not_take(capsys):
     assert "model 'mlp' has no setting layers" in capsys.readouterr().err
 
 
-def diverging_trainer(tmp_path, at_step, breaks):
+def diverging_trainer(tmp_path, at_step, breaks, settings=TINY):
     """A tiny run in which ``breaks(trainer)`` makes the numbers overflow once ``at_step`` steps are done."""
-    trainer = Trainer(TrainConfig(**{**TINY, "eval_every": 5, "steps": 20}), tmp_path / "run", quiet=True)
+    trainer = Trainer(TrainConfig(**{**settings, "eval_every": 5, "steps": 20}), tmp_path / "run", quiet=True)
     original = trainer.train_step
 
     def step_then_break(bar):
@@ -157,11 +157,21 @@ def test_an_overflowed_optimizer_state_ends_the_run_before_a_checkpoint_holds_it
     def overflow(trainer):
         next(iter(trainer.optimizer.buffers.values()))[0] = numpy.inf
     trainer = diverging_trainer(tmp_path, 10, overflow)
-    with pytest.raises(FloatingPointError, match=r"AdamW's \S+ holds NaN or infinity at step 10: training diverged; "
-                                                 r"start a new run with a lower --lr; the checkpoint of step 5 is kept"):
+    with pytest.raises(FloatingPointError, match=r"AdamW's \S+ holds NaN or infinity at step 10: training "
+                                                 r"diverged; start a new run with a lower --lr; the checkpoint of "
+                                                 r"step 5 is kept"):
         trainer.run()
     _, document = read_checkpoint(tmp_path / "run" / CHECKPOINT)
     assert document["step"] == 5  # still loads
+
+
+def test_an_overflowed_running_variance_ends_the_run_too(tmp_path):
+    """In evaluation 1 / sqrt(inf) is 0: the losses stay finite, but no loader takes the buffer back."""
+    def overflow(trainer):
+        trainer.net.state_dict()["2.running_var"][0] = numpy.inf
+    with pytest.raises(FloatingPointError, match=r"^2.running_var holds NaN or infinity at step 10"):
+        diverging_trainer(tmp_path, 10, overflow, TINY_CNN).run()
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == 5
 
 
 def test_a_validation_loss_that_overflowed_is_neither_recorded_nor_the_best(tmp_path):

@@ -47,8 +47,9 @@ def array_module(array):
 
 
 def is_array(x):
-    """Whether ``x`` is a NumPy or a CuPy array (a torch tensor, a list is not)."""
-    return isinstance(x, numpy.ndarray) or (type(x).__module__.startswith("cupy") and hasattr(x, "shape"))
+    """Whether ``x`` is a NumPy or a CuPy array, or a NumPy scalar (a torch tensor, a list is not)."""
+    on_gpu = type(x).__module__.startswith("cupy") and hasattr(x, "shape")
+    return isinstance(x, (numpy.ndarray, numpy.generic)) or on_gpu
 
 
 def default_dtype():

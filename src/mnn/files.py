@@ -4,6 +4,7 @@ A temporary file beside the target, fsync, rename, fsync of the folder: a crash 
 moment leaves either the old file or the new one under the name, never a mix. The file
 gets the mode any new file gets under the umask (``tempfile.mkstemp`` alone gives 0600).
 """
+import contextlib
 import glob
 import os
 import stat
@@ -16,32 +17,43 @@ def atomic_write(path, write):
 
     A failure midway leaves any previous ``path`` intact, no partial file under its name
     and no temporary file; a process killed midway leaves a ``.NAME.*.tmp`` file that
-    ``remove_stale_temporaries`` clears.
+    ``remove_stale_temporaries`` clears. What ``write`` raises passes unchanged (a download's
+    network error is no disk's); the file operations' own errors name ``path``.
     """
     path = Path(path)
-    try:
+    with told_as_writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                if hasattr(os, "fchmod"):
-                    os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-                write(handle)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())
+            write(handle)
+            with told_as_writing(path):
                 handle.flush()
                 os.fsync(handle.fileno())
+        with told_as_writing(path):
             os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    with told_as_writing(path):
         sync_folder(path.parent)
-    except OSError as error:  # told of the file asked for, not of the hidden temporary one
+    return path
+
+
+@contextlib.contextmanager
+def told_as_writing(path):
+    """An OSError inside, told of the file asked for rather than of the hidden temporary one."""
+    try:
+        yield
+    except OSError as error:
         if error.errno is None:
             raise
         why = error.strerror
         if isinstance(error, FileExistsError):  # from mkdir
             why = "a file stands where a folder of its path should be"
         raise type(error)(error.errno, f"cannot write {path} ({why})") from error
-    return path
 
 
 def current_umask():

@@ -5,7 +5,7 @@ from . import backend
 from .checkpoint import load_checkpoint
 from .data.text import CharTokenizer
 from .layers.softmax import softmax
-from .optim import COUNT, NON_NEGATIVE, require
+from .optim import COUNT, NON_NEGATIVE, POSITIVE_COUNT, require
 
 
 def next_token_probabilities(logits, temperature, top_k):
@@ -32,7 +32,7 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
 
     ``prompt`` None starts from a newline, or from the vocabulary's first character where the text
     had no newline. ``on_text``, if given, receives the prompt and then each character as it is sampled."""
-    check_sampling(prompt, tokens, temperature, top_k, seed)
+    check_sampling(prompt, tokens, context, temperature, top_k, seed)
     if prompt is None:
         prompt = "\n" if "\n" in tokenizer.index else tokenizer.chars[0]
     ids = list(tokenizer.encode(prompt))
@@ -50,14 +50,17 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     return tokenizer.decode(ids)
 
 
-def check_sampling(prompt, tokens, temperature, top_k, seed):
-    """The checks ``mnn generate``'s flags get, for callers of ``generate`` from Python."""
+def check_sampling(prompt, tokens, context, temperature, top_k, seed):
+    """The checks ``mnn generate``'s flags get, for callers of ``generate`` from Python (``seed`` None:
+    fresh randomness)."""
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"generate: prompt must be a string or None, got {type(prompt).__name__}")
     require("generate", "tokens", tokens, COUNT)
+    require("generate", "context", context, POSITIVE_COUNT)
     require("generate", "temperature", temperature, NON_NEGATIVE)
     require("generate", "top_k", top_k, COUNT)
-    require("generate", "seed", seed, COUNT)
+    if seed is not None:
+        require("generate", "seed", seed, COUNT)
 
 
 def generate_from_checkpoint(path, prompt=None, tokens=500, temperature=0.8, top_k=0, seed=0, on_text=None):

@@ -3,7 +3,7 @@ r"""Optimizers, learning-rate schedules and gradient clipping.
 An optimizer holds ``(name, parameter, gradient)`` triples, as returned by
 ``net.named_parameters()``, and updates every parameter **in place**. With
 ``decay_vectors=False`` weight decay skips biases and norm scales (parameters with fewer
-than two dimensions), as GPT-2 training does. Each rule is
+than two dimensions), as nanoGPT's GPT-2 training does. Each rule is
 written as PyTorch's ``torch.optim`` counterpart computes it, so runs can be compared
 step by step. Below $g$ is the gradient, $\theta$ the parameter, $t$ the step (from 1).
 
@@ -13,6 +13,8 @@ against the optimizer's ``rules``: a bad one raises a ValueError such as
 """
 import math
 import numbers
+
+import numpy
 
 from . import backend, kernels
 
@@ -58,16 +60,26 @@ def checked_triples(owner, parameters):
         raise TypeError(f"{expected}; got {type(parameters).__name__}")
     triples = list(parameters)
     for item in triples:
-        if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str)
-                and all(backend.is_array(a) for a in item[1:]) and item[1].shape == item[2].shape):
-            raise TypeError(f"{expected}; got an item {describe_item(item)}")
+        problem = triple_problem(item)
+        if problem:
+            raise TypeError(f"{expected}; got {problem}")
     return triples
 
 
-def describe_item(item):
+def triple_problem(item):
+    """What makes ``item`` no (name, parameter, gradient) triple, or None."""
     if backend.is_array(item):
-        return f"that is an array of shape {tuple(item.shape)}"
-    return f"of type {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        return f"an array of shape {tuple(item.shape)}"
+    if not (isinstance(item, tuple) and len(item) == 3):
+        return f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+    name, param, grad = item
+    if not isinstance(name, str):
+        return f"a name of type {type(name).__name__}"
+    if not (backend.is_array(param) and backend.is_array(grad)):
+        return f"{name}: a {type(param).__name__} and a {type(grad).__name__}, where two arrays belong"
+    if param.shape != grad.shape:
+        return f"{name}: a parameter of shape {tuple(param.shape)} and a gradient of shape {tuple(grad.shape)}"
+    return None
 
 
 class Optimizer:
@@ -249,9 +261,11 @@ class Adam(Optimizer):
 
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_vectors=True):
         super().__init__(parameters, lr, decay_vectors)
-        if not (hasattr(betas, "__len__") and len(betas) == 2):
+        if isinstance(betas, numpy.ndarray) and betas.ndim == 1:
+            betas = betas.tolist()  # Python floats: beta ** t then runs in double precision
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"{type(self).__name__}: betas must be a pair of numbers in [0, 1), got {betas!r}")
-        self.beta1, self.beta2 = betas  # a tuple, a list, or a NumPy array of two
+        self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.check_settings(self.settings())
 
@@ -313,7 +327,7 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
 def clip_grad_norm(parameters, max_norm):
-    r"""Scale all gradients together so their global norm is at most ``max_norm``.
+    r"""Scale all gradients together so their global norm is at most ``max_norm`` ($c$ below).
 
     $$n = \sqrt{\textstyle\sum_p \lVert g_p \rVert^2}, \qquad
       g_p \leftarrow g_p \cdot \min\!\Big(1, \frac{c}{n + 10^{-6}}\Big). \tag{1}$$
@@ -350,7 +364,9 @@ class CosineSchedule:
 
     $$\eta_t = \eta_0 \frac{t + 1}{w} \quad (t < w), \qquad
       \eta_t = \eta_{\min} + \tfrac12 (\eta_0 - \eta_{\min})\big(1 + \cos(\pi\, \tfrac{t - w}{T - w})\big)
-      \quad (w \le t \le T).$$
+      \quad (w \le t \le T),$$
+
+    and $\eta_{\min}$ after step $T$.
     """
 
     def __init__(self, base_lr, total_steps, warmup_steps=0, min_lr=0.0):

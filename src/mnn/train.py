@@ -202,7 +202,7 @@ class Trainer:
         self.ranks.average(self.flat.grads.values())  # the global batch's gradient (mnn.distributed, Eq. (1))
         loss = self.ranks.mean(float(loss))
         if not math.isfinite(loss):
-            raise self.diverged(f"the training loss became {loss}")
+            raise self.divergence_error(f"the training loss became {loss}")
         if self.config.clip:
             optim.clip_grad_norm(self.optimizer.parameters, self.config.clip)
         self.net.step()
@@ -225,7 +225,7 @@ class Trainer:
             self.stop_requested = True
             return
         if not math.isfinite(scores["val_loss"]):
-            raise self.diverged(f"the validation loss became {scores['val_loss']}")
+            raise self.divergence_error(f"the validation loss became {scores['val_loss']}")
         self.check_state_is_finite()
         record = {"step": self.step, "epoch": round(self.step / self.task.steps_per_epoch, 3),
                   "train_loss": self.running[0] / max(self.running[1], 1), "lr": self.optimizer.lr, **scores}
@@ -239,21 +239,22 @@ class Trainer:
             self.say(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
                       f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
 
-    def diverged(self, what):
+    def divergence_error(self, what):
         """The error that ends a run whose numbers overflowed: nothing past the last checkpoint is saved."""
         kept = f"; the checkpoint of step {self.saved_at} is kept" if self.saved_at else ""
         return FloatingPointError(f"{what} at step {self.step}: training diverged; start a new run with a lower "
                                   f"--lr{kept}")
 
     def check_state_is_finite(self):
-        """Before a checkpoint: weights and optimizer state that overflowed (Adam's squared gradients can,
-        while the weights stay finite) would be saved where no loader takes them back."""
+        """Before a checkpoint: weights, running statistics or optimizer state that overflowed (Adam's
+        squared gradients, a running variance can, while the losses stay finite) would be saved where
+        no loader takes them back."""
         owner = type(self.optimizer).__name__
-        arrays = [(name, param) for name, param, _ in self.net.named_parameters()]
+        arrays = [(name, param) for name, param, _ in self.net.named_parameters()] + self.net.named_buffers()
         arrays += [(f"{owner}'s {name}", buffer) for name, buffer in self.optimizer.buffers.items()]
         for name, array in arrays:
             if not bool(backend.array_module(array).isfinite(array).all()):
-                raise self.diverged(f"{name} holds NaN or infinity")
+                raise self.divergence_error(f"{name} holds NaN or infinity")
 
     def best_evaluation(self):
         """Index of the record with the best validation score: accuracy, ties broken by the lower loss; a

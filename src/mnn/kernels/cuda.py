@@ -130,7 +130,7 @@ GELU_BACKWARD = Elementwise(
     " grad = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * c * ((T)1 + (T)3 * k * x * x))")
 
 # ReLU's Eq. (2) (mnn.layers.activations.ReluLayer), g times the indicator, in one launch rather than two.
-RELU_BACKWARD = Elementwise("mnn_relu_backward", "T g, T y", "T grad", "grad = g * (T)(y > (T)0)")
+RELU_BACKWARD = Elementwise("mnn_relu_backward", "T g, T y", "T grad", "grad = y <= (T)0 ? (T)0 : g")
 
 # -- row kernels: one warp per row, ROWS_PER_BLOCK rows per block -----------------------------------
 

@@ -29,7 +29,10 @@ class ReluLayer(ElementwiseLayer):
 
     $$\frac{\partial L}{\partial x} = g \odot \mathbb{1}[y > 0]. \tag{2}$$
 
-    (At $x = 0$ we take the subgradient 0, as PyTorch does.)
+    (At $x = 0$ we take the subgradient 0, as PyTorch does.) The code writes Eq. (2) as
+    "0 where $y \le 0$, else $g$", as PyTorch does too: a product with the indicator would turn
+    an infinite $g$ at a unit that is off into $\infty \cdot 0 = \text{NaN}$, and where $x$ is NaN
+    the gradient passes.
     """
 
     def apply(self, x):
@@ -42,7 +45,7 @@ class ReluLayer(ElementwiseLayer):
         (y,) = self.saved()
         if kernels.fused_gpu(g, y) and g.dtype == y.dtype:
             return kernels.cuda.relu_backward(g, y)  # Eq. (2) in one launch
-        return g * (y > 0)  # Eq. (2)
+        return backend.array_module(y).where(y <= 0, 0, g)  # Eq. (2)
 
 
 class SigmoidLayer(ElementwiseLayer):
@@ -105,7 +108,8 @@ class GeluLayer(ElementwiseLayer):
     $$\frac{\partial L}{\partial x} = g \odot f'(x). \tag{3}$$
 
     This matches ``torch.nn.GELU(approximate="tanh")``. Backward computes $t$ again from $x$
-    (a tanh costs less than keeping a tensor the size of the layer's output, as PyTorch does).
+    (a tanh costs less than keeping another tensor the size of the output; PyTorch, too, keeps
+    only $x$).
     The fused CPU kernels (``mnn.kernels.cpu``) compute $t$ in two passes around NumPy's tanh,
     and Eq. (1) and Eqs. (2)-(3) in one pass each; on a GPU (``mnn.kernels.cuda``) the forward
     and the backward are one launch each.

@@ -79,9 +79,10 @@ class Layer:
         missing, unexpected = targets.keys() - state_dict.keys(), state_dict.keys() - targets.keys()
         if missing or unexpected:
             raise ValueError(f"load_weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        values = {name: loadable(name, state_dict[name], target) for name, target in targets.items()}
         for name, target in targets.items():
-            target[...] = values[name]
+            check_loadable(name, state_dict[name], target)
+        for name, target in targets.items():  # one at a time: a GPU holds one tensor more, not a network more
+            target[...] = backend.array_module(target).asarray(state_dict[name])
 
     def state_dict(self):
         """Parameter and buffer arrays by name (the arrays themselves, as in PyTorch)."""
@@ -180,24 +181,22 @@ class CompositeLayer(Layer):
         return self
 
 
-def loadable(name, value, target):
-    """``value`` as an array of ``target``'s dtype on its device, or a ValueError naming ``name``: the
-    shape must match, the numbers be real and finite (a variance, at least 0), as a checkpoint's are."""
+def check_loadable(name, value, target):
+    """A ValueError naming ``name`` unless ``value`` fits ``target``: the same shape, real numbers, finite
+    in ``target``'s dtype (a variance, at least 0), as a checkpoint's tensors must be."""
     if not backend.is_array(value):
         raise TypeError(f"load_weights: {name} must be a NumPy or CuPy array, got {type(value).__name__}")
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"load_weights: {name} has shape {tuple(value.shape)}; expected {tuple(target.shape)}")
     if value.dtype.kind not in "fiu":
         raise ValueError(f"load_weights: {name} holds {value.dtype} values; expected real numbers")
-    xp = backend.array_module(target)
-    with numpy.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
-        converted = xp.asarray(value, dtype=target.dtype)
-    if not bool(xp.isfinite(converted).all()):
-        beyond = f" (or values beyond {target.dtype}'s range)" if value.dtype != target.dtype else ""
-        raise ValueError(f"load_weights: {name} holds NaN or infinity{beyond}")
-    if name.endswith("running_var") and not bool((converted >= 0).all()):
+    xp, dtype = backend.array_module(value), numpy.dtype(target.dtype)
+    largest = float(numpy.finfo(dtype).max if dtype.kind == "f" else numpy.iinfo(dtype).max)
+    wide = value.astype(xp.float64, copy=False)  # compared where both ranges fit (float16's ends at 65504)
+    if value.size and not bool((xp.abs(wide) <= largest).all()):  # NaN and infinity compare False
+        raise ValueError(f"load_weights: {name} holds NaN, infinity or values beyond {target.dtype}'s range")
+    if name.endswith("running_var") and value.size and not bool((value >= 0).all()):
         raise ValueError(f"load_weights: {name}, a variance, holds values below 0")
-    return converted
 
 
 def records_output_shape(forward):

@@ -27,7 +27,7 @@ class EmbeddingLayer(Layer):
         return {"num_embeddings": self.num_embeddings, "dim": self.dim}
 
     def forward(self, indices):
-        check_array(self, indices)
+        check_array(self, indices, dtype="int64")
         if indices.dtype.kind not in "iu":
             raise ValueError(f"{self!r}: input must be integer token indices, got {indices.dtype}")
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):

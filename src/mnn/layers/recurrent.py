@@ -30,9 +30,10 @@ class RecurrentLayer(Layer):
     **One cell, applied at every step.** A recurrent layer reads a sequence
     $x_1, \dots, x_T \in \mathbb{R}^D$ and carries a hidden state $h_t \in \mathbb{R}^H$
     from step to step, $h_t = \operatorname{cell}(x_t, h_{t-1})$, starting from $h_0$
-    (zeros unless given); its output is the state at every step, $y_t = h_t$. Every cell
-    starts from the pre-activations of its $G$ gates, stacked, one affine map of the input
-    and one of the previous state:
+    (zeros unless given); its output is the state at every step, $y_t = h_t$. The RNN's and
+    the LSTM's cells start from the pre-activations of their $G$ gates, stacked, one affine
+    map of the input and one of the previous state (the GRU keeps the two maps apart, as
+    ``GRULayer`` derives, and so receives two gradients, $\Delta^x$ and $\Delta^h$, below):
 
     $$a_t = W_{ih}\, x_t + b_{ih} + W_{hh}\, h_{t-1} + b_{hh}, \qquad
       W_{ih} \in \mathbb{R}^{GH \times D},\ W_{hh} \in \mathbb{R}^{GH \times H}. \tag{T1}$$
@@ -58,7 +59,10 @@ class RecurrentLayer(Layer):
     $$\frac{\partial L}{\partial W_{ih}} = \sum_{b,t} \delta_t\, x_t^\top, \quad
       \frac{\partial L}{\partial W_{hh}} = \sum_{b,t} \delta_t\, h_{t-1}^\top, \quad
       \frac{\partial L}{\partial b_{ih}} = \frac{\partial L}{\partial b_{hh}} = \sum_{b,t} \delta_t, \quad
-      \frac{\partial L}{\partial x_t} = W_{ih}^\top \delta_t. \tag{T4}$$
+      \frac{\partial L}{\partial x_t} = W_{ih}^\top \delta_t, \tag{T4}$$
+
+    where for the GRU $\delta_t$ is $\delta^x_t$ for $W_{ih}$, $b_{ih}$ and $x_t$, and $\delta^h_t$ for
+    $W_{hh}$ and $b_{hh}$ (``GRULayer``, Eq. (6)).
 
     **Batched, and what must loop.** Only the recurrence, $h_t$ from $h_{t-1}$, runs step by
     step. The input half of Eq. (T1) does not depend on the state, so it is computed for
@@ -81,7 +85,7 @@ class RecurrentLayer(Layer):
     **State.** ``forward(x, state=None)`` returns $(h_1, \dots, h_T)$ shaped ``(B, T, H)``.
     The initial state is ``state`` if given, else ``self.initial_state``, else zeros; a
     state is an array ``(B, H)`` ($h$), or for the LSTM a pair ``(h, c)`` (PyTorch's are
-    ``(1, B, H)``, one per layer: ``h0[0]`` here is its ``h0``). After forward,
+    ``(1, B, H)``, one per layer: PyTorch's ``h0[0]`` is the ``h0`` here). After forward,
     ``self.final_state`` holds $h_T$ (or $(h_T, c_T)$). To carry state across batches,
     as truncated BPTT does, set ``layer.initial_state = layer.final_state`` before the next
     call (``None`` starts again from zeros): the gradient then stops at the batch boundary.
@@ -372,7 +376,7 @@ class LSTMLayer(RecurrentLayer):
             slope = gates[t] * (1 - gates[t])  # Eq. (7): sigma', and tanh' in the g block
             slope[:, 2 * size:3 * size] = 1 - c_tilde * c_tilde
             d *= slope  # Eq. (7)
-            carry_h = self.state_gradient(d, w_hh_t)  # Eq. (T3): the first term of Eq. (4) at t - 1
+            carry_h = self.state_gradient(d, w_hh_t)  # Eq. (T3): the second term of Eq. (4) at t - 1
             carry_c = dc * f  # the second term of Eq. (5) at t - 1
         self.state_grad = (carry_h, carry_c)
         return self.finish_backward(rows, h0, y, delta)  # Eq. (T6)

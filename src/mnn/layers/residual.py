@@ -5,7 +5,7 @@ from .base import CompositeLayer
 class ResidualBlock(CompositeLayer):
     r"""A skip connection around any layer (usually a ``SequentialLayers``): $y = x + f(x)$.
 
-    $$J_x y = I + J_x f, \qquad \frac{\partial L}{\partial x} = g + J_x f^\top g, \tag{1}$$
+    $$J_x y = I + J_x f, \qquad \frac{\partial L}{\partial x} = g + (J_x f)^\top g, \tag{1}$$
 
     so the gradient flows through unchanged and the body's input gradient is added:
     the reason deep residual networks train. The body's parameters keep their names
