@@ -264,6 +264,29 @@ def test_a_resumed_run_refuses_data_that_changed(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
     assert "vocab: the data changed since the run began" in capsys.readouterr().err
+    text.write_text("abcdefgh\n" * 299 + "hgfedcba\n")  # the same vocabulary, other text
+    assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
+    assert "data_sha256: the data changed since the run began" in capsys.readouterr().err
+    text.write_text("abcdefgh\n" * 300)  # as it was
+    assert cli.main(["train", "--resume", str(run), "--steps", "8", "--quiet"]) == 0
+
+
+def test_a_resumed_run_refuses_an_image_that_changed_class(tmp_path, capsys):
+    """Classes, normaliser and input shape stay; one image moved to the other class folder does not."""
+    from PIL import Image
+    rng = numpy.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(
+                tmp_path / "data" / label / f"{index:02}.png")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "8", "--hidden", "8",
+                     "--out", str(run), "--quiet"]) == 0
+    (tmp_path / "data" / "cat" / "11.png").rename(tmp_path / "data" / "dog" / "0.png")  # same order, other label
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--steps", "4"]) == 2
+    assert "data_sha256: the data changed since the run began" in capsys.readouterr().err
 
 
 def test_a_stop_in_the_last_evaluation_is_redone_on_resume(tmp_path, monkeypatch):
@@ -392,3 +415,13 @@ def test_an_unknown_flag_is_told_by_its_subcommand(capsys):
         cli.main(["train", "--bogus"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == "mnn train: error: unrecognized arguments: --bogus (the flags: mnn train --help)\n"
+
+
+@pytest.mark.parametrize("variable", ["PMI_RANK", "OMPI_COMM_WORLD_RANK"])
+def test_under_mpiexec_a_bad_flag_is_told_by_rank_0_alone(variable, capsys, monkeypatch):
+    for rank, told in (("1", ""), ("0", "mnn train: error: unrecognized arguments: --bogus")):
+        monkeypatch.setenv(variable, rank)
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["train", "--bogus"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and (err.startswith(told) if told else err == "")

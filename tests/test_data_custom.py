@@ -568,3 +568,25 @@ def test_a_csv_pixel_with_an_underscore_is_named_as_no_number(tmp_path, rng):
 def test_an_integer_label_is_digits_perhaps_with_a_zero_fraction(text, value):
     from mnn.data.custom import integer_label
     assert integer_label(text) == value
+
+
+def test_a_class_without_test_images_has_no_accuracy_rather_than_zero(tmp_path, rng, capsys):
+    arrays = write_npz(tmp_path / "data.npz", rng)
+    run = tmp_path / "run"
+    assert train(tmp_path / "data.npz", run, "--limit", "40", "--model", "mlp") == 0
+    only_class_1 = arrays["y_test"] == 1
+    numpy.savez(tmp_path / "held.npz", x_test=arrays["x_test"][only_class_1], y_test=arrays["y_test"][only_class_1])
+    capsys.readouterr()
+    assert cli.main(["test", str(run), "--data", str(tmp_path / "held.npz")]) == 0
+    assert "  0            no test images\n" in capsys.readouterr().out
+    per_class = json.loads((run / "test.json").read_text())["per_class"]
+    assert per_class["0"] is None and per_class["2"] is None and 0 <= per_class["1"] <= 1
+
+
+def test_class_names_no_font_has_draw_without_warnings(tmp_path):
+    import warnings
+    from mnn.plots import plot_confusion
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(numpy.eye(2, dtype=int), ["chât 猫", "dog"], tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and not [w for w in caught if "Glyph" in str(w.message)]

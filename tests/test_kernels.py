@@ -12,7 +12,7 @@ import pytest
 
 from mnn import backend, kernels, optim
 from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, DropoutLayer, EmbeddingLayer, GeluLayer,
-                        LayerNormLayer, LSTMLayer, MaxPool2dLayer, SoftmaxLayer)
+                        LayerNormLayer, LSTMLayer, MaxPool2dLayer, ReluLayer, SoftmaxLayer)
 from mnn.layers.softmax import softmax
 from mnn.layers.windows import channels_first
 
@@ -229,6 +229,20 @@ def test_gelu_kernels_equal_the_reference(dtype, layout):
     reference, fused = both_ways(GeluLayer, x, dtype)
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], fused[index], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_relu_backward_kernel_equals_the_reference(dtype, layout):
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7)) if layout == "contiguous" else channels_last_batch((2, 3, 4, 5), rng)
+    x.reshape(-1)[:3] = numpy.nan, 0.0, -0.0
+    reference, fused = both_ways(ReluLayer, x, dtype)
+    for index in range(2):  # a selection, no arithmetic: equal, NaN and all
+        numpy.testing.assert_array_equal(reference[index], fused[index])
+    g = numpy.array([numpy.inf, -numpy.inf, 2.0], dtype=dtype)
+    y = numpy.array([-1.0, 0.0, numpy.nan], dtype=dtype)
+    numpy.testing.assert_array_equal(kernels.cpu.relu_backward(g, y), [0.0, 0.0, 2.0])  # no inf * 0
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])

@@ -127,3 +127,11 @@ def test_a_checkpoint_without_class_names_predicts_numbered_classes(mlp_run, tes
     numpy.save(tmp_path / "x.npy", images[:1])
     assert cli.main(["predict", str(old), str(tmp_path / "x.npy")]) == 0
     assert f"x.npy: {model.predict(images[:1])[0]} " in capsys.readouterr().out
+
+
+def test_a_model_of_four_channels_asks_for_arrays_not_image_files(tmp_path):
+    from mnn.predict import read_image
+    Image.fromarray(numpy.zeros((12, 12, 3), numpy.uint8)).save(tmp_path / "dog.png")
+    with pytest.raises(ValueError, match=r"dog.png: an image file gives grey or RGB pixels, and the model takes 4 "
+                                         r"channels: give them as a .npy array \(4, 12, 12\)"):
+        read_image(tmp_path / "dog.png", (4, 12, 12))

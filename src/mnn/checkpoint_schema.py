@@ -12,6 +12,7 @@ command line and a checkpoint are held to one standard.
 import collections
 import json
 import operator
+import re
 
 import numpy
 
@@ -303,6 +304,12 @@ def vocabulary(value, field):
         raise FieldError(field, "must be a non-empty string of distinct characters")
 
 
+def sha256_hex(value, field):
+    text(value, field)
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise FieldError(field, "must be 64 lowercase hexadecimal digits (a sha256)")
+
+
 DOCUMENT = {
     "mnn_version": text,
     "architecture": architecture,
@@ -316,6 +323,7 @@ DOCUMENT = {
     "classes": class_names,
     "input_shape": list_of(SIZE, 3, 3),  # (C, H, W) of the images a classifier takes
     "vocab": vocabulary,
+    "data_sha256": sha256_hex,  # what a resumed run checks its data against
 }
 REQUIRED = ("mnn_version", "architecture")
 RESUME_REQUIRED = ("optimizer", "config", "step", "metrics", "running_loss", "rng_state")

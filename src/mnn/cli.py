@@ -39,7 +39,7 @@ def command_test(args):
     report = test_checkpoint(path, args.data_dir, data=args.data)
     print(f"{path}\ntest accuracy {report['test_accuracy']:.4f}  (loss {report['test_loss']:.4f})")
     for name, accuracy in report["per_class"].items():
-        print(f"  {name:<12} {accuracy:.4f}")
+        print(f"  {name:<12} {'no test images' if accuracy is None else f'{accuracy:.4f}'}")
     print("\n".join(report["written"]))
     return 0
 
@@ -183,6 +183,10 @@ class OneLineErrors(argparse.ArgumentParser):
     """A bad flag is one line on stderr, saying where the flags are listed, not the usage text first."""
 
     def error(self, message):
+        from .distributed import launched_rank
+
+        if launched_rank():  # under mpiexec every rank parses the same flags: rank 0 alone tells
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (the flags: {self.prog} --help)\n")
 
 

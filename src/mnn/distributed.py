@@ -31,7 +31,16 @@ from . import backend
 # Set by the launcher in every rank it starts: MPICH's and Intel MPI's Hydra, Open MPI, MVAPICH.
 # (Not Slurm's SLURM_STEP_NUM_TASKS: srun sets it in every task of a step, MPI ranks or not.)
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _connected = []  # the MpiRanks of this process, once connect() made it
+
+
+def launched_rank():
+    """This process's rank as the launcher set it, before MPI is connected (0 outside mpiexec)."""
+    for name in RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 class OneProcess:

@@ -37,9 +37,10 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
     images = Normalizer(**document["normalizer"])(dataset.images)
     loss, accuracy, predicted = classify(net, images, dataset.labels)
     matrix = confusion_matrix(dataset.labels, predicted, len(dataset.classes))
-    per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
+    counts = matrix.sum(axis=1)  # a class with no test images has no accuracy: None (null in test.json)
+    per_class = [float(right / count) if count else None for right, count in zip(matrix.diagonal(), counts)]
     report = {"checkpoint": str(path), "test_loss": loss, "test_accuracy": accuracy,
-              "per_class": dict(zip(dataset.classes, per_class.tolist())), "confusion": matrix.tolist()}
+              "per_class": dict(zip(dataset.classes, per_class)), "confusion": matrix.tolist()}
     out = Path(out or Path(path).with_name(CONFUSION))
     numbers, text = out.with_name(TEST_NUMBERS), json.dumps(report, indent=1).encode()
     for path in (out, numbers):  # what an earlier mnn test, killed while writing, left

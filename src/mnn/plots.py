@@ -1,4 +1,6 @@
 """PNG figures of a run: loss and accuracy curves, the confusion matrix."""
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -36,8 +38,10 @@ def plot_confusion(matrix, classes, path):
     for (row, column), count in numpy.ndenumerate(matrix):
         axis.text(column, row, int(count), ha="center", va="center",
                   color="white" if count > matrix.max() / 2 else "black", fontsize=8)
-    figure.tight_layout()
-    save_figure(figure, path)
+    with warnings.catch_warnings():  # a class name in a script the font lacks is drawn as boxes, not told twice
+        warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)
+        figure.tight_layout()
+        save_figure(figure, path)
 
 
 def save_figure(figure, path):

@@ -126,6 +126,9 @@ def read_image(path, shape):
 
     require_regular_file(path)
     channels, height, width = shape
+    if channels not in (1, 3):
+        raise ValueError(f"{path}: an image file gives grey or RGB pixels, and the model takes {channels} channels: "
+                         f"give them as a .npy array ({channels}, {height}, {width}) or a batch of them")
     try:
         with Image.open(path) as image:
             image = eight_bit(image, channels).resize((width, height), Image.BILINEAR)

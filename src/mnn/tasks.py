@@ -3,6 +3,8 @@
 A batch is a pure function of ``(seed, step)``, so a run resumed at step k sees exactly
 the batches the uninterrupted run would have seen.
 """
+import hashlib
+
 import numpy
 
 from . import backend
@@ -39,6 +41,17 @@ def load_split(dataset, split, data_dir=None, data=None):
     return load_images(dataset, split, data_dir)
 
 
+def fingerprint(*arrays):
+    """The sha256 of the arrays' dtypes, shapes and values: a resumed run checks with it that its data
+    is the data it began with (a relabelled image or an edited text keeps the classes and the vocabulary)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = numpy.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.reshape(-1).view(numpy.uint8))
+    return digest.hexdigest()
+
+
 class ImageClassification:
     """Images and classes: a seeded train/validation split, normalised with training statistics.
 
@@ -50,6 +63,7 @@ class ImageClassification:
     def __init__(self, dataset="fashion-mnist", batch_size=128, seed=0, data_dir=None, limit=None, data=None,
                  model=None):
         full = load_split(dataset, "train", data_dir, data)
+        self.fingerprint = fingerprint(full.images, full.labels)
         self.input_shape = tuple(int(n) for n in full.images.shape[1:])
         _, height, width = self.input_shape
         if model == "cnn" and height != width:
@@ -78,7 +92,8 @@ class ImageClassification:
         return {**inputs, "classes": len(self.classes)}
 
     def metadata(self):
-        return {"normalizer": vars(self.normalizer), "classes": self.classes, "input_shape": list(self.input_shape)}
+        return {"normalizer": vars(self.normalizer), "classes": self.classes, "input_shape": list(self.input_shape),
+                "data_sha256": self.fingerprint}
 
     def order(self, epoch):
         """The shuffled sample order of one epoch, seeded by (seed, epoch)."""

