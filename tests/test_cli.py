@@ -209,6 +209,31 @@ def test_resume_refuses_every_other_flag_even_at_a_false_or_zero_value(flags, tm
     assert (run / CHECKPOINT).read_bytes() == before
 
 
+def test_a_run_whose_data_moved_resumes_from_its_new_place_if_it_is_the_same_data(tmp_path, capsys):
+    from PIL import Image
+    rng = numpy.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(
+                tmp_path / "data" / label / f"{index:02}.png")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "8", "--hidden", "8",
+                     "--out", str(run), "--quiet"]) == 0
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--steps", "4"]) == 2
+    assert f"if the data moved, give its new place: mnn train --resume {run} --data PATH" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run), "--steps", "4", "--data", str(tmp_path / "moved"),
+                     "--data-dir", str(tmp_path)]) == 2
+    assert "--data and --data-dir both name where the run's data now is" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run), "--steps", "4", "--data", str(tmp_path / "moved"), "--quiet"]) == 0
+    assert read_checkpoint(run / CHECKPOINT)[1]["config"]["data"] == str(tmp_path / "moved")  # the next resume's
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(tmp_path / "moved" / "cat" / "00.png")
+    assert cli.main(["train", "--resume", str(run), "--steps", "6"]) == 2  # other pixels in one image
+    assert "the data changed since the run began" in capsys.readouterr().err
+
+
 def test_resume_takes_the_run_folder_or_its_checkpoint_only(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0

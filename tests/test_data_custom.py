@@ -208,6 +208,11 @@ def test_integer_labels_are_indices_for_a_model_with_named_classes():
         label_indices(numpy.array([10]), "t", classes=list("abcdefghij"))
     by_name, _ = label_indices(numpy.array([7, 3]), "t", classes=["3", "7"])  # integer names: matched by name
     assert by_name.tolist() == [1, 0]
+    folders, _ = label_indices(numpy.array(["9", "0"]), "t", classes=["T-shirt/top", *"bcdefghi", "Ankle boot"],
+                               noun="class folder")  # "T-shirt/top" cannot name a folder: 0 does
+    assert folders.tolist() == [9, 0]
+    with pytest.raises(ValueError, match=r"class folder '0' is not one of the model's 10 classes .* \(2 such"):
+        label_indices(numpy.array(["0", "cat"]), "t", classes=list("abcdefghij"), noun="class folder")  # all or none
 
 
 def test_a_test_split_with_a_label_training_never_saw_is_refused(tmp_path, rng, capsys):

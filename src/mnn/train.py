@@ -111,12 +111,13 @@ class Trainer:
         self.saved_at = None
 
     @classmethod
-    def resume(cls, run_dir, quiet=False, steps=None, epochs=None, ranks=ONE_PROCESS):
+    def resume(cls, run_dir, quiet=False, steps=None, epochs=None, ranks=ONE_PROCESS, data_at=None):
         """Rebuild a run from its checkpoint and continue exactly where it stopped.
 
         ``steps`` or ``epochs`` extend (or shorten) the run to a new total; the cosine
         schedule is then recomputed for that total, so the remaining steps follow the curve
-        of a run planned that long from the start."""
+        of a run planned that long from the start. ``data_at`` is where the run's data now is,
+        if it moved: it must be the same data (``check_same_data``)."""
         path = Path(run_dir) / CHECKPOINT
         for name in (CHECKPOINT, BEST, METRICS, CURVES) if ranks.is_root else ():
             remove_stale_temporaries(Path(run_dir) / name)
@@ -124,6 +125,8 @@ class Trainer:
         config = TrainConfig(**document["config"])
         if steps is not None or epochs is not None:
             config.steps, config.epochs = steps or 0, epochs or config.epochs
+        if data_at is not None:  # your own images are config.data; a text or a built-in set's folder, data_dir
+            setattr(config, "data" if config.dataset == "custom" else "data_dir", data_at)
         trainer = cls(config, run_dir, quiet, ranks)
         check_same_data(path, document, trainer.task.metadata(), config)
         if (steps is not None or epochs is not None) and document["step"] > trainer.total_steps:

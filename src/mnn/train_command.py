@@ -75,6 +75,7 @@ MODEL_SIZE_FLAGS = ("hidden", "channels", "dropout", "layers", "heads", "width",
 TRAINING_FLAGS = ("data", "dataset", "epochs", "steps", "batch_size", "lr", "min_lr", "warmup_steps", "beta2",
                   "optimizer", "weight_decay", "clip", "eval_every", "seed", "data_dir", "limit", "patience")
 RESUME_FLAGS = ("steps", "epochs")  # what --resume may change: how long the run goes on
+PLACE_FLAGS = ("data", "data_dir")  # and where its data now is (checked to be the same data)
 
 
 def config_from(args):
@@ -185,17 +186,27 @@ def data_source(config):
 def resume_run(args, ranks, say):
     """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
     fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
-    fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS)]
+    fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS + PLACE_FLAGS)]
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change when resuming: the run goes on with the settings in its "
-                         "checkpoint (only --steps or --epochs, to extend it, and --threads, --quiet, --backend)")
+                         "checkpoint (only --steps or --epochs, to extend it, --data or --data-dir, where its data "
+                         "has moved, and --threads, --quiet, --backend)")
+    places = [getattr(args, name) for name in PLACE_FLAGS if getattr(args, name) is not None]
+    if len(places) > 1:
+        raise ValueError("--data and --data-dir both name where the run's data now is: give one")
     run_dir = Path(args.resume)
     if run_dir.is_file() and run_dir.name != CHECKPOINT:
         raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     from .train import Trainer
 
-    trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs, ranks=ranks)
+    data_at = str(Path(places[0]).resolve()) if places else None
+    try:
+        trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs, ranks=ranks,
+                                 data_at=data_at)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume {run_dir} "
+                                "--data PATH (or --data-dir FOLDER for a built-in data set)") from error
     if trainer.step >= trainer.total_steps and not trainer.evaluation_due():
         say(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")

@@ -68,8 +68,8 @@ def load_custom(path, split="train", classes=None, channels=None):
     ``split`` picks an .npz's ``x_train``/``y_train`` or ``x_test``/``y_test``; a folder or
     a CSV is one split, whole. With ``classes`` (a trained model's class names) the labels
     are mapped to them by name, and a label the model does not know is an error; integer
-    labels are then class indices when the model's class names are not integers (a model
-    trained on Fashion-MNIST's named classes). ``channels`` makes an image folder's images
+    labels (or class folders named 0, 1, ...) are then class indices when the model's class
+    names are not integers (a model trained on Fashion-MNIST's named classes). ``channels`` makes an image folder's images
     grey (1) or RGB (3), as the model takes them.
     """
     path = Path(path)
@@ -142,7 +142,8 @@ def label_indices(raw, where, classes=None, noun="label"):
             raise ValueError(f"{where}: every {noun} is {names[0]!r}: a classifier needs at least two classes")
         return inverse.reshape(-1).astype(numpy.int64), names
     classes = list(classes)
-    if values.dtype.kind in "iu" and not all(is_integer_name(name) for name in classes):
+    integers = values.dtype.kind in "iu" or all(is_integer_name(name) for name in names)  # folders "0", "1", ...
+    if integers and not all(is_integer_name(name) for name in classes):
         lookup = {str(index): index for index in range(len(classes))}  # integers are the class indices
         known = f"the class indices 0 to {len(classes) - 1}"
     else:
