@@ -209,17 +209,25 @@ def test_resume_refuses_every_other_flag_even_at_a_false_or_zero_value(flags, tm
     assert (run / CHECKPOINT).read_bytes() == before
 
 
-def test_a_run_whose_data_moved_resumes_from_its_new_place_if_it_is_the_same_data(tmp_path, capsys):
+def write_image(path, rng):
     from PIL import Image
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(path)
+
+
+def train_on_cats_and_dogs(data, run):
+    """Two steps of an MLP on ``data/cat`` and ``data/dog``, 12 random 8 x 8 grey images each."""
     rng = numpy.random.default_rng(0)
     for label in ("cat", "dog"):
-        (tmp_path / "data" / label).mkdir(parents=True)
+        (data / label).mkdir(parents=True)
         for index in range(12):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(
-                tmp_path / "data" / label / f"{index:02}.png")
-    run = tmp_path / "run"
-    assert cli.main(["train", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "8", "--hidden", "8",
+            write_image(data / label / f"{index:02}.png", rng)
+    assert cli.main(["train", "--data", str(data), "--steps", "2", "--batch-size", "8", "--hidden", "8",
                      "--out", str(run), "--quiet"]) == 0
+
+
+def test_a_run_whose_data_moved_resumes_from_its_new_place_if_it_is_the_same_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_on_cats_and_dogs(tmp_path / "data", run)
     (tmp_path / "data").rename(tmp_path / "moved")
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--steps", "4"]) == 2
@@ -229,7 +237,7 @@ def test_a_run_whose_data_moved_resumes_from_its_new_place_if_it_is_the_same_dat
     assert "--data and --data-dir both name where the run's data now is" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run), "--steps", "4", "--data", str(tmp_path / "moved"), "--quiet"]) == 0
     assert read_checkpoint(run / CHECKPOINT)[1]["config"]["data"] == str(tmp_path / "moved")  # the next resume's
-    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(tmp_path / "moved" / "cat" / "00.png")
+    write_image(tmp_path / "moved" / "cat" / "00.png", numpy.random.default_rng(1))
     assert cli.main(["train", "--resume", str(run), "--steps", "6"]) == 2  # other pixels in one image
     assert "the data changed since the run began" in capsys.readouterr().err
 
@@ -298,16 +306,8 @@ def test_a_resumed_run_refuses_data_that_changed(tmp_path, capsys):
 
 def test_a_resumed_run_refuses_an_image_that_changed_class(tmp_path, capsys):
     """Classes, normaliser and input shape stay; one image moved to the other class folder does not."""
-    from PIL import Image
-    rng = numpy.random.default_rng(0)
-    for label in ("cat", "dog"):
-        (tmp_path / "data" / label).mkdir(parents=True)
-        for index in range(12):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=numpy.uint8)).save(
-                tmp_path / "data" / label / f"{index:02}.png")
     run = tmp_path / "run"
-    assert cli.main(["train", "--data", str(tmp_path / "data"), "--steps", "2", "--batch-size", "8", "--hidden", "8",
-                     "--out", str(run), "--quiet"]) == 0
+    train_on_cats_and_dogs(tmp_path / "data", run)
     (tmp_path / "data" / "cat" / "11.png").rename(tmp_path / "data" / "dog" / "0.png")  # same order, other label
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--steps", "4"]) == 2
