@@ -57,11 +57,15 @@ class TorchNet:
     def __init__(self, model, loss_fn):
         self.model, self.loss_fn = model, loss_fn
 
+    @property
+    def training(self):
+        return self.model.training
+
     def eval(self):
         self.model.eval()
 
-    def train(self):
-        self.model.train()
+    def train(self, mode=True):
+        self.model.train(mode)
 
     def __call__(self, x, y):
         with torch.no_grad():

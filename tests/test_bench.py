@@ -1,6 +1,8 @@
 """The benchmark runs end to end on tiny sizes (what it measures is not asserted: timing is for bench/)."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy
 
@@ -110,3 +112,12 @@ def test_the_profile_runs_end_to_end(tmp_path, capsys):
     assert {"Conv2dLayer.backward", "MaxPool2dLayer.forward"} <= set(results["cnn-128"]["parts_ms"])
     assert all(ms >= 0 for case in results.values() for ms in case["parts_ms"].values())
     assert "| Conv2dLayer | backward |" in capsys.readouterr().out
+
+
+def test_outside_the_repository_bench_help_says_where_it_runs(tmp_path):
+    script = "import sys; from mnn import cli; sys.exit(cli.main(sys.argv[1:]))"
+    for flags, code, stream, text in ((["--help"], 0, "stdout", "It runs from a clone of mnn's repository"),
+                                      (["--repeats", "1"], 2, "stderr", "run it from the repository root")):
+        ran = subprocess.run([sys.executable, "-c", script, "bench", *flags], cwd=tmp_path, capture_output=True,
+                             text=True)
+        assert ran.returncode == code and text in getattr(ran, stream), (flags, ran)

@@ -450,3 +450,14 @@ def test_under_mpiexec_a_bad_flag_is_told_by_rank_0_alone(variable, capsys, monk
             cli.main(["train", "--bogus"])
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and (err.startswith(told) if told else err == "")
+
+
+def test_a_default_warm_up_takes_at_most_a_quarter_of_a_short_run(tmp_path):
+    from test_gpt import SHAKESPEARE
+    flags = ["train", "--model", "gpt", "--data", str(SHAKESPEARE), "--steps", "40", "--eval-every", "40",
+             "--layers", "1", "--width", "8", "--heads", "1", "--context", "8", "--quiet"]
+    assert cli.main([*flags, "--out", str(tmp_path / "default")]) == 0
+    document = read_checkpoint(tmp_path / "default" / CHECKPOINT)[1]
+    assert document["config"]["warmup_steps"] == 10 and document["metrics"][-1]["lr"] < 1e-3  # it decayed
+    assert cli.main([*flags, "--warmup", "30", "--out", str(tmp_path / "given")]) == 0
+    assert read_checkpoint(tmp_path / "given" / CHECKPOINT)[1]["config"]["warmup_steps"] == 30  # as asked

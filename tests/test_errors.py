@@ -175,3 +175,8 @@ def test_check_layer_wants_arrays():
     from mnn.gradcheck import check_layer
     with pytest.raises(TypeError, match=r"check_layer: input 0 must be a NumPy array, got list"):
         check_layer(mnn.ReluLayer(), [[1.0]])
+
+
+def test_attention_shows_every_setting():
+    assert repr(mnn.MultiHeadAttention(16, 2, bias=False, dropout=0.1)) == \
+        "MultiHeadAttention(dim=16, heads=2, causal=True, bias=False, dropout=0.1)"

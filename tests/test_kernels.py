@@ -387,3 +387,20 @@ def test_a_float32_input_to_float64_parameters_gives_the_same_dtypes_both_ways(m
     for reference, fused in zip(*results):
         assert reference.dtype == fused.dtype
         assert_close(reference, fused, numpy.float32, "mixed dtypes")
+
+
+def test_kernels_load_where_numba_finds_no_cache_folder(tmp_path):
+    """A read-only install run by a user without a home: numba can write beside the code nor in ~/.cache."""
+    code = "\n".join([
+        "import numba, numpy",
+        "from numba.core.caching import CacheImpl, UserProvidedCacheLocator",
+        "CacheImpl._locator_classes = [UserProvidedCacheLocator]  # only NUMBA_CACHE_DIR, which is unset",
+        "from mnn.kernels import cpu",
+        "print(numba.config.CACHE_DIR)",
+        "print(cpu.relu_backward(numpy.ones(3), numpy.array([-1.0, 0.0, 2.0])).tolist())"])
+    environment = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    environment["TMPDIR"] = str(tmp_path)
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
+    folder, result = printed.stdout.splitlines()
+    assert folder.startswith(str(tmp_path / "mnn-numba-cache-")) and result == "[0.0, 0.0, 1.0]"
+    assert list((tmp_path).glob("mnn-numba-cache-*/*"))  # the kernels compiled into it

@@ -72,11 +72,12 @@ def test_cli_trains_an_lstm_then_generates_from_it(tmp_path, capsys):
     assert cli.main(["generate", str(run), "--prompt", "ROMEO:", "--tokens", "30", "--top-k", "5"]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("ROMEO:") and len(printed.out.rstrip("\n")) >= 36
-    assert f"{run / 'best.safetensors'}\n" in printed.err  # which checkpoint, beside the text, not in it
+    assert f"sampling from {run / 'best.safetensors'}\n" in printed.err  # beside the text, not in it
     assert cli.main(["test", str(run)]) == 2
     assert "a text model, not an image classifier: its held-out loss is the val_loss" in capsys.readouterr().err
     assert cli.main(["train", "--model", "lstm", "--heads", "2", "--steps", "1"]) == 2
-    assert "model 'lstm' has no setting heads" in capsys.readouterr().err
+    assert "--heads is not a setting of the lstm, which takes --hidden, --dropout, --width, --context" in \
+        capsys.readouterr().err
 
 
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):
@@ -132,3 +133,15 @@ def test_generate_from_python_checks_what_the_command_line_checks(argument, mess
     with pytest.raises((TypeError, ValueError), match=rf"^generate: {message}"):
         generate(small_lstm(), CharTokenizer.from_text("abcdefghijk"), **{"prompt": "ab", "tokens": 3,
                                                                             "context": 8, **argument})
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sampling_and_evaluating_leave_the_network_in_the_mode_they_found(training):
+    from mnn.data.text import CharTokenizer
+    from mnn.generate import generate
+    from mnn.tasks import chunk_sums
+    net = small_lstm(dropout=0.5).train(training)
+    generate(net, CharTokenizer.from_text("abcdefghijk"), "ab", tokens=2, context=8)
+    assert net.training is training and all(layer.training is training for layer in net.layers)
+    chunk_sums(net, 4, 2, lambda start, end: numpy.ones(1), 1)
+    assert net.training is training and all(layer.training is training for layer in net.layers)

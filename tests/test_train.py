@@ -135,7 +135,7 @@ def test_a_model_and_a_dataset_that_do_not_fit(capsys):
 
 def test_a_size_flag_the_model_does_not_take(capsys):
     assert cli.main(["train", "--layers", "3", "--limit", "500"]) == 2
-    assert "model 'mlp' has no setting layers" in capsys.readouterr().err
+    assert "--layers is not a setting of the mlp, which takes --hidden, --dropout" in capsys.readouterr().err
 
 
 def diverging_trainer(tmp_path, at_step, breaks, settings=TINY):
@@ -190,3 +190,28 @@ def test_a_bad_kernel_mode_is_told_before_a_run_folder_is_made(tmp_path, capsys,
     monkeypatch.setenv("MNN_KERNELS", "NUMPY")
     assert cli.main(["train", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     assert "kernels: unknown mode 'NUMPY'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_goes_away_neither_stops_training_nor_fails_generate(tmp_path):
+    """mnn train | head -1: the run goes on and saves; mnn generate | head -c 1: it stops, quietly."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_gpt import SHAKESPEARE
+
+    def read_then_close(command, reads):
+        unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line leaves at once, as on a terminal
+        process = subprocess.Popen([sys.executable, "-m", "mnn", *command], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=unbuffered)
+        assert process.stdout.read(len(reads)) == reads
+        process.stdout.close()  # as head does once it has its lines
+        assert process.wait(timeout=120) == 0 and b"error" not in process.stderr.read()
+
+    run = tmp_path / "gpt"
+    read_then_close(["train", "--model", "gpt", "--data", str(SHAKESPEARE), "--steps", "120", "--eval-every", "5",
+                     "--layers", "1", "--width", "8", "--heads", "1", "--context", "8", "--quiet", "--out", str(run)],
+                    b"training")
+    assert [record["step"] for record in json.loads((run / "metrics.json").read_text())][-1] == 120
+    read_then_close(["generate", str(run), "--tokens", "100000"], b"\n")

@@ -51,7 +51,7 @@ def command_generate(args):
         print(text, end="", flush=True)
 
     path = checkpoint_file(args.checkpoint)
-    print(path, file=sys.stderr)  # which of a run's checkpoints; the text alone goes to standard output
+    print(f"sampling from {path}", file=sys.stderr)  # which of a run's checkpoints; the text alone goes to stdout
     generate_from_checkpoint(path, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, on_text=stream)
     print()
     return 0
@@ -106,6 +106,11 @@ def command_bench(bench_args):
     try:
         from bench.run import main as bench_main
     except ImportError as error:
+        if {"-h", "--help"} & set(bench_args):  # what it is, even where it cannot run
+            print("usage: mnn bench [options of python -m bench]\n\nTimes training steps of mnn and PyTorch side "
+                  "by side. It runs from a clone of mnn's repository (its bench/ folder), with the test extra "
+                  "installed (PyTorch): cd mnn && mnn bench --help")
+            return 0
         print(f"mnn bench: error: run it from the repository root, with the test extra installed ({error})",
               file=sys.stderr)
         return 2
@@ -138,6 +143,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"mnn {args.command}: interrupted", file=sys.stderr)
         return stop_other_ranks(130)
+    except BrokenPipeError:  # mnn generate | head: the reader has what it wanted
+        from .files import silence_stdout
+
+        silence_stdout()
+        return 0
     except Exception as error:  # anything that reaches here gets one line, unless --debug asks for more
         ranks = other_ranks()
         if debug and ranks is None:

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def is_regular_file(path):
         return stat.S_ISREG(os.lstat(path).st_mode)  # lstat: a link is not followed, nor removed
     except OSError:
         return False
+
+
+def silence_stdout():
+    """Send what is printed from now on nowhere: the reader of standard output went away (``| head``)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def one_line(error):

@@ -131,6 +131,7 @@ def chunk_sums(net, count, chunk, measure, width, ranks=ONE_PROCESS, stop=None):
     so that all of them abandon the same round."""
     starts = range(0, count, chunk)
     totals = numpy.zeros(width)
+    was_training = net.training
     net.eval()
     try:
         for first in range(0, len(starts), ranks.size):
@@ -140,7 +141,7 @@ def chunk_sums(net, count, chunk, measure, width, ranks=ONE_PROCESS, stop=None):
                 start = starts[first + ranks.rank]
                 totals += measure(start, min(start + chunk, count))
     finally:
-        net.train()
+        net.train(was_training)  # the mode it came in
     return ranks.sum(totals)
 
 

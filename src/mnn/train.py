@@ -22,7 +22,7 @@ from . import backend, models, optim
 from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, remove_stale_temporaries, silence_stdout
 from .plots import plot_curves
 from .runs import BEST, CHECKPOINT, CURVES, METRICS, make_run_folder
 from .tasks import ImageClassification
@@ -103,8 +103,7 @@ class Trainer:
         self.net.optimizer = self.optimizer
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.task.steps_per_epoch))
         self.eval_every = config.eval_every or self.task.steps_per_epoch
-        warmup = min(config.warmup_steps, self.total_steps - 1)
-        self.schedule = optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)
+        self.schedule = self.make_schedule()
         self.step, self.metrics, self.running = 0, [], [0.0, 0]
         self.stop_signalled = False  # a signal reached this process
         self.stop_requested = False  # ... and the ranks agreed to stop (at once, with one rank)
@@ -141,6 +140,18 @@ class Trainer:
         backend.set_rng_state(document["rng_state"])
         return trainer
 
+    def make_schedule(self):
+        """Warm-up (at most all steps but the last), then cosine decay to ``min_lr`` at the last step."""
+        config = self.config
+        warmup = min(config.warmup_steps, self.total_steps - 1)
+        return optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)
+
+    def shorten_warmup(self, steps):
+        """At most ``steps`` of warm-up, kept in the config (a resumed run goes on with it)."""
+        if self.config.warmup_steps > steps:
+            self.config.warmup_steps = steps
+            self.schedule = self.make_schedule()
+
     # -- the loop -----------------------------------------------------------
     def run(self):
         """Train to the last step (or until Ctrl-C), checkpointing at every evaluation."""
@@ -167,8 +178,12 @@ class Trainer:
 
     def say(self, text, bar=None):
         """Print ``text`` (above the progress bar, if given): rank 0 alone talks to the user."""
-        if self.ranks.is_root:
+        if not self.ranks.is_root:
+            return
+        try:
             (bar.write if bar is not None else print)(text)
+        except BrokenPipeError:  # mnn train | head: the run goes on, and saves, quietly
+            silence_stdout()
 
     @contextlib.contextmanager
     def stop_signals_caught(self):

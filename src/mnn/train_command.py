@@ -37,7 +37,8 @@ def add_train_arguments(parser):
                         "cnn 2e-3, gpt 1e-3, lstm 8e-3)")
     parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4, "
                         "lstm 1e-4)")
-    parser.add_argument("--warmup", type=count, dest="warmup_steps", help="linear warm-up steps (100; gpt 300)")
+    parser.add_argument("--warmup", type=count, dest="warmup_steps",
+                        help="linear warm-up steps (100; gpt 300; unless given, at most a quarter of the run)")
     parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt, lstm 0.99)")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: adamw")
     parser.add_argument("--weight-decay", type=non_negative, help="0.05; gpt, lstm 0")
@@ -83,6 +84,7 @@ def config_from(args):
     values = dict(MODEL_DEFAULTS[model])
     values.update({name: getattr(args, name) for name in TRAINING_FLAGS if getattr(args, name) is not None})
     kwargs = {flag: getattr(args, flag) for flag in MODEL_SIZE_FLAGS if getattr(args, flag) is not None}
+    check_size_flags(model, kwargs)
     if args.epochs is not None and args.steps is None:
         values["steps"] = 0  # the epochs asked for, not the model's default step count
     if args.beta2 is not None and values.get("optimizer") == "sgd":
@@ -96,6 +98,19 @@ def config_from(args):
     from .train import TrainConfig
 
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
+
+
+def check_size_flags(model, kwargs):
+    """A size flag the model does not take, told as the flag it is, with those it takes."""
+    import inspect
+
+    from .models import BUILDERS
+
+    takes = inspect.signature(BUILDERS[model]).parameters
+    unknown = [name for name in kwargs if name not in takes]
+    if unknown:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in MODEL_SIZE_FLAGS if name in takes)
+        raise ValueError(f"--{unknown[0].replace('_', '-')} is not a setting of the {model}, which takes {flags}")
 
 
 def own_data(args, model, path):
@@ -164,6 +179,8 @@ def start_run(args, ranks, say):
     if args.warmup_steps is not None and args.warmup_steps >= trainer.total_steps:
         raise ValueError(f"--warmup {args.warmup_steps} leaves no step after the warm-up: the run has "
                          f"{trainer.total_steps} steps")
+    if args.warmup_steps is None:  # a default warm-up takes at most a quarter of a short run, which then decays
+        trainer.shorten_warmup(trainer.total_steps // 4)
     if args.overwrite and ranks.is_root:  # nothing of the run replaced may be taken for the new one's
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)

@@ -5,11 +5,34 @@ derives it and its NumPy lines are the reference these must equal (``tests/test_
 Images are channels-last in memory (``layers.windows``): the kernels loop over
 (batch, row, column) and keep the channels innermost, where memory is contiguous.
 """
+import os
+import tempfile
+from pathlib import Path
+
+import numba
 import numpy
 from numba import njit
 
 from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
 from ..layers.windows import channels_first, channels_last, output_size, windows
+
+
+def cache_where_writable():
+    """numba keeps compiled kernels beside this file or in ``~/.cache``: where it can write neither (a
+    read-only install run by a user without a home) a folder in the system's temporary one serves,
+    rather than no kernel at all. ``NUMBA_CACHE_DIR`` chooses the folder outright."""
+    try:
+        njit(cache=True)(nothing)  # numba looks for its cache folder as it wraps a function
+    except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        numba.config.CACHE_DIR = str(Path(tempfile.gettempdir()) / f"mnn-numba-cache-{user}")
+
+
+def nothing():
+    """What ``cache_where_writable`` wraps."""
+
+
+cache_where_writable()
 
 # One thread each. OpenBLAS's threads spin for a while after every matrix product, and on
 # two cores numba's threads then fight them: parallel kernels (prange) made the CNN's step

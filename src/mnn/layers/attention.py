@@ -67,9 +67,6 @@ class MultiHeadAttention(CompositeLayer):
         return {"dim": self.dim, "heads": self.heads, "causal": self.causal, "bias": self.bias,
                 "dropout": self.dropout.p if self.dropout else 0.0}
 
-    def __repr__(self):
-        return f"MultiHeadAttention(dim={self.dim}, heads={self.heads}, causal={self.causal})"
-
     def sublayers(self):
         dropout = {"dropout": self.dropout} if self.dropout else {}
         return {"qkv": self.qkv, "scores": self.scores, "softmax": self.softmax, **dropout, "mix": self.mix,
