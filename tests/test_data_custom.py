@@ -376,6 +376,9 @@ def bad_csv_cases():
         "no header": ("1,0,1,2,3\n0,4,5,6,7\n", r"g.csv: the first row holds numbers, not column names"),
         "not square": ("label,a,b,c\n1,0,1,2\n0,3,4,5\n", r"g.csv: 3 pixel columns besides the label 'label': not a "
                                                          r"square number"),
+        "trailing comma": ("label,a,b,c,d,\n1,0,1,2,3,\n", r"g.csv: 5 pixel columns besides the label 'label': "
+                                                               r"not a square number; .* \(column 6 of the header has "
+                                                               r"no name: a trailing comma\?\)$"),
         "no label": (f"{header}\n ,0,1,2,3\n", r"g.csv line 2: no label in column 'label'"),
         "header only": (f"{header}\n", r"g.csv: a header but no rows: holds no images"),
         "empty file": ("", r"g.csv: empty; expected a header row"),

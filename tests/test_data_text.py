@@ -88,6 +88,12 @@ def test_a_byte_order_mark_is_not_a_character_of_the_text(tmp_path):
         text.read_text(path)
 
 
+def test_windows_and_old_mac_line_endings_are_newlines(tmp_path):
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"ROMEO:\r\nO, she doth teach\r\rthe torches\n")
+    assert text.read_text(path) == "ROMEO:\nO, she doth teach\n\nthe torches\n"  # no CR for a model to learn
+
+
 def test_a_text_that_is_not_utf8_names_the_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("To be, or not to be: café".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte 0xe9 at offset 24"):

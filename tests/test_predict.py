@@ -50,6 +50,8 @@ def test_images_from_files_and_arrays(mlp_run, test_images, tmp_path, capsys):
     Image.fromarray(numpy.repeat(images[1, 0, :, :, None], 3, axis=2)).resize((56, 56)).save(tmp_path / "big.jpg")
     numpy.save(tmp_path / "batch.npy", images[2:5])
     assert numpy.allclose(model.predict_proba([tmp_path / "first.png"]), model.predict_proba(images[:1]))
+    from_files = model.predict_proba([str(tmp_path / "first.png"), tmp_path / "batch.npy"])  # as mnn predict takes
+    assert numpy.allclose(from_files, model.predict_proba(images[[0, 2, 3, 4]]))
     assert cli.main(["predict", str(mlp_run), str(tmp_path / "first.png"), str(tmp_path / "big.jpg"),
                      str(tmp_path / "batch.npy"), "--json", "--top", "2"]) == 0
     results = json.loads(capsys.readouterr().out)

@@ -61,11 +61,12 @@ class Classifier:
         return self.predict_proba(images).argmax(axis=1)
 
     def as_pixels(self, images):
-        """A batch ``(N, C, H, W)`` of raw pixel values from files, one image, or a batch."""
+        """A batch ``(N, C, H, W)`` of raw pixel values from files (images or ``.npy`` arrays, as
+        ``mnn predict`` takes them), one image, or a batch."""
         if isinstance(images, (str, Path)):
             images = [images]
         if isinstance(images, (list, tuple)) and all(isinstance(i, (str, Path)) for i in images):
-            return numpy.stack([read_image(path, self.input_shape) for path in images]) if images else \
+            return read_inputs(images, self.input_shape)[1] if images else \
                 numpy.zeros((0, *self.input_shape), numpy.uint8)
         return batch_of(numpy.asarray(images), self.input_shape)
 

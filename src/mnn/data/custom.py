@@ -69,8 +69,8 @@ def load_custom(path, split="train", classes=None, channels=None):
     a CSV is one split, whole. With ``classes`` (a trained model's class names) the labels
     are mapped to them by name, and a label the model does not know is an error; integer
     labels (or class folders named 0, 1, ...) are then class indices when the model's class
-    names are not integers (a model trained on Fashion-MNIST's named classes). ``channels`` makes an image folder's images
-    grey (1) or RGB (3), as the model takes them.
+    names are not integers (a model trained on Fashion-MNIST's named classes). ``channels``
+    makes an image folder's images grey (1) or RGB (3), as the model takes them.
     """
     path = Path(path)
     form = data_format(path)
@@ -276,8 +276,10 @@ def read_csv_rows(reader, path):
     pixel_names = columns[:label_column] + columns[label_column + 1:]
     side = math.isqrt(len(pixel_names))
     if not pixel_names or side * side != len(pixel_names):
+        unnamed = [str(index + 1) for index, name in enumerate(columns) if not name]
+        hint = f" (column {', '.join(unnamed)} of the header has no name: a trailing comma?)" if unnamed else ""
         raise ValueError(f"{path}: {len(pixel_names)} pixel columns besides the label {columns[label_column]!r}: "
-                         "not a square number; each row holds one square grey image (784 = 28 x 28 pixels)")
+                         f"not a square number; each row holds one square grey image (784 = 28 x 28 pixels){hint}")
     labels, lines, blocks, rows, row_lines = [], [], [], [], []
     for row in reader:
         if not any(cell.strip() for cell in row):

@@ -62,8 +62,10 @@ def shipped_text():
 
 
 def read_text(path):
-    """The UTF-8 text in ``path``, without the byte-order mark some editors put first; an empty file or
-    one that is not UTF-8 is an error that names it."""
+    """The UTF-8 text in ``path``, without the byte-order mark some editors put first, and with each
+    line ending a newline (Windows' CR LF and old Macs' CR), as Python's text files read it: a CR
+    would otherwise be a character of its own to learn and to print; an empty file or one that is
+    not UTF-8 is an error that names it."""
     data = Path(path).read_bytes()
     mark = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
@@ -73,7 +75,7 @@ def read_text(path):
                          f"{mark + error.start} ({error.reason})") from error
     if not text:
         raise ValueError(f"{path} is empty: no text to learn from")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 class CharTokenizer:
