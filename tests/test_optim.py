@@ -51,7 +51,7 @@ def test_clip_grad_norm_equals_torch(rng):
     tensors = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
     for t, g in zip(tensors, grads):
         t.grad = torch.tensor(g)
-    norm = optim.clip_grad_norm([("x", None, grads[0]), ("y", None, grads[1])], 1.5)
+    norm = optim.clip_grad_norm([(name, numpy.zeros_like(g), g) for name, g in zip("xy", grads)], 1.5)
     torch_norm = torch.nn.utils.clip_grad_norm_(tensors, 1.5)
     assert abs(norm - torch_norm.item()) < 1e-10
     for g, t in zip(grads, tensors):
@@ -166,7 +166,7 @@ BAD_STATES = {  # (a change to a saved Adam state, the message expected)
     "method-injected": (lambda s: with_settings(s, update=0), "Adam: unknown setting update"),
     "setting-missing": (lambda s: {"settings": {k: v for k, v in s["settings"].items() if k != "eps"},
                                    "buffers": s["buffers"]}, "Adam: setting eps missing"),
-    "lr-nan": (lambda s: with_settings(s, lr=float("nan")), "Adam: lr must be a finite number > 0, got nan"),
+    "lr-nan": (lambda s: with_settings(s, lr=float("nan")), "Adam: lr must be a finite number >= 0, got nan"),
     "lr-text": (lambda s: with_settings(s, lr="abc"), "Adam: lr must be"),
     "beta2-one": (lambda s: with_settings(s, beta2=1.0), "Adam: beta2 must be"),
     "eps-zero": (lambda s: with_settings(s, eps=0.0), "Adam: eps must be"),
@@ -284,3 +284,32 @@ def test_a_triple_that_does_not_fit_is_told_what_is_wrong():
     for triple, problem in cases:
         with pytest.raises(TypeError, match=rf"triples; got {problem}$"):
             optim.SGD([triple], lr=1.0)
+
+
+def test_a_parameter_listed_twice_is_refused_rather_than_sharing_its_state():
+    """Two layers' named_parameters() are both 'w', 'b': Adam's state, kept by name, would be shared (and, for
+    a larger second parameter, overrun: the compiled update wrote past the end of the first one's moments)."""
+    import mnn
+    small, big = mnn.LinearLayer(4, 2), mnn.LinearLayer(8, 8)
+    for triples in (small.named_parameters() + big.named_parameters(),
+                    small.named_parameters() + [("again", small.params["w"], small.grads["w"])]):
+        with pytest.raises(ValueError, match=r"AdamW: (w|again) is listed twice; give each parameter once"):
+            optim.AdamW(triples, lr=1e-2)
+    with pytest.raises(ValueError, match="clip_grad_norm: w is listed twice"):
+        optim.clip_grad_norm(small.named_parameters() * 2, 1.0)
+
+
+def test_clip_grad_norm_wants_triples_and_sums_half_precision_in_double():
+    with pytest.raises(TypeError, match=r"clip_grad_norm: pass a network.*got an array of shape \(3, 4\)"):
+        optim.clip_grad_norm([numpy.full((3, 4), 10.0)], 1.0)  # its rows were unpacked as name, parameter, grad
+    grad = numpy.full(70000, 10, numpy.float16)  # a norm of 2646: float16's squares would sum to inf
+    assert optim.clip_grad_norm([("g", numpy.zeros_like(grad), grad)], 1.0) == pytest.approx(2645.75, rel=1e-6)
+    assert grad[0] == pytest.approx(10 / 2645.75, rel=1e-3)  # clipped, not zeroed
+
+
+def test_a_state_whose_schedule_ended_at_zero_loads():
+    import mnn
+    net = mnn.SequentialLayers([mnn.LinearLayer(2, 2)])
+    adam = optim.AdamW(net, lr=1e-3)
+    adam.lr = optim.CosineSchedule(1e-3, 10)(10)  # 0.0 at the end, min_lr 0
+    optim.AdamW(net, lr=1e-3).load_state_dict(adam.state_dict())

@@ -63,6 +63,13 @@ def checked_triples(owner, parameters):
         problem = triple_problem(item)
         if problem:
             raise TypeError(f"{expected}; got {problem}")
+    names, arrays = set(), set()
+    for name, param, _ in triples:  # buffers are kept by name: two parameters would share one (and overrun it)
+        if name in names or id(param) in arrays:
+            raise ValueError(f"{owner}: {name} is listed twice; give each parameter once, under a name of its own "
+                             "(a network's named_parameters() prefix them by layer)")
+        names.add(name)
+        arrays.add(id(param))
     return triples
 
 
@@ -88,7 +95,8 @@ class Optimizer:
     ``rules`` lists every setting (what ``state_dict`` saves) with what it must hold.
     """
 
-    rules = {"lr": POSITIVE, "decay_vectors": FLAG, "steps": COUNT}
+    # lr > 0 to begin with (the constructor's check), >= 0 in a saved state: a schedule may end at 0
+    rules = {"lr": NON_NEGATIVE, "decay_vectors": FLAG, "steps": COUNT}
 
     def __init__(self, parameters, lr, decay_vectors=True):
         if hasattr(parameters, "named_parameters"):
@@ -337,8 +345,8 @@ def clip_grad_norm(parameters, max_norm):
     require("clip_grad_norm", "max_norm", max_norm, POSITIVE)
     if hasattr(parameters, "named_parameters"):  # a network or a layer
         parameters = parameters.named_parameters()
-    grads = [grad for _, _, grad in parameters]
-    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    grads = [grad for _, _, grad in checked_triples("clip_grad_norm", parameters)]
+    norm = math.sqrt(sum(float(backend.array_module(g).square(g, dtype="float64").sum()) for g in grads))
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for g in grads:
