@@ -377,7 +377,7 @@ def bad_csv_cases():
         "not square": ("label,a,b,c\n1,0,1,2\n0,3,4,5\n", r"g.csv: 3 pixel columns besides the label 'label': not a "
                                                          r"square number"),
         "trailing comma": ("label,a,b,c,d,\n1,0,1,2,3,\n", r"g.csv: 5 pixel columns besides the label 'label': "
-                                                               r"not a square number; .* \(column 6 of the header has "
+                                                               r"not a square number; .* \(the header's last column has "
                                                                r"no name: a trailing comma\?\)$"),
         "no label": (f"{header}\n ,0,1,2,3\n", r"g.csv line 2: no label in column 'label'"),
         "header only": (f"{header}\n", r"g.csv: a header but no rows: holds no images"),
@@ -598,3 +598,14 @@ def test_class_names_no_font_has_draw_without_warnings(tmp_path):
         warnings.simplefilter("always")
         plot_confusion(numpy.eye(2, dtype=int), ["chât 猫", "dog"], tmp_path / "confusion.png")
     assert (tmp_path / "confusion.png").stat().st_size > 0 and not [w for w in caught if "Glyph" in str(w.message)]
+
+
+def test_testing_a_run_whose_data_moved_says_how_to_point_to_it(tmp_path, rng, capsys):
+    write_npz(tmp_path / "data.npz", rng)
+    run = tmp_path / "run"
+    assert train(tmp_path / "data.npz", run, "--limit", "40", "--model", "mlp") == 0
+    (tmp_path / "data.npz").rename(tmp_path / "moved.npz")
+    capsys.readouterr()
+    assert cli.main(["test", str(run)]) == 2
+    assert "if it moved, give its new place: mnn test" in one_line_error(capsys)
+    assert cli.main(["test", str(run), "--data", str(tmp_path / "moved.npz")]) == 0

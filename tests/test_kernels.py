@@ -6,6 +6,7 @@ max-pooling and Adam's update take the same steps as the reference, so they agre
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -233,11 +234,14 @@ def test_gelu_kernels_equal_the_reference(dtype, layout):
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
-def test_relu_backward_kernel_equals_the_reference(dtype, layout):
+def test_relu_backward_kernel_equals_the_reference(dtype, layout, monkeypatch):
     rng = numpy.random.default_rng(0)
     x = rng.standard_normal((3, 5, 7)) if layout == "contiguous" else channels_last_batch((2, 3, 4, 5), rng)
     x.reshape(-1)[:3] = numpy.nan, 0.0, -0.0
+    calls, kernel = [], kernels.cpu.relu_backward
+    monkeypatch.setattr(kernels.cpu, "relu_backward", lambda g, y: calls.append(1) or kernel(g, y))
     reference, fused = both_ways(ReluLayer, x, dtype)
+    assert calls == [1]  # the fused pass ran the kernel, the reference did not
     for index in range(2):  # a selection, no arithmetic: equal, NaN and all
         numpy.testing.assert_array_equal(reference[index], fused[index])
     g = numpy.array([numpy.inf, -numpy.inf, 2.0], dtype=dtype)
@@ -393,8 +397,9 @@ def test_kernels_load_where_numba_finds_no_cache_folder(tmp_path):
     """A read-only install run by a user without a home: numba can write beside the code nor in ~/.cache."""
     code = "\n".join([
         "import numba, numpy",
-        "from numba.core.caching import CacheImpl, UserProvidedCacheLocator",
-        "CacheImpl._locator_classes = [UserProvidedCacheLocator]  # only NUMBA_CACHE_DIR, which is unset",
+        "from numba.core.caching import CacheImpl",
+        "CacheImpl._locator_classes = [kind for kind in CacheImpl._locator_classes  # only NUMBA_CACHE_DIR, unset",
+        "                              if 'UserProvided' in kind.__name__]",
         "from mnn.kernels import cpu",
         "print(numba.config.CACHE_DIR)",
         "print(cpu.relu_backward(numpy.ones(3), numpy.array([-1.0, 0.0, 2.0])).tolist())"])
@@ -404,3 +409,16 @@ def test_kernels_load_where_numba_finds_no_cache_folder(tmp_path):
     folder, result = printed.stdout.splitlines()
     assert folder.startswith(str(tmp_path / "mnn-numba-cache-")) and result == "[0.0, 0.0, 1.0]"
     assert list((tmp_path).glob("mnn-numba-cache-*/*"))  # the kernels compiled into it
+    assert not Path(folder).stat().st_mode & 0o077  # this user's alone
+
+
+def test_a_cache_folder_another_user_could_write_is_not_taken(tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"mnn-numba-cache-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)  # as another user, there first, could have left it: numba unpickles what it holds
+    chosen = kernels.cpu.private_temporary_folder()
+    assert chosen != shared and chosen.parent == tmp_path and not chosen.stat().st_mode & 0o077
+    shared.chmod(0o700)
+    assert kernels.cpu.private_temporary_folder() == shared

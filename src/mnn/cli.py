@@ -143,11 +143,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"mnn {args.command}: interrupted", file=sys.stderr)
         return stop_other_ranks(130)
-    except BrokenPipeError:  # mnn generate | head: the reader has what it wanted
+    except BrokenPipeError:  # mnn generate | head: the reader has what it wanted (mnn train prints on, nowhere)
         from .files import silence_stdout
 
         silence_stdout()
-        return 0
+        return stop_other_ranks(0)
     except Exception as error:  # anything that reaches here gets one line, unless --debug asks for more
         ranks = other_ranks()
         if debug and ranks is None:

@@ -33,7 +33,13 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
                          "its run's metrics.json; sample from it with mnn generate")
     if "normalizer" not in document:
         raise ValueError(f"{path}: not an image classifier checkpoint (no normaliser stored)")
-    dataset = test_split(path, document, data_dir, data)
+    try:
+        dataset = test_split(path, document, data_dir, data)
+    except FileNotFoundError as error:
+        if data_dir is not None or data is not None:
+            raise
+        raise FileNotFoundError(f"{error}; if it moved, give its new place: mnn test {path} --data-dir FOLDER "
+                                "(a built-in data set) or --data PATH (your own test images)") from error
     images = Normalizer(**document["normalizer"])(dataset.images)
     loss, accuracy, predicted = classify(net, images, dataset.labels)
     matrix = confusion_matrix(dataset.labels, predicted, len(dataset.classes))

@@ -95,9 +95,22 @@ def is_regular_file(path):
         return False
 
 
+def print_to_a_reader(text, write=print):
+    """``write(text)``, then flush: where the reader of standard output went away (``mnn train | head``),
+    what follows is printed nowhere, and the work goes on (a pipe that breaks raises at the flush,
+    and at the exit, not at the write, where output is buffered)."""
+    try:
+        write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+
+
 def silence_stdout():
-    """Send what is printed from now on nowhere: the reader of standard output went away (``| head``)."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """Send what is printed from now on nowhere: the reader of standard output went away."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def one_line(error):

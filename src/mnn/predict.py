@@ -66,8 +66,9 @@ class Classifier:
         if isinstance(images, (str, Path)):
             images = [images]
         if isinstance(images, (list, tuple)) and all(isinstance(i, (str, Path)) for i in images):
-            return read_inputs(images, self.input_shape)[1] if images else \
-                numpy.zeros((0, *self.input_shape), numpy.uint8)
+            batches = [batch_of_file(path, self.input_shape) if Path(path).suffix.lower() == ".npy" else
+                       read_image(path, self.input_shape)[None] for path in images]  # Pillow tells the others
+            return numpy.concatenate(batches) if batches else numpy.zeros((0, *self.input_shape), numpy.uint8)
         return batch_of(numpy.asarray(images), self.input_shape)
 
 

@@ -46,7 +46,7 @@ def fingerprint(*arrays):
     is the data it began with (a relabelled image or an edited text keeps the classes and the vocabulary)."""
     digest = hashlib.sha256()
     for array in arrays:
-        array = numpy.ascontiguousarray(array)
+        array = numpy.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # one hash on any machine
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.reshape(-1).view(numpy.uint8))
     return digest.hexdigest()

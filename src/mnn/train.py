@@ -22,7 +22,7 @@ from . import backend, models, optim
 from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
-from .files import atomic_write, remove_stale_temporaries, silence_stdout
+from .files import atomic_write, print_to_a_reader, remove_stale_temporaries
 from .plots import plot_curves
 from .runs import BEST, CHECKPOINT, CURVES, METRICS, make_run_folder
 from .tasks import ImageClassification
@@ -178,12 +178,8 @@ class Trainer:
 
     def say(self, text, bar=None):
         """Print ``text`` (above the progress bar, if given): rank 0 alone talks to the user."""
-        if not self.ranks.is_root:
-            return
-        try:
-            (bar.write if bar is not None else print)(text)
-        except BrokenPipeError:  # mnn train | head: the run goes on, and saves, quietly
-            silence_stdout()
+        if self.ranks.is_root:
+            print_to_a_reader(text, bar.write if bar is not None else print)
 
     @contextlib.contextmanager
     def stop_signals_caught(self):

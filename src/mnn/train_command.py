@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .arguments import count, non_empty, non_negative, positive, positive_int, probability, widths
+from .files import print_to_a_reader
 from .runs import CHECKPOINT, RUN_FILES, require_folder_or_nothing
 
 MODEL_DEFAULTS = {
@@ -138,7 +139,7 @@ def command_train(args):
     ranks = distributed.connect(args.backend or "numpy")  # under mpiexec -n N: one of N ranks
     if ranks.size > 1 and args.threads is None:
         backend.tune_cpu(ranks.threads())
-    say = print if ranks.is_root else (lambda *_: None)
+    say = print_to_a_reader if ranks.is_root else (lambda *_: None)  # mnn train | head: it trains on
     trainer = resume_run(args, ranks, say) if args.resume is not None else start_run(args, ranks, say)
     if trainer is None:
         return 0
@@ -222,6 +223,8 @@ def resume_run(args, ranks, say):
         trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs, ranks=ranks,
                                  data_at=data_at)
     except FileNotFoundError as error:
+        if data_at is not None:
+            raise
         raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume {run_dir} "
                                 "--data PATH (or --data-dir FOLDER for a built-in data set)") from error
     if trainer.step >= trainer.total_steps and not trainer.evaluation_due():

@@ -276,8 +276,7 @@ def read_csv_rows(reader, path):
     pixel_names = columns[:label_column] + columns[label_column + 1:]
     side = math.isqrt(len(pixel_names))
     if not pixel_names or side * side != len(pixel_names):
-        unnamed = [str(index + 1) for index, name in enumerate(columns) if not name]
-        hint = f" (column {', '.join(unnamed)} of the header has no name: a trailing comma?)" if unnamed else ""
+        hint = " (the header's last column has no name: a trailing comma?)" if not columns[-1] else ""
         raise ValueError(f"{path}: {len(pixel_names)} pixel columns besides the label {columns[label_column]!r}: "
                          f"not a square number; each row holds one square grey image (784 = 28 x 28 pixels){hint}")
     labels, lines, blocks, rows, row_lines = [], [], [], [], []
