@@ -346,12 +346,18 @@ def clip_grad_norm(parameters, max_norm):
     if hasattr(parameters, "named_parameters"):  # a network or a layer
         parameters = parameters.named_parameters()
     grads = [grad for _, _, grad in checked_triples("clip_grad_norm", parameters)]
-    norm = math.sqrt(sum(float(backend.array_module(g).square(g, dtype="float64").sum()) for g in grads))
+    norm = math.sqrt(sum(float(squares(g).sum()) for g in grads))
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for g in grads:
             g *= scale  # Eq. (1)
     return norm
+
+
+def squares(g):
+    """g * g, in float32 at least: float16's squares overflow from 256 on."""
+    xp = backend.array_module(g)
+    return xp.square(g, dtype=xp.promote_types(g.dtype, xp.float32))
 
 
 class StepSchedule:
