@@ -106,3 +106,17 @@ def test_flatten_keeps_an_optimizers_own_names_and_the_parameters_it_leaves_alon
     for name, param in net.state_dict().items():
         if name in frozen:
             numpy.testing.assert_array_equal(param, frozen[name])
+
+
+def test_an_optimizer_left_behind_by_flatten_says_so_rather_than_training_nothing():
+    net = models.build({"name": "mlp", "kwargs": {"in_features": 4, "hidden": [3], "classes": 2}})
+    left_behind = optim.SGD(net, lr=0.1)  # neither net.optimizer nor created after flatten()
+    net.flatten()
+    net(numpy.ones((2, 4), numpy.float32), numpy.array([0, 1]))
+    net.backward()
+    with pytest.raises(RuntimeError, match=r"SGD: 1.w is no longer the network's parameter: net.flatten\(\) moved "
+                                           r"it into a flat buffer; create the optimizer after flatten\(\)"):
+        left_behind.step()
+    before = net.params["1.w"].copy()
+    optim.SGD(net, lr=0.1).step()  # one made after flatten() trains the buffer's views
+    assert not numpy.array_equal(net.params["1.w"], before)

@@ -51,11 +51,21 @@ def flatten(net, optimizer=None):
             views[0][...], views[1][...] = param, grad
             moved[id(param)], moved[id(grad)] = views
     point_layers_at(net, moved)
+    retire(param for placed in layout.values() for param, _, _ in placed)
     if optimizer is not None:
         optimizer.parameters = [(name, moved.get(id(param), param), moved.get(id(grad), grad))
                                 for name, param, grad in optimizer.parameters]
     return FlatBuffers({dtype: pair[0] for dtype, pair in buffers.items()},
                        {dtype: pair[1] for dtype, pair in buffers.items()})
+
+
+def retire(arrays):
+    """Make the arrays the views replaced read-only (NumPy's; CuPy's have no such flag): an optimizer
+    created before ``flatten`` and not passed to it would update them, training nothing, and then
+    says so (``Optimizer.step``)."""
+    for array in arrays:
+        if hasattr(array.flags, "writeable"):
+            array.flags.writeable = False
 
 
 def plan(triples):

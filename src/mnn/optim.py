@@ -144,6 +144,11 @@ class Optimizer:
 
     def step(self):
         """Update every parameter in place from its gradient (``update``, each rule's equations)."""
+        for name, param, _ in self.parameters:
+            if not getattr(param.flags, "writeable", True):  # flatten() replaced it by a view (mnn.flat.retire)
+                raise RuntimeError(f"{type(self).__name__}: {name} is no longer the network's parameter: net.flatten() "
+                                   "moved it into a flat buffer; create the optimizer after flatten(), or set it as "
+                                   "net.optimizer before, which flatten() points at the buffer")
         self.steps += 1
         for name, param, grad in self.parameters:
             self.update(name, param, grad)

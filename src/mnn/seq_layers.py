@@ -194,7 +194,8 @@ class SequentialLayers(CompositeLayer):
         """Make every parameter and gradient a view into one flat buffer per dtype (``mnn.flat``),
         so that ``zero_grads`` is one pass and data-parallel training sends the gradients in one
         message. Returns the ``FlatBuffers``. The network's optimizer (``self.optimizer``) follows the
-        parameters into the buffers; an optimizer kept elsewhere must be created after this call."""
+        parameters into the buffers; an optimizer kept elsewhere must be created after this call (one
+        created before refuses to step: the arrays it holds are made read-only)."""
         from .flat import flatten
 
         self.flat = flatten(self, self.optimizer)
