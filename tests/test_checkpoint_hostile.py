@@ -295,6 +295,9 @@ DOCUMENT_ATTACKS = {  # name: (change to a valid document, the field the error m
     "classes-a-string": (changed("classes", "abc"), "classes: must be a list"),
     "normalizer-null": (changed("normalizer", None), "normalizer: must be an object"),
     "vocab-in-an-image-classifier": (changed("vocab", "abc"), "vocab: 3 characters do not fit a mlp"),
+    "data-sha256-a-number": (changed("data_sha256", 5), "data_sha256: must be a string"),
+    "data-sha256-short": (changed("data_sha256", "ab12"), "data_sha256: must be 64 lowercase hexadecimal digits"),
+    "data-sha256-upper": (changed("data_sha256", "A" * 64), "data_sha256: must be 64 lowercase hexadecimal"),
 }
 RESUME_ONLY = {  # attacks on what only resuming reads: a plain load may ignore them
     "optimizer-not-the-runs", "optimizer-missing", "config-missing", "config-model-not-the-architecture",
