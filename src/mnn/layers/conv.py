@@ -14,7 +14,8 @@ def im2col(x, kh, kw, stride):
     """Rows of windows: (B, H, W, C) -> (B*Ho*Wo, kh*kw*C), plus (B, Ho, Wo). The one copy."""
     view = windows(x, kh, kw, stride)
     batch, out_h, out_w = view.shape[:3]
-    return view.reshape(batch * out_h * out_w, -1), (batch, out_h, out_w)
+    width = kh * kw * x.shape[3]  # written out: NumPy cannot infer a -1 for an empty batch
+    return view.reshape(batch * out_h * out_w, width), (batch, out_h, out_w)
 
 
 def kernel_pair(kernel_size):
