@@ -6,6 +6,7 @@ from .checkpoint import load_checkpoint
 from .data.text import CharTokenizer
 from .layers.softmax import softmax
 from .optim import COUNT, NON_NEGATIVE, POSITIVE_COUNT, require
+from .tasks import evaluating
 
 
 def next_token_probabilities(logits, temperature, top_k):
@@ -41,16 +42,12 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     rng = numpy.random.default_rng(seed)
     emit = on_text or (lambda text: None)
     emit(prompt)
-    was_training = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         for _ in range(tokens):
             window = backend.to_device(numpy.array(ids[-context:])[None])
             logits = backend.to_numpy(net(window)[0, -1])
             ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
             emit(tokenizer.decode(ids[-1:]))
-    finally:
-        net.train(was_training)  # a caller sampling in the middle of training goes on training with dropout
     return tokenizer.decode(ids)
 
 

@@ -3,6 +3,7 @@
 A batch is a pure function of ``(seed, step)``, so a run resumed at step k sees exactly
 the batches the uninterrupted run would have seen.
 """
+import contextlib
 import hashlib
 
 import numpy
@@ -131,18 +132,26 @@ def chunk_sums(net, count, chunk, measure, width, ranks=ONE_PROCESS, stop=None):
     so that all of them abandon the same round."""
     starts = range(0, count, chunk)
     totals = numpy.zeros(width)
-    was_training = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         for first in range(0, len(starts), ranks.size):
             if stop is not None and ranks.any(stop()):
                 return None
             if first + ranks.rank < len(starts):
                 start = starts[first + ranks.rank]
                 totals += measure(start, min(start + chunk, count))
-    finally:
-        net.train(was_training)  # the mode it came in
     return ranks.sum(totals)
+
+
+@contextlib.contextmanager
+def evaluating(net):
+    """``net`` in eval mode inside, and back in the mode it came in after: a caller evaluating or sampling
+    in the middle of training goes on training with dropout."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def classify(net, images, labels, chunk=1000):
