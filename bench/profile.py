@@ -73,6 +73,7 @@ def profile(case, device, steps, warmup):
     net = models.build(case["model"])
     net.input_grad = False
     net.optimizer = optim.AdamW(net, lr=1e-4)
+    net.flatten()  # as python -m bench and mnn train
     batch = tuple(map(device.mnn_array, make_batch(case, numpy.random.default_rng(0))))
     for _ in range(warmup):
         training_step(net, batch)

@@ -84,6 +84,7 @@ def step_functions(case, device, seed=0):
     net = models.build(case["model"])
     net.input_grad = False
     net.optimizer = optim.AdamW(net, lr=1e-4)
+    net.flatten()  # as mnn train does: the gradients zeroed in one pass, AdamW in one launch on a GPU
     model, loss_fn, _ = mirror(net)
     model = device.torch_model(model)
     torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -26,7 +26,8 @@ import numpy
 
 C_TYPES = {"float64": ("double", ctypes.c_double), "float32": ("float", ctypes.c_float),
            "uint64": ("unsigned long long", ctypes.c_ulonglong), "int64": ("long long", ctypes.c_longlong),
-           "uint32": ("unsigned int", ctypes.c_uint), "int32": ("int", ctypes.c_int)}
+           "uint32": ("unsigned int", ctypes.c_uint), "int32": ("int", ctypes.c_int),
+           "uint8": ("unsigned char", ctypes.c_ubyte)}
 BUILD = Path(tempfile.gettempdir()) / "mnn-cuda-on-cpu"
 
 

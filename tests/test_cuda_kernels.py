@@ -6,9 +6,9 @@ import numpy
 import pytest
 
 from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvrtc_errors, nvrtc_library
-from mnn import backend, kernels, optim
+from mnn import backend, flat, kernels, models, optim
 from mnn.kernels import cuda
-from mnn.layers import CrossEntropyLossLayer, GeluLayer, LayerNormLayer
+from mnn.layers import BatchNormLayer, CrossEntropyLossLayer, GeluLayer, LayerNormLayer
 from mnn.layers.dropout import keep_mask, keep_threshold
 from mnn.layers.softmax import softmax
 
@@ -58,6 +58,73 @@ def test_the_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype, optimizer):
     tolerance = 1e-12 if dtype == numpy.float64 else 2e-6
     for ours, reference in ((theta, param), (m, adam.buffers["w.m"]), (v, adam.buffers["w.v"])):
         numpy.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance)
+
+
+def flattened_with_a_parameter_left_out(dtype, decay_vectors):
+    """A network in flat buffers (vectors and matrices, padding between them), and an AdamW that holds
+    all its parameters but one, ``1.b``."""
+    backend.set_default_dtype(dtype)
+    backend.seed(0)
+    try:
+        net = models.mlp(in_features=5, hidden=[7, 3], classes=4, dropout=0)
+    finally:
+        backend.set_default_dtype(numpy.float32)
+    net.flatten()
+    held = [triple for triple in net.named_parameters() if triple[0] != "1.b"]
+    return net, optim.AdamW(held, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decay_vectors=decay_vectors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay_vectors", [True, False])
+def test_the_flat_adam_kernel_takes_the_steps_of_the_numpy_lines(dtype, decay_vectors):
+    """One launch over a whole flat buffer (optim.FlatMoments): each parameter the optimizer holds takes
+    the per-tensor steps, its decay or none included; padding and the parameter it leaves out stay."""
+    (net, reference), (flat_net, adam) = (flattened_with_a_parameter_left_out(dtype, decay_vectors) for _ in range(2))
+    (flat_param, flat_grad, members), = flat.buffers_behind(adam.parameters)
+    run = optim.FlatMoments.run(adam, flat_param, flat_grad, members)
+    on_cpu = compile_for_cpu(cuda.ADAM_UPDATE_FLAT, dtype, arrays={"g", "code"})
+    before, rng = flat_param.copy(), numpy.random.default_rng(2)
+    kernels.use("numpy")
+    try:
+        for step in range(1, 4):
+            flat_grad[...] = net.flat.grads[flat_grad.dtype][...] = rng.standard_normal(flat_grad.size)
+            reference.step()
+            settings = {"beta1": 0.8, "one_minus_beta1": 1 - 0.8, "beta2": 0.99, "one_minus_beta2": 1 - 0.99,
+                        "step_size": 1e-2 / (1 - 0.8**step), "unbias": 1 / numpy.sqrt(1 - 0.99**step), "eps": 1e-6,
+                        "shrink": 1 - 1e-2 * 0.1}  # rounded to the dtype, as the wrapper does
+            on_cpu(g=flat_grad, code=run.codes, **{name: dtype(value) for name, value in settings.items()},
+                   theta=flat_param, m=run.m, v=run.v)
+    finally:
+        kernels.use("fused")
+    tolerance = 1e-12 if dtype == numpy.float64 else 2e-6
+    for name, value in net.state_dict().items():
+        numpy.testing.assert_allclose(flat_net.state_dict()[name], value, rtol=tolerance, atol=tolerance, err_msg=name)
+    assert adam.buffers.keys() == reference.buffers.keys()
+    for name, value in reference.buffers.items():
+        numpy.testing.assert_allclose(adam.buffers[name], value, rtol=tolerance, atol=tolerance, err_msg=name)
+    left_out = {name: param for name, param, _ in flat_net.named_parameters()}["1.b"]
+    offset = flat.offset_in(flat_param, left_out)
+    assert not run.codes[offset:offset + left_out.size].any()
+    left_alone = run.codes == 0  # that parameter, and the padding
+    numpy.testing.assert_array_equal(flat_param[left_alone], before[left_alone])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_running_statistics_kernel_takes_the_steps_of_the_numpy_lines(dtype):
+    """Batch norm's Eq. (4) in one launch, as BatchNormLayer's six lines."""
+    rng = numpy.random.default_rng(3)
+    layer = BatchNormLayer(6, momentum=0.3)
+    start = {name: rng.random(6).astype(dtype) for name in ("running_mean", "running_var")}
+    layer.buffers = {name: value.copy() for name, value in start.items()}
+    mean, var = rng.standard_normal(6).astype(dtype), rng.random(6).astype(dtype)
+    layer.update_running_stats(mean, var, 10)
+    running_mean, running_var = start["running_mean"], start["running_var"]
+    on_cpu = compile_for_cpu(cuda.RUNNING_STATISTICS, dtype, arrays={"mean", "var"})
+    on_cpu(mean=mean, var=var, keep=dtype(0.7), momentum=dtype(0.3), var_scale=dtype(0.3 * 10 / 9),
+           running_mean=running_mean, running_var=running_var)
+    tolerance = 1e-15 if dtype == numpy.float64 else 1e-6
+    numpy.testing.assert_allclose(running_mean, layer.buffers["running_mean"], rtol=tolerance, atol=tolerance)
+    numpy.testing.assert_allclose(running_var, layer.buffers["running_var"], rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -199,8 +266,9 @@ def test_the_lstm_step_kernels_take_the_steps_of_the_cpu_kernels(dtype, batch, s
         numpy.testing.assert_allclose(mine, theirs, rtol=tolerance, atol=tolerance)
 
 
-GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.DROPOUT, {"x"}), (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"}),
-               (cuda.RELU_BACKWARD, {"g", "y"})]
+GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.ADAM_UPDATE_FLAT, {"g", "code"}), (cuda.DROPOUT, {"x"}),
+               (cuda.GELU, {"x"}), (cuda.GELU_BACKWARD, {"g", "x"}), (cuda.RELU_BACKWARD, {"g", "y"}),
+               (cuda.RUNNING_STATISTICS, {"mean", "var"})]
 
 
 RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD,

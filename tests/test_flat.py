@@ -2,7 +2,7 @@
 import numpy
 import pytest
 
-from mnn import backend, models, optim
+from mnn import backend, flat, models, optim
 from mnn.flat import ALIGN
 from mnn.layers import BatchNorm2dLayer, BatchNormLayer
 
@@ -120,3 +120,24 @@ def test_an_optimizer_left_behind_by_flatten_says_so_rather_than_training_nothin
     before = net.params["1.w"].copy()
     optim.SGD(net, lr=0.1).step()  # one made after flatten() trains the buffer's views
     assert not numpy.array_equal(net.params["1.w"], before)
+
+
+def test_buffers_behind_finds_each_tensors_place_and_refuses_what_is_not_flat():
+    """What lets Adam update a whole buffer in one launch on a GPU (optim.FlatMoments)."""
+    net = models.mlp(in_features=5, hidden=[7], classes=3, dropout=0)
+    loose = net.named_parameters()
+    assert flat.buffers_behind(loose) is None  # not views yet
+    buffers = net.flatten()
+    triples = net.named_parameters()
+    (flat_param, flat_grad, members), = flat.buffers_behind(triples)
+    assert flat_param is buffers.params[numpy.dtype(numpy.float32)] and flat_grad is buffers.grads[flat_param.dtype]
+    for index, offset in members:
+        _, param, grad = triples[index]
+        assert offset % ALIGN == 0
+        numpy.testing.assert_array_equal(flat_param[offset:offset + param.size], param.ravel())
+        assert numpy.shares_memory(flat_grad[offset:offset + grad.size], grad)
+    (name, param, grad), *rest = triples
+    assert flat.buffers_behind([(name, param, grad[::-1])] + rest) is None  # not in order
+    assert flat.buffers_behind([(name, param, rest[0][2])] + rest[1:]) is None  # a gradient at another's place
+    overlapping = (name + "'", flat_param[1:param.size + 1].reshape(param.shape), flat_grad[1:param.size + 1])
+    assert flat.buffers_behind(triples + [overlapping]) is None

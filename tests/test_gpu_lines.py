@@ -64,7 +64,8 @@ def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dt
     that lose digits there, summing in float32.)"""
     test_kernels.assert_batch_norm_both_ways_equal(layer_class, shape, dtype, centre)
     assert launched == [cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name, cuda.BATCH_NORM_APPLY.name,
-                        cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name]
+                        cuda.RUNNING_STATISTICS.name, cuda.BATCH_NORM_BACKWARD_SUMS.name,
+                        cuda.BATCH_NORM_BACKWARD_APPLY.name]
 
 
 def test_batch_norm_on_the_gpu_lines_keeps_a_nan_variance():
@@ -129,28 +130,30 @@ MODELS = {  # each with its dropout on, so that the masks are drawn on both line
     "lstm": (lambda: models.lstm(vocab_size=11, context=8, width=8, hidden=[16, 12], dropout=0.2),
              lambda rng: tokens(rng, 3)),
 }
-EVERY_MODEL = {cuda.ADAM_UPDATE.name, cuda.CROSS_ENTROPY_ROWS.name, cuda.CROSS_ENTROPY_ROWS_BACKWARD.name,
-               cuda.DROPOUT.name}
+EVERY_MODEL = {cuda.CROSS_ENTROPY_ROWS.name, cuda.CROSS_ENTROPY_ROWS_BACKWARD.name, cuda.DROPOUT.name}
 KERNELS = {
     "mlp": EVERY_MODEL | {cuda.RELU_BACKWARD.name},
     "cnn": EVERY_MODEL | {cuda.RELU_BACKWARD.name, cuda.IM2COL.name, cuda.COL2IM.name, cuda.MAX_POOL.name,
                           cuda.MAX_POOL_BACKWARD.name, cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name,
-                          cuda.BATCH_NORM_APPLY.name, cuda.BATCH_NORM_BACKWARD_SUMS.name,
-                          cuda.BATCH_NORM_BACKWARD_APPLY.name},
+                          cuda.BATCH_NORM_APPLY.name, cuda.RUNNING_STATISTICS.name,
+                          cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name},
     "gpt": EVERY_MODEL | {cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
                           cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name, cuda.LAYER_NORM_ROWS_BACKWARD.name},
     "lstm": EVERY_MODEL | {cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},
 }
 
 
-def train_two_steps(builder, batch, mode, dtype):
-    """The loss, the gradients and the parameters after two AdamW steps of a fresh model of ``dtype``."""
+def train_two_steps(builder, batch, mode, dtype, flattened=False):
+    """The loss, the gradients and the parameters after two AdamW steps of a fresh model of ``dtype``
+    (``flattened``: in flat buffers, as mnn train has it)."""
     kernels.use(mode)
     backend.set_default_dtype(dtype)
     try:
         backend.seed(0)
         net = builder()
         net.optimizer = optim.AdamW(net, lr=1e-2)
+        if flattened:
+            net.flatten()
         for _ in range(2):
             net.zero_grads()
             loss = float(net(*batch))
@@ -164,15 +167,19 @@ def train_two_steps(builder, batch, mode, dtype):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("dtype, tolerance", [(numpy.float64, 1e-12), (numpy.float32, 1e-4)], ids=["float64", "float32"])
-def test_models_on_the_gpu_lines_train_as_on_the_reference_lines(name, dtype, tolerance, launched):
-    """float32 as well: a scalar of the wrong width would reach a GPU kernel as other bytes."""
+@pytest.mark.parametrize("flattened", [False, True], ids=["per tensor", "flat"])
+def test_models_on_the_gpu_lines_train_as_on_the_reference_lines(name, dtype, tolerance, flattened, launched):
+    """float32 as well: a scalar of the wrong width would reach a GPU kernel as other bytes. Flattened,
+    AdamW updates the whole buffer in one launch a step."""
     builder, make_batch = MODELS[name]
     x, y = make_batch(numpy.random.default_rng(0))
     batch = (x.astype(dtype) if x.dtype.kind == "f" else x), y
     loss, grads, params = train_two_steps(builder, batch, "numpy", dtype)
     assert launched == []
-    gpu_loss, gpu_grads, gpu_params = train_two_steps(builder, batch, "fused", dtype)
-    assert set(launched) == KERNELS[name]
+    gpu_loss, gpu_grads, gpu_params = train_two_steps(builder, batch, "fused", dtype, flattened)
+    assert set(launched) == KERNELS[name] | {cuda.ADAM_UPDATE_FLAT.name if flattened else cuda.ADAM_UPDATE.name}
+    if flattened:
+        assert launched.count(cuda.ADAM_UPDATE_FLAT.name) == 2
     assert abs(gpu_loss - loss) <= tolerance * abs(loss)
     for key in grads:
         for reference, gpu, what in ((grads[key], gpu_grads[key], f"{key}'s gradient"), (params[key], gpu_params[key], key)):

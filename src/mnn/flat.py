@@ -94,3 +94,33 @@ def point_layers_at(layer, moved):
     for name in layer.params:
         layer.params[name] = moved.get(id(layer.params[name]), layer.params[name])
         layer.grads[name] = moved.get(id(layer.grads[name]), layer.grads[name])
+
+
+def buffers_behind(triples):
+    """Where (name, parameter, gradient) triples all lie in flat buffers that ``flatten`` made:
+    ``[(flat_param, flat_grad, [(index, offset), ...])]``, one entry per pair of buffers, each triple
+    by its index and the offset of its tensors in them. None if any tensor is not such a view, or
+    a gradient does not sit at its parameter's offset, or two tensors overlap."""
+    groups = {}
+    for index, (_, param, grad) in enumerate(triples):
+        flat_param, flat_grad = param.base, grad.base
+        if flat_param is None or flat_grad is None or not (flat_param.ndim == flat_grad.ndim == 1):
+            return None
+        if grad.dtype != param.dtype or not (param.flags.c_contiguous and grad.flags.c_contiguous):
+            return None
+        offset = offset_in(flat_param, param)
+        if offset != offset_in(flat_grad, grad) or flat_grad.size != flat_param.size:
+            return None
+        groups.setdefault((id(flat_param), id(flat_grad)), (flat_param, flat_grad, []))[2].append((index, offset))
+    for _, _, members in groups.values():
+        spans = sorted((offset, offset + triples[index][1].size) for index, offset in members)
+        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+            return None
+    return list(groups.values())
+
+
+def offset_in(flat, view):
+    """The index in 1-D ``flat`` of ``view``'s first entry (NumPy or CuPy arrays)."""
+    start = flat.data.ptr if hasattr(flat.data, "ptr") else flat.ctypes.data
+    at = view.data.ptr if hasattr(view.data, "ptr") else view.ctypes.data
+    return (at - start) // flat.itemsize

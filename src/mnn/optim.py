@@ -13,10 +13,11 @@ against the optimizer's ``rules``: a bad one raises a ValueError such as
 """
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy
 
-from . import backend, kernels
+from . import backend, flat, kernels
 
 
 def is_finite_number(value):
@@ -150,6 +151,10 @@ class Optimizer:
                                    "moved it into a flat buffer; create the optimizer after flatten(), or set it as "
                                    "net.optimizer before, which flatten() points at the buffer")
         self.steps += 1
+        self.update_all()
+
+    def update_all(self):
+        """Apply the rule's equations to every parameter: ``update``, one tensor at a time."""
         for name, param, grad in self.parameters:
             self.update(name, param, grad)
 
@@ -264,8 +269,9 @@ class Adam(Optimizer):
       \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} \tag{3}$$
 
     On CuPy, Eqs. (2)-(3) run as one fused kernel per parameter (``mnn.kernels.cuda.adam_update``),
-    and on NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``); ``AdamW``'s decay
-    runs in the same pass.
+    or per flat buffer where ``flatten`` laid the parameters out, as ``mnn train`` does
+    (``FlatMoments``); on NumPy as one pass per parameter (``mnn.kernels.cpu.adam_update``).
+    ``AdamW``'s decay runs in the same pass.
     """
 
     decoupled = False
@@ -281,6 +287,11 @@ class Adam(Optimizer):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.check_settings(self.settings())
+        self.flat_cache = None  # FlatMoments, once a step made them
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.flat_cache = None  # flat moments, if any, are made again from the loaded buffers
 
     def buffer_names(self, name, settings):
         return [f"{name}.m", f"{name}.v"]
@@ -289,6 +300,30 @@ class Adam(Optimizer):
         if name.endswith(".v") and bool((value < 0).any()):
             raise ValueError(f"{type(self).__name__}: buffer {name}, a mean of squares, holds negative values")
 
+    def step_settings(self):
+        """(beta1, beta2, step size, 1/sqrt(1 - beta2^t), eps): Eq. (3)'s numbers at this step."""
+        step_size = self.lr / (1 - self.beta1 ** self.steps)
+        unbias = 1 / math.sqrt(1 - self.beta2 ** self.steps)
+        return self.beta1, self.beta2, step_size, unbias, self.eps
+
+    def update_all(self):
+        """On a GPU, where ``flatten`` laid every parameter in flat buffers: one launch per buffer
+        (``FlatMoments``). Otherwise one update per tensor."""
+        flat = self.flat_moments() if self.decoupled or not self.weight_decay else None  # Adam's decay: per tensor
+        if flat is None:
+            return super().update_all()
+        shrink = 1 - self.lr * self.weight_decay  # AdamW's Eq. (1), for the tensors it decays
+        for run in flat.runs:
+            kernels.cuda.adam_update_flat(run.grad, run.codes, *self.step_settings(), shrink, run.param, run.m, run.v)
+
+    def flat_moments(self):
+        """The ``FlatMoments`` of this optimizer's parameters, made once and remade when they change;
+        None where they are not all CuPy views into flat buffers."""
+        key = ([(id(param), id(grad)) for _, param, grad in self.parameters], self.decay_vectors, kernels.mode())
+        if self.flat_cache is None or self.flat_cache.key != key:
+            self.flat_cache = FlatMoments.of(self, key)
+        return self.flat_cache if self.flat_cache.runs else None
+
     def update(self, name, param, grad):
         decay = self.decay_of(param)
         if decay and not self.decoupled:
@@ -296,10 +331,9 @@ class Adam(Optimizer):
         shrink = 1 - self.lr * decay if self.decoupled else 1.0  # AdamW's Eq. (1), in the kernels' pass
         m = self.buffer(f"{name}.m", param)
         v = self.buffer(f"{name}.v", param)
-        step_size = self.lr / (1 - self.beta1 ** self.steps)
-        unbias = 1 / math.sqrt(1 - self.beta2 ** self.steps)
+        beta1, beta2, step_size, unbias, eps = self.step_settings()
         xp = backend.array_module(param)
-        settings = (self.beta1, self.beta2, step_size, unbias, self.eps, shrink)
+        settings = (beta1, beta2, step_size, unbias, eps, shrink)
         if kernels.fused_gpu(param) and grad.dtype == param.dtype:
             return kernels.cuda.adam_update(grad, *settings, param, m, v)
         if kernels.fused(param) and all(a.flags.c_contiguous for a in (grad, param, m, v)):
@@ -319,6 +353,49 @@ class Adam(Optimizer):
         xp.divide(m, work, out=work)
         work *= step_size
         param -= work
+
+
+class FlatMoments:
+    """Adam's moments m and v as flat buffers laid out as the parameters' (``mnn.flat``), so that one
+    launch updates a whole buffer (``kernels.cuda.adam_update_flat``).
+
+    Each run holds a flat parameter buffer, its gradient buffer, m and v of the same size, and a
+    code per entry: 0 for one the optimizer leaves alone (padding, a parameter it does not hold),
+    1 for a parameter it does not decay, 2 for one it does. The optimizer's buffers ``{name}.m``
+    and ``{name}.v`` become views into m and v (values it held already, loaded ones too, copied in),
+    so checkpoints keep them by name as before."""
+
+    def __init__(self, key, runs):
+        self.key, self.runs = key, runs
+
+    @classmethod
+    def of(cls, optimizer, key):
+        triples = optimizer.parameters
+        on_gpu = all(kernels.fused_gpu(param, grad) for _, param, grad in triples)
+        groups = flat.buffers_behind(triples) if on_gpu and triples else None
+        return cls(key, [cls.run(optimizer, *group) for group in groups] if groups else [])
+
+    @staticmethod
+    def run(optimizer, flat_param, flat_grad, members):
+        xp = backend.array_module(flat_param)
+        codes, m, v = numpy.zeros(flat_param.size, numpy.uint8), xp.zeros_like(flat_param), xp.zeros_like(flat_param)
+        for index, offset in members:
+            name, param, _ = optimizer.parameters[index]
+            codes[offset:offset + param.size] = 2 if param.ndim >= 2 or optimizer.decay_vectors else 1
+            for moment, buffer in (("m", m), ("v", v)):
+                view = buffer[offset:offset + param.size].reshape(param.shape)
+                if f"{name}.{moment}" in optimizer.buffers:
+                    view[...] = optimizer.buffers[f"{name}.{moment}"]
+                optimizer.buffers[f"{name}.{moment}"] = view
+        return FlatRun(flat_param, flat_grad, xp.asarray(codes), m, v)
+
+
+class FlatRun(NamedTuple):
+    param: object
+    grad: object
+    codes: object
+    m: object
+    v: object
 
 
 class AdamW(Adam):

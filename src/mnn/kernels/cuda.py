@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy
 
 from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
+from ..layers.sums import column_sums
 
 
 class Elementwise(NamedTuple):
@@ -96,6 +97,28 @@ ADAM_UPDATE = Elementwise(
     " m = m * beta1 + g * one_minus_beta1;"
     " v = v * beta2 + g * g * one_minus_beta2;"
     " theta -= m / (sqrt(v) * unbias + eps) * step_size")
+
+# The same step over a whole flat buffer (mnn.flat) in one launch: ``code`` says what entry i is,
+# 0 for one the optimizer leaves alone (padding, a parameter it does not hold), 1 for a parameter
+# it updates without decay, 2 for one it decays.
+ADAM_UPDATE_FLAT = Elementwise(
+    "mnn_adam_update_flat",
+    "T g, uint8 code, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, "
+    "T shrink",
+    "T theta, T m, T v",
+    "if (code != 0) {"
+    " theta = theta * (code == 2 ? shrink : (T)1);"
+    " m = m * beta1 + g * one_minus_beta1;"
+    " v = v * beta2 + g * g * one_minus_beta2;"
+    " theta -= m / (sqrt(v) * unbias + eps) * step_size; }")
+
+# Batch norm's Eq. (4) (mnn.layers.normalization.BatchNormLayer): both running statistics in one launch.
+RUNNING_STATISTICS = Elementwise(
+    "mnn_running_statistics",
+    "T mean, T var, T keep, T momentum, T var_scale",
+    "T running_mean, T running_var",
+    "running_mean = running_mean * keep + momentum * mean;"
+    " running_var = running_var * keep + var_scale * var")
 
 # SplitMix64's output function (mnn.layers.dropout, Eq. (4)).
 SPLITMIX64 = f"""
@@ -419,7 +442,7 @@ MAX_POOL_BACKWARD = Raw("mnn_max_pool_backward", MAX_POOL.code)
 
 # Batch norm's Eq. (1) and Eqs. (2)-(3) (mnn.layers.normalization.BatchNormLayer) over the rows of a
 # contiguous (N, C) array. Each thread sums one channel over CHUNK_ROWS rows, in double; the caller
-# adds those partial sums over the chunks (one CuPy reduction); a thread per channel turns them into
+# adds those partial sums over the chunks (one GEMV); a thread per channel turns them into
 # the statistics; a thread per entry applies them. The forward sums x - K and its square, with K the
 # first row: the variance S2/N - (S1/N)^2 then cancels no more digits than the spread of the data
 # around one of its samples costs, where sums of x and x^2 lose them all when the mean is large.
@@ -524,6 +547,21 @@ def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v)
     scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
                                                      shrink)]
     compiled(ADAM_UPDATE)(grad, *scalars, param, m, v)
+
+
+def adam_update_flat(grad, codes, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
+    """``adam_update`` over flat buffers (``mnn.flat``) in one launch: entries whose ``codes`` are 0 are
+    left alone, those coded 1 are not decayed (see ``ADAM_UPDATE_FLAT``)."""
+    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
+                                                     shrink)]
+    compiled(ADAM_UPDATE_FLAT)(grad, codes, *scalars, param, m, v)
+
+
+def running_statistics(mean, var, momentum, var_scale, running_mean, running_var):
+    """Batch norm's Eq. (4) on CuPy arrays, in place, in one launch (the reference lines take six)."""
+    dtype = running_mean.dtype.type
+    compiled(RUNNING_STATISTICS)(mean, var, dtype(1 - momentum), dtype(momentum), dtype(var_scale), running_mean,
+                                 running_var)
 
 
 def dropout(x, key, threshold, scale):
@@ -699,7 +737,7 @@ def chunk_sums(source, arrays, count, channels):
     sums = cupy.empty((chunks, 2, channels), dtype=cupy.float64)
     launch_elements(source, arrays[0], chunks * channels, (*arrays, sums, numpy.int64(count), numpy.int32(channels),
                                                            numpy.int32(CHUNK_ROWS)))
-    return sums.sum(axis=0)
+    return column_sums(sums.reshape(chunks, 2 * channels)).reshape(2, channels)  # one GEMV
 
 
 def batch_norm(rows, weight, bias, eps):

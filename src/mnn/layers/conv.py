@@ -4,7 +4,7 @@ import numbers
 
 from .. import backend, kernels
 from .base import Layer, check_flag, check_size
-from .normalization import column_sums
+from .sums import column_sums
 from .windows import channels_first, channels_last, output_size, pad_channels_last, windows
 
 CHUNK_BYTES = 4 << 20  # fused path: im2col rows made and multiplied at a time (a few MiB, in cache)

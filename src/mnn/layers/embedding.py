@@ -1,6 +1,7 @@
 r"""Embeddings: a table lookup for tokens, and learned positions added to them."""
 from .. import backend, kernels
 from .base import Layer, check_array, check_size
+from .sums import column_sums
 
 
 class EmbeddingLayer(Layer):
@@ -75,5 +76,5 @@ class PositionalEmbeddingLayer(Layer):
 
     def backward(self, g):
         (length,) = self.saved()
-        self.grads["weight"][:length] += g.sum(axis=0)  # Eq. (2)
+        self.grads["weight"][:length] += column_sums(g.reshape(len(g), -1)).reshape(g.shape[1:])  # Eq. (2)
         return g

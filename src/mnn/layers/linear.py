@@ -3,6 +3,7 @@ import math
 
 from .. import backend
 from .base import Layer, check_flag, check_floating, check_size
+from .sums import column_sums
 
 
 class LinearLayer(Layer):
@@ -62,7 +63,7 @@ class LinearLayer(Layer):
         rows_g = g.reshape(-1, self.out_features)
         self.grads["w"] += rows_g.T @ rows_x  # Eq. (5)
         if self.bias:
-            self.grads["b"] += rows_g.sum(axis=0)  # Eq. (6)
+            self.grads["b"] += column_sums(rows_g)  # Eq. (6)
         if not self.input_grad:
             return None
         return (rows_g @ self.params["w"]).reshape(shape)  # Eq. (4)

@@ -14,6 +14,7 @@ $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 from .. import backend, kernels
 from ..optim import is_finite_number
 from .base import Layer, check_flag, check_size
+from .sums import column_dots, column_sums
 from .windows import channels_first, channels_last
 
 
@@ -26,16 +27,6 @@ def normalize(x, axis, eps):
     inv_std = 1 / xp.sqrt(var + eps)
     x_hat *= inv_std
     return x_hat, inv_std, mean, var
-
-
-def column_sums(rows):
-    """Sum over the rows of a (N, C) array, as one GEMV (BLAS: much faster than ``sum(axis=0)``)."""
-    return backend.array_module(rows).ones(rows.shape[0], dtype=rows.dtype) @ rows
-
-
-def column_dots(a, b):
-    """``(a * b).sum(axis=0)`` for (N, C) arrays, without the temporary product."""
-    return backend.array_module(a).einsum("nc,nc->c", a, b)
 
 
 def normalize_rows(rows, eps, total=None, count=None):
@@ -176,11 +167,14 @@ class BatchNormLayer(Layer):
         return self.batch_total(rows.shape[0])
 
     def update_running_stats(self, mean, var, count):
-        m = self.momentum
+        m, running = self.momentum, (self.buffers["running_mean"], self.buffers["running_var"])
+        var_scale = m * count / max(count - 1, 1)  # the variance made unbiased, times the momentum
+        if kernels.fused_gpu(mean, var, *running) and len({array.dtype for array in (mean, var, *running)}) == 1:
+            return kernels.cuda.running_statistics(mean, var, m, var_scale, *running)  # Eq. (4) in one launch
         self.buffers["running_mean"] *= 1 - m
         self.buffers["running_mean"] += m * mean  # Eq. (4)
         self.buffers["running_var"] *= 1 - m
-        self.buffers["running_var"] += (m * count / max(count - 1, 1)) * var
+        self.buffers["running_var"] += var_scale * var
 
     def backward(self, g):
         x_hat, inv_std, training, shape, count = self.saved()

@@ -7,7 +7,7 @@ import math
 
 from .. import backend, kernels
 from .base import Layer, check_flag, check_floating, check_size
-from .normalization import column_sums
+from .sums import column_sums
 
 
 def sigmoid(a, out=None):
