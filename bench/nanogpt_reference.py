@@ -181,7 +181,7 @@ def main():
     for seed in args.seeds:
         start = time.perf_counter()
         estimate, whole = train(text, seed, config)
-        print(f"{config['label']}seed {seed}: val loss {estimate:.4f} (nanoGPT's 20-batch estimate), "
+        print(f"{config['label']}seed {seed}: val loss {estimate:.4f} (nanoGPT's {config['eval_iters']}-batch estimate), "
               f"{whole:.4f} (whole validation split), {time.perf_counter() - start:.0f} s", flush=True)
 
 
