@@ -309,11 +309,11 @@ class Adam(Optimizer):
     def update_all(self):
         """On a GPU, where ``flatten`` laid every parameter in flat buffers: one launch per buffer
         (``FlatMoments``). Otherwise one update per tensor."""
-        flat = self.flat_moments() if self.decoupled or not self.weight_decay else None  # Adam's decay: per tensor
-        if flat is None:
+        moments = self.flat_moments() if self.decoupled or not self.weight_decay else None  # Adam's decay: per tensor
+        if moments is None:
             return super().update_all()
         shrink = 1 - self.lr * self.weight_decay  # AdamW's Eq. (1), for the tensors it decays
-        for run in flat.runs:
+        for run in moments.runs:
             kernels.cuda.adam_update_flat(run.grad, run.codes, *self.step_settings(), shrink, run.param, run.m, run.v)
 
     def flat_moments(self):
