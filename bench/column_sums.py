@@ -10,23 +10,19 @@ MLP's batch, and batch norm's partial sums over chunks (float64).
 """
 import argparse
 import statistics
-import time
 
 import numpy
+
+from .device import timed
 
 SHAPES = [((16384, 384), "float32"), ((16384, 1536), "float32"), ((2048, 2048), "float32"),
           ((25088, 64), "float64")]
 
 
-def median_us(function, sync, repeats=50):
-    times = []
-    for _ in range(repeats + 5):
-        sync()
-        started = time.perf_counter()
+def median_us(function, sync, repeats=50, warmup=5):
+    for _ in range(warmup):
         function()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[5:]) * 1e6
+    return statistics.median(timed(function, sync) for _ in range(repeats)) * 1e6
 
 
 def main():

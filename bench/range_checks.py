@@ -6,6 +6,7 @@ label check and the embedding's index check taken out (an experiment: mnn keeps 
 """
 import argparse
 
+from mnn.arguments import integer
 from mnn.layers import embedding, losses
 
 from .device import Device
@@ -23,7 +24,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.range_checks", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=integer(1), default=20)
     args = parser.parse_args(argv)
     device, names = Device(args.device), args.models.split(",")
     shipped = {name: measure(CASES[name], args.repeats, 2, device) for name in names}

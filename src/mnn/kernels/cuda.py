@@ -89,28 +89,18 @@ def entries(name, template, params):
 # Adam's Eqs. (2)-(3) (mnn.optim.Adam) after AdamW's decay (theta times shrink, 1 for none), in the
 # order of operations of the CPU kernel, and in T: the settings come rounded to the parameters' dtype,
 # as there (double arithmetic would also be slow on GPUs with few float64 units).
-ADAM_UPDATE = Elementwise(
-    "mnn_adam_update",
-    "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, T shrink",
-    "T theta, T m, T v",
-    "theta = theta * shrink;"
-    " m = m * beta1 + g * one_minus_beta1;"
-    " v = v * beta2 + g * g * one_minus_beta2;"
-    " theta -= m / (sqrt(v) * unbias + eps) * step_size")
+ADAM_SETTINGS = "T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, T shrink"
+ADAM_STEP = ("m = m * beta1 + g * one_minus_beta1;"
+             " v = v * beta2 + g * g * one_minus_beta2;"
+             " theta -= m / (sqrt(v) * unbias + eps) * step_size;")
+ADAM_UPDATE = Elementwise("mnn_adam_update", "T g, " + ADAM_SETTINGS, "T theta, T m, T v",
+                          "theta = theta * shrink; " + ADAM_STEP)
 
 # The same step over a whole flat buffer (mnn.flat) in one launch: ``code`` says what entry i is,
 # 0 for one the optimizer leaves alone (padding, a parameter it does not hold), 1 for a parameter
 # it updates without decay, 2 for one it decays.
-ADAM_UPDATE_FLAT = Elementwise(
-    "mnn_adam_update_flat",
-    "T g, uint8 code, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, "
-    "T shrink",
-    "T theta, T m, T v",
-    "if (code != 0) {"
-    " theta = theta * (code == 2 ? shrink : (T)1);"
-    " m = m * beta1 + g * one_minus_beta1;"
-    " v = v * beta2 + g * g * one_minus_beta2;"
-    " theta -= m / (sqrt(v) * unbias + eps) * step_size; }")
+ADAM_UPDATE_FLAT = Elementwise("mnn_adam_update_flat", "T g, uint8 code, " + ADAM_SETTINGS, "T theta, T m, T v",
+                               "if (code != 0) { theta = theta * (code == 2 ? shrink : (T)1); " + ADAM_STEP + " }")
 
 # Batch norm's Eq. (4) (mnn.layers.normalization.BatchNormLayer): both running statistics in one launch.
 RUNNING_STATISTICS = Elementwise(
@@ -544,17 +534,19 @@ def launch_elements(source, like, count, arguments):
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
     """Adam's Eqs. (2)-(3) in place on CuPy arrays, after AdamW's decay (``shrink``): ``param``, ``m`` and
     ``v`` are updated."""
-    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
-                                                     shrink)]
-    compiled(ADAM_UPDATE)(grad, *scalars, param, m, v)
+    compiled(ADAM_UPDATE)(grad, *adam_settings(param.dtype, beta1, beta2, step_size, unbias, eps, shrink), param, m, v)
 
 
 def adam_update_flat(grad, codes, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
     """``adam_update`` over flat buffers (``mnn.flat``) in one launch: entries whose ``codes`` are 0 are
     left alone, those coded 1 are not decayed (see ``ADAM_UPDATE_FLAT``)."""
-    scalars = [param.dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps,
-                                                     shrink)]
-    compiled(ADAM_UPDATE_FLAT)(grad, codes, *scalars, param, m, v)
+    settings = adam_settings(param.dtype, beta1, beta2, step_size, unbias, eps, shrink)
+    compiled(ADAM_UPDATE_FLAT)(grad, codes, *settings, param, m, v)
+
+
+def adam_settings(dtype, beta1, beta2, step_size, unbias, eps, shrink):
+    """``ADAM_SETTINGS``' values, each rounded once to the parameters' dtype."""
+    return [dtype.type(value) for value in (beta1, 1 - beta1, beta2, 1 - beta2, step_size, unbias, eps, shrink)]
 
 
 def running_statistics(mean, var, momentum, var_scale, running_mean, running_var):
