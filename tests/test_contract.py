@@ -128,6 +128,22 @@ def test_gradcheck_catches_a_backward_that_overwrites_its_gradients():
     assert wrong["w"] < 1e-6 and wrong["w (accumulated)"] == pytest.approx(0.5)
 
 
+def test_gradcheck_leaves_the_layer_as_it_found_it(float64):
+    """Parameters bit for bit, gradients, and the running statistics each training-mode forward moves."""
+    layer = mnn.ResidualBlock(mnn.SequentialLayers([mnn.BatchNormLayer(4), mnn.LinearLayer(4, 4)]))
+    for _, param, grad in layer.named_parameters():
+        param[...], grad[...] = numpy.random.default_rng(0).standard_normal(param.shape), 0.5
+    before = {name: value.copy() for name, value in layer.named_buffers()}
+    before.update({name: (param.copy(), grad.copy()) for name, param, grad in layer.named_parameters()})
+    errors = check_layer(layer, numpy.random.default_rng(1).standard_normal((6, 4)))
+    assert max(errors.values()) < 1e-7
+    for name, value in layer.named_buffers():
+        numpy.testing.assert_array_equal(value, before[name])
+    for name, param, grad in layer.named_parameters():
+        numpy.testing.assert_array_equal(param, before[name][0])
+        numpy.testing.assert_array_equal(grad, before[name][1])
+
+
 def test_gradcheck_refuses_targets_for_a_layer_that_is_no_loss():
     with pytest.raises(ValueError, match="targets are for a loss layer, and SequentialLayers is none"):
         check_layer(mnn.SequentialLayers([mnn.ReluLayer(), mnn.MSELossLayer()]), numpy.ones((2, 3)),
@@ -146,6 +162,17 @@ def test_gradcheck_refuses_targets_for_a_layer_that_is_no_loss():
 def test_impossible_layer_sizes_are_refused(make):
     with pytest.raises(ValueError, match=r"(must be an integer >= \d|eps must be|momentum must)"):
         make()
+
+
+def test_a_residual_block_around_something_other_than_a_layer_is_refused():
+    with pytest.raises(TypeError, match="ResidualBlock: the body must be an mnn layer.*got function"):
+        mnn.ResidualBlock(lambda x: x)
+
+
+@pytest.mark.parametrize("dropout", [1.0, -0.1, float("nan"), "0.1"])
+def test_attention_names_itself_for_a_dropout_it_cannot_take(dropout):
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must lie in \[0, 1\)"):
+        mnn.MultiHeadAttention(8, 2, dropout=dropout)
 
 
 def test_a_python_list_as_input_names_the_layer():
@@ -167,6 +194,34 @@ def test_a_gradient_of_the_wrong_shape_is_refused():
     inner.forward(numpy.ones((5, 4), dtype=numpy.float32))
     with pytest.raises(ValueError, match=r"SequentialLayers: backward got a gradient of shape \(5,\)"):
         inner.backward(numpy.ones(5, dtype=numpy.float32))
+
+
+def test_a_subclass_that_reshapes_its_output_passes_the_inner_shape_to_super_backward():
+    """Only the outermost backward is held to the last forward's output shape."""
+    class FlatLinear(mnn.LinearLayer):
+        def forward(self, x):
+            return super().forward(x).reshape(len(x), -1)
+
+        def backward(self, g):
+            return super().backward(g.reshape(len(g), -1, self.out_features))
+
+    layer = FlatLinear(3, 2)
+    y = layer.forward(numpy.ones((4, 5, 3), dtype=numpy.float32))
+    assert y.shape == (4, 10) and layer.backward(numpy.ones_like(y)).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match=r"FlatLinear.*gradient of shape \(4, 5, 2\); .*\(4, 10\)"):
+        layer.backward(numpy.ones((4, 5, 2), dtype=numpy.float32))
+    assert layer.backward(numpy.ones_like(y)).shape == (4, 5, 3)  # the refusal left nothing behind
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_gelu_in_float16_has_torch_gradients_where_its_square_overflows():
+    x = numpy.array([1000, -1000, 300, -300, 1.5, -2, 0], dtype=numpy.float16)
+    gelu = mnn.GeluLayer()
+    grad = gelu.backward(numpy.ones_like(gelu.forward(x)))
+    x_torch = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(x_torch, approximate="tanh").backward(torch.ones(len(x), dtype=torch.float16))
+    assert grad.dtype == numpy.float16
+    numpy.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=2e-3)
 
 
 def test_backward_after_a_forward_without_targets_is_an_error(rng):

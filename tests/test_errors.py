@@ -40,6 +40,17 @@ def test_mse_shape_mismatch():
 def test_matrix_product_mismatch():
     with pytest.raises(ValueError, match=r"\(2, 3\) and \(4, 5\)"):
         mnn.MatrixProduct().forward(numpy.zeros((2, 3)), numpy.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"MatrixProduct.*stack\) dimensions \(2,\) and \(3,\) do not broadcast"):
+        mnn.MatrixProduct().forward(numpy.zeros((2, 3, 4)), numpy.zeros((3, 4, 6)))
+
+
+def test_an_empty_batch_flows_through_flatten_and_the_positional_embedding():
+    flatten = mnn.FlattenLayer()
+    assert flatten.forward(numpy.zeros((0, 3, 2), dtype=numpy.float32)).shape == (0, 6)
+    assert flatten.backward(numpy.zeros((0, 6), dtype=numpy.float32)).shape == (0, 3, 2)
+    positions = mnn.PositionalEmbeddingLayer(4, 3)
+    y = positions.forward(numpy.zeros((0, 2, 3), dtype=numpy.float32))
+    assert positions.backward(y).shape == (0, 2, 3) and not positions.grads["weight"].any()
 
 
 def test_failed_forward_in_a_network_leaves_parameters_unchanged():

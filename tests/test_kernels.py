@@ -95,6 +95,23 @@ def test_max_pool_kernel_propagates_nan_as_numpy_maximum():
     assert numpy.isnan(y[0, 1, 1, 1]) and numpy.isfinite(numpy.delete(y.ravel(), 7)).all()
 
 
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 1), (3, 3)])
+def test_max_pool_sends_an_infinite_gradient_to_the_maximum_alone_both_ways(kernel, stride):
+    """The other pixels of the window get 0, as in PyTorch: not inf * 0, which is NaN."""
+    x = numpy.random.default_rng(0).standard_normal((1, 2, 6, 6))
+
+    def step(layer):
+        y = layer.forward(x)
+        g = numpy.ones_like(y)
+        g[0, 1, 0, 0], g[0, 0, -1, -1] = numpy.inf, -numpy.inf
+        return layer.backward(g), y
+
+    (grad, y), (grad_fused, _) = both_ways(lambda: MaxPool2dLayer(kernel, stride), x, numpy.float64, step=step)
+    numpy.testing.assert_array_equal(grad, grad_fused)
+    assert not numpy.isnan(grad).any()
+    assert numpy.isinf(grad).sum() == 2 and numpy.isinf(grad[x == y[0, 1, 0, 0]]).all()
+
+
 @pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 3)])
 def test_max_pool_routes_a_nan_windows_gradient_to_its_last_nan_both_ways(kernel, stride):
     """As PyTorch does; the reference lines, which match the max by equality, once sent it to the window's last entry."""

@@ -80,6 +80,8 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
     as ``{"input0": 3e-10, "w": 1e-9, "w (accumulated)": 0.0}``; values near 1e-8 or below mean
     backward is right (the ``accumulated`` entries: that a second backward adds to the gradients).
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
+    The layer is left as it was found: its parameters bit for bit, its gradients and its
+    running statistics (which every forward pass of batch norm in training mode moves).
     """
     if targets is not None and not isinstance(layer, LossLayer):
         raise ValueError(f"check_layer: targets are for a loss layer, and {type(layer).__name__} is none; "
@@ -95,6 +97,16 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
     rng = numpy.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     require_float64(layer, inputs)
+    arrays = [array for _, param, grad in layer.named_parameters() for array in (param, grad)]
+    state = [(array, array.copy()) for array in arrays + [value for _, value in layer.named_buffers()]]
+    try:
+        return _errors(layer, inputs, targets, probes, eps, check_inputs, rng)
+    finally:
+        for array, saved in state:
+            array[...] = saved
+
+
+def _errors(layer, inputs, targets, probes, eps, check_inputs, rng):
     sample = layer.forward(*inputs, targets) if isinstance(layer, LossLayer) else layer.forward(*inputs)
     shape = () if isinstance(layer, LossLayer) else sample.shape
     errors = {}

@@ -139,8 +139,11 @@ class GeluLayer(ElementwiseLayer):
         (x,) = self.saved()
         if kernels.fused_gpu(g, x) and g.dtype == x.dtype:
             return kernels.cuda.gelu_backward(g, x, self.C, self.K)  # Eqs. (2)-(3)
+        dtype = backend.array_module(x).result_type(g, x)
+        if x.dtype.itemsize < 4:  # float16: 3K x^2 overflows past |x| = 256, and inf * (1 - t^2) = NaN;
+            x = x.astype("float32")  # so Eq. (2) runs in float32, as PyTorch's does
         t = self.tanh_argument(x)
         if kernels.fused(g, x):
             return kernels.cpu.gelu_backward(g, x, t, self.C, self.K)  # Eqs. (2)-(3)
         slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.K * x * x)  # Eq. (2)
-        return g * slope  # Eq. (3)
+        return (g * slope).astype(dtype, copy=False)  # Eq. (3)

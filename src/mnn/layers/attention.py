@@ -2,6 +2,7 @@ r"""Multi-head self-attention, as in GPT-2: fused QKV projection, scaled dot pro
 import math
 
 from .. import backend, kernels
+from ..optim import is_finite_number
 from .base import CompositeLayer, check_flag, check_size
 from .dropout import DropoutLayer
 from .linear import LinearLayer, MatrixProduct
@@ -61,6 +62,8 @@ class MultiHeadAttention(CompositeLayer):
         self.bias = check_flag("MultiHeadAttention", "bias", bias)
         self.qkv, self.proj = LinearLayer(dim, 3 * dim, bias), LinearLayer(dim, dim, bias)
         self.scores, self.softmax, self.mix = MatrixProduct(), SoftmaxLayer(), MatrixProduct()
+        if not (is_finite_number(dropout) and 0 <= dropout < 1):
+            raise ValueError(f"MultiHeadAttention: dropout must lie in [0, 1), got {dropout!r}")
         self.dropout = DropoutLayer(dropout) if dropout else None
 
     def config(self):

@@ -210,12 +210,21 @@ def records_output_shape(forward):
 
 
 def checks_gradient_shape(backward):
-    """Wrap a layer's ``backward`` to refuse a gradient shaped unlike the forward's output."""
+    """Wrap a layer's ``backward`` to refuse a gradient shaped unlike the forward's output.
+
+    Only the outermost call is checked: a subclass whose ``forward`` reshapes what
+    ``super().forward`` returns passes ``super().backward`` a gradient of the inner shape."""
     @functools.wraps(backward)
     def checking(self, *args, **kwargs):
+        if getattr(self, "_in_backward", False):
+            return backward(self, *args, **kwargs)
         if args and args[0] is not None:
             check_gradient(self, args[0])
-        return backward(self, *args, **kwargs)
+        self._in_backward = True
+        try:
+            return backward(self, *args, **kwargs)
+        finally:
+            self._in_backward = False
     return checking
 
 

@@ -1,4 +1,6 @@
 r"""Embeddings: a table lookup for tokens, and learned positions added to them."""
+import math
+
 from .. import backend, kernels
 from .base import Layer, check_array, check_size
 from .sums import column_sums
@@ -76,5 +78,5 @@ class PositionalEmbeddingLayer(Layer):
 
     def backward(self, g):
         (length,) = self.saved()
-        self.grads["weight"][:length] += column_sums(g.reshape(len(g), -1)).reshape(g.shape[1:])  # Eq. (2)
+        self.grads["weight"][:length] += column_sums(g.reshape(len(g), math.prod(g.shape[1:]))).reshape(g.shape[1:])  # Eq. (2)
         return g

@@ -1,6 +1,8 @@
 r"""Affine maps: ``LinearLayer`` and the product of two inputs, ``MatrixProduct``."""
 import math
 
+import numpy
+
 from .. import backend
 from .base import Layer, check_flag, check_floating, check_size
 from .sums import column_sums
@@ -98,6 +100,11 @@ class MatrixProduct(Layer):
         if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
             raise ValueError(f"{self!r}: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}; "
                              "expected (..., n, k) @ (..., k, m)")
+        try:
+            numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"{self!r}: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}: their leading "
+                             f"(stack) dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast") from None
         self.save(a, b)
         return a @ b  # Eq. (1)
 

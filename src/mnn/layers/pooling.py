@@ -91,10 +91,11 @@ class MaxPool2dLayer(PoolLayer):
             xp.copyto(argmax, offset, where=first_max | xp.isnan(x[where]))
         grad = xp.zeros_like(x)
         for offset, where in enumerate(slices):
+            # Eq. (2), its indicator as a selection: g * 0 would be NaN where g is infinite
             if self.stride < self.kernel_size:  # overlapping windows add up
-                grad[where] += g * (argmax == offset)  # Eq. (2)
+                grad[where] += xp.where(argmax == offset, g, 0)
             else:  # each pixel in one window at most: write in place
-                xp.multiply(g, argmax == offset, out=grad[where])  # Eq. (2)
+                xp.copyto(grad[where], g, where=argmax == offset)
         return grad
 
 

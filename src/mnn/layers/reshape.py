@@ -1,4 +1,6 @@
 r"""Layers that move entries around without changing them."""
+import math
+
 from .. import backend
 from .base import Layer
 
@@ -18,7 +20,7 @@ class FlattenLayer(Layer):
     def forward(self, x):
         self.check_input(x, min_ndim=2)
         self.save(x)
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1, which an empty batch leaves undefined
 
     def backward(self, g):
         (x,) = self.saved()

@@ -1,5 +1,5 @@
 r"""Residual connections: $y = x + f(x)$."""
-from .base import CompositeLayer
+from .base import CompositeLayer, Layer
 
 
 class ResidualBlock(CompositeLayer):
@@ -14,6 +14,9 @@ class ResidualBlock(CompositeLayer):
 
     def __init__(self, body):
         super().__init__()
+        if not isinstance(body, Layer):
+            raise TypeError(f"ResidualBlock: the body must be an mnn layer (a SequentialLayers of layers, say), "
+                            f"got {type(body).__name__}")
         self.body = body
 
     def __repr__(self):
