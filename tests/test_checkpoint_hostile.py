@@ -82,6 +82,12 @@ def assert_refused(path, field, read):
 
 
 # -- the document -------------------------------------------------------------
+def evaluation(**changes):
+    """One evaluation's record in ``metrics``, as a run writes it, with ``changes`` (DELETE: a field left out)."""
+    record = {"step": 1, "epoch": 0.1, "train_loss": 1.0, "lr": 1e-3, "val_loss": 1.0, **changes}
+    return {key: value for key, value in record.items() if value is not DELETE}
+
+
 def changed(where, value):
     """A change setting the field at dotted path ``where`` to ``value`` (DELETE: removing it)."""
     def change(document):
@@ -270,11 +276,16 @@ DOCUMENT_ATTACKS = {  # name: (change to a valid document, the field the error m
     "metrics-missing": (changed("metrics", DELETE), "metrics: missing"),
     "metrics-object": (changed("metrics", {"step": 1}), "metrics: must be a list"),
     "metrics-of-numbers": (changed("metrics", [1, 2]), "metrics[0]: must be an object"),
-    "metrics-nan": (changed("metrics", [{"val_loss": NAN}]), "metrics[0].val_loss: must be a finite number"),
-    "metrics-infinity": (changed("metrics", [{"val_loss": -INF}]), "metrics[0].val_loss: must be"),
-    "metrics-text": (changed("metrics", [{"step": 1}, {"val_loss": "low"}]), "metrics[1].val_loss: must be"),
-    "metrics-bool": (changed("metrics", [{"val_accuracy": True}]), "metrics[0].val_accuracy: must be"),
-    "metrics-nested": (changed("metrics", [{"val_loss": [1.0]}]), "metrics[0].val_loss: must be"),
+    "metrics-nan": (changed("metrics", [evaluation(val_loss=NAN)]), "metrics[0].val_loss: must be a finite number"),
+    "metrics-infinity": (changed("metrics", [evaluation(val_loss=-INF)]), "metrics[0].val_loss: must be"),
+    "metrics-text": (changed("metrics", [evaluation(), evaluation(val_loss="low")]), "metrics[1].val_loss: must be"),
+    "metrics-bool": (changed("metrics", [evaluation(val_accuracy=True)]), "metrics[0].val_accuracy: must be"),
+    "metrics-accuracy-above-1": (changed("metrics", [evaluation(val_accuracy=1.5)]), "metrics[0].val_accuracy: must be"),
+    "metrics-nested": (changed("metrics", [evaluation(val_loss=[1.0])]), "metrics[0].val_loss: must be"),
+    "metrics-without-step": (changed("metrics", [evaluation(step=DELETE)]), "metrics[0].step: missing"),
+    "metrics-without-val-loss": (changed("metrics", [evaluation(val_loss=DELETE)]), "metrics[0].val_loss: missing"),
+    "metrics-fractional-step": (changed("metrics", [evaluation(step=1.5)]), "metrics[0].step: must be an integer"),
+    "metrics-extra-nan": (changed("metrics", [evaluation(val_bleu=NAN)]), "metrics[0].val_bleu: must be a finite"),
     "metrics-list-of-lists": (changed("metrics", [[1.0]]), "metrics[0]: must be an object"),
     "running-loss-missing": (changed("running_loss", DELETE), "running_loss: missing"),
     "running-loss-nan": (changed("running_loss", [NAN, 2]), "running_loss[0]: must be a finite number"),
@@ -285,6 +296,8 @@ DOCUMENT_ATTACKS = {  # name: (change to a valid document, the field the error m
     # what the task stored
     "normalizer-std-zero": (changed("normalizer.std", 0.0), "normalizer.std: must be a finite number >= 1e-06"),
     "normalizer-mean-nan": (changed("normalizer.mean", NAN), "normalizer.mean: must be a finite number"),
+    "normalizer-mean-huge": (changed("normalizer.mean", 1e300), "normalizer.mean: must be a finite number >= 0"),
+    "normalizer-std-above-half": (changed("normalizer.std", 0.75), "normalizer.std: must be a finite number >= 1e-06"),
     "normalizer-std-missing": (changed("normalizer.std", DELETE), "normalizer.std: missing"),
     "normalizer-field-unknown": (changed("normalizer.scale", 2.0), "normalizer.scale: unknown field"),
     "normalizer-without-config": (lambda d: {k: v for k, v in d.items() if k != "config"},

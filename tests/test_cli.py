@@ -461,3 +461,59 @@ def test_a_default_warm_up_takes_at_most_a_quarter_of_a_short_run(tmp_path):
     assert document["config"]["warmup_steps"] == 10 and document["metrics"][-1]["lr"] < 1e-3  # it decayed
     assert cli.main([*flags, "--warmup", "30", "--out", str(tmp_path / "given")]) == 0
     assert read_checkpoint(tmp_path / "given" / CHECKPOINT)[1]["config"]["warmup_steps"] == 30  # as asked
+
+
+def test_a_second_train_on_a_run_in_progress_is_refused_and_deletes_nothing(tmp_path, capsys):
+    """The run's own process holds its folder: a --resume or an --overwrite meanwhile would remove its files."""
+    from mnn.runs import LOCK, held_run_folder
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    files = sorted(path.name for path in run.iterdir())
+    stale = run / f".{CHECKPOINT}.in-flight.tmp"
+    with held_run_folder(run):  # as the process training it holds it
+        stale.write_bytes(b"being written")
+        for flags in (["--resume", str(run), "--steps", "4"], [*QUICK, "--steps", "3", "--out", str(run), "--overwrite"]):
+            capsys.readouterr()
+            assert cli.main(["train", *flags]) == 2
+            err = capsys.readouterr().err
+            assert "another `mnn train` is training this run now" in err and len(err.strip().splitlines()) == 1
+        assert stale.exists() and sorted(path.name for path in run.iterdir()) == sorted(files + [LOCK, stale.name])
+    assert not (run / LOCK).exists()
+    assert cli.main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 0
+    assert read_checkpoint(run / CHECKPOINT)[1]["step"] == 4 and not stale.exists()
+
+
+def test_a_folder_with_any_file_of_a_run_is_not_taken_for_a_new_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    (run / CHECKPOINT).unlink()  # best.safetensors, metrics.json and curves.png stay
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (best.safetensors" in err and "--resume" not in err
+
+
+def test_a_new_run_that_fails_before_saving_leaves_no_folder(tmp_path, capsys):
+    run = tmp_path / "new" / "run"
+    assert cli.main(["train", *QUICK, "--lr", "1e30", "--steps", "3", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "FloatingPointError" not in err and len(err.strip().splitlines()) == 1
+    assert not run.exists() and (tmp_path / "new").is_dir()
+
+
+@pytest.mark.parametrize("model, lr", [("gpt", "1e-4"), ("lstm", "5e-5")])
+def test_a_peak_rate_below_the_models_default_end_rate_decays_to_it(model, lr, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40)
+    run = tmp_path / "run"
+    sizes = ["--context", "8", "--width", "8"] + (["--layers", "1"] if model == "gpt" else ["--hidden", "8"])
+    assert cli.main(["train", "--model", model, "--data", str(text), *sizes, "--lr", lr, "--steps", "2",
+                     "--batch-size", "2", "--quiet", "--out", str(run)]) == 0
+    config = read_checkpoint(run / CHECKPOINT)[1]["config"]
+    assert config["lr"] == config["min_lr"] == float(lr)
+
+
+def test_epochs_beyond_any_run_are_refused_where_the_flag_is_parsed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--epochs", "1e308"])
+    assert "argument --epochs: must lie in (0, 1e+06]" in capsys.readouterr().err

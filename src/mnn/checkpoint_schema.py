@@ -18,6 +18,7 @@ import numpy
 
 from . import optim
 from .optim import is_finite_number, is_integer
+from .runs import MAX_EPOCHS
 
 MAX_DEPTH = 16  # objects and lists inside each other; mnn's own documents use 4
 MAX_LAYERS = 1000  # hidden widths, CNN stages, GPT blocks
@@ -230,7 +231,18 @@ def pcg64_state(value, field):
 
 
 FINITE = number()
-METRICS = list_of(mapping_of(FINITE))
+EVALUATION = record({"step": integer(0), "epoch": number(minimum=0), "train_loss": FINITE, "lr": number(minimum=0),
+                     "val_loss": FINITE, "val_accuracy": number(minimum=0, maximum=1)},
+                    optional_fields=("epoch", "val_accuracy"), extra=True)  # what resume and the plots read
+
+
+def evaluation(value, field):
+    """One evaluation's record: its step, losses and rate, and any other scores, all finite numbers."""
+    EVALUATION(value, field)
+    mapping_of(FINITE)(value, field)
+
+
+METRICS = list_of(evaluation)
 RUNNING_LOSS = list_of(FINITE, 2, 2)
 
 
@@ -247,7 +259,7 @@ def config_rules():
 
     return {
         "model": choice(*BUILDERS), "model_kwargs": mapping_of(anything),
-        "dataset": choice(*TEXT_DATASETS, *IMAGE_DATASETS), "epochs": number(exclusive_minimum=0),
+        "dataset": choice(*TEXT_DATASETS, *IMAGE_DATASETS), "epochs": number(exclusive_minimum=0, maximum=MAX_EPOCHS),
         "steps": integer(0), "batch_size": integer(1), "optimizer": choice(*optim.OPTIMIZERS),
         "lr": number(exclusive_minimum=0), "min_lr": number(minimum=0), "weight_decay": number(minimum=0),
         "decay_vectors": boolean, "beta2": number(minimum=0, exclusive_maximum=1),
@@ -319,7 +331,9 @@ DOCUMENT = {
     "metrics": METRICS,
     "running_loss": running_loss,
     "rng_state": pcg64_state,
-    "normalizer": record({"mean": per_channel(FINITE), "std": per_channel(number(minimum=1e-6))}),
+    # of pixels / 255, each in [0, 1]: a mean in [0, 1], a standard deviation in (0, 1/2]
+    "normalizer": record({"mean": per_channel(number(minimum=0, maximum=1)),
+                          "std": per_channel(number(minimum=1e-6, maximum=0.5))}),
     "classes": class_names,
     "input_shape": list_of(SIZE, 3, 3),  # (C, H, W) of the images a classifier takes
     "vocab": vocabulary,

@@ -184,7 +184,7 @@ def stop_other_ranks(code):
 def describe(error):
     """One line for an error: the message, with its type where the type says what went wrong."""
     text = str(error).strip() or type(error).__name__
-    if isinstance(error, (ValueError, OSError, RuntimeError, TypeError)):
+    if isinstance(error, (ValueError, OSError, RuntimeError, TypeError, FloatingPointError)):
         return text
     return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"
 

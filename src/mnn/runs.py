@@ -1,4 +1,6 @@
 """What a run folder holds, by name: the checkpoints, the metrics, the curves."""
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -7,6 +9,8 @@ BEST = "best.safetensors"  # the state with the best validation score so far
 METRICS, CURVES = "metrics.json", "curves.png"
 TEST_NUMBERS, CONFUSION = "test.json", "confusion.png"  # written by mnn test
 RUN_FILES = (CHECKPOINT, BEST, METRICS, CURVES, TEST_NUMBERS, CONFUSION)
+MAX_EPOCHS = 10**6  # more passes than a run makes: its step count must stay an integer one can count to
+LOCK = ".mnn-train.lock"  # held by the process that trains the run, while it does
 
 
 def checkpoint_file(path):
@@ -35,3 +39,61 @@ def require_folder_or_nothing(path):
     """A run folder may be new or a folder, not a file."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: a file, not a folder; a run's files go into a folder of its own")
+
+
+@contextlib.contextmanager
+def held_run_folder(path):
+    """The run folder, for this process alone while the block runs: made if new, and locked, so that a
+    second ``mnn train`` on it (a ``--resume`` while the run goes on) is refused rather than let the two
+    delete each other's half-written files. A folder made here and left without a run's file by a
+    failure (a run that diverged before its first checkpoint) is removed again."""
+    path = Path(path)
+    new = not path.exists()
+    make_run_folder(path)
+    lock = locked(path / LOCK)
+    try:
+        yield path
+    except BaseException:
+        if new and not any((path / name).exists() for name in RUN_FILES):
+            unlock(lock, path / LOCK)
+            lock = None
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: nothing of anyone's is removed
+        raise
+    finally:
+        unlock(lock, path / LOCK)
+
+
+def locked(path):
+    """``path`` opened and locked (``flock``) by this process, or a ValueError if another holds it. The lock
+    goes with the process, however it ends. Where the system has no ``flock`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ValueError(f"{path.parent}: another `mnn train` is training this run now; wait for it to end "
+                             "(Ctrl-C in it saves and stops) before training the run again") from None
+        if is_same_file(handle, path):
+            return handle
+        handle.close()  # its last holder removed the file as we opened it: lock the one there now
+
+
+def is_same_file(handle, path):
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def unlock(handle, path):
+    """Remove the lock file, then let go of it (in that order: a waiting process then locks a new file)."""
+    if handle is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()

@@ -3,12 +3,13 @@
 Light at import, as ``cli`` is: the trainer and the models are imported when a run starts.
 """
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
-from .arguments import count, non_empty, non_negative, positive, positive_int, probability, widths
+from .arguments import count, non_empty, non_negative, number, positive, positive_int, probability, widths
 from .files import print_to_a_reader
-from .runs import CHECKPOINT, RUN_FILES, require_folder_or_nothing
+from .runs import CHECKPOINT, MAX_EPOCHS, RUN_FILES, held_run_folder, require_folder_or_nothing
 
 MODEL_DEFAULTS = {
     "mlp": {},
@@ -31,13 +32,13 @@ def add_train_arguments(parser):
                         help="your own data: images for mlp and cnn (a folder of class folders, an .npz with "
                         "x_train, y_train[, x_test, y_test], or a .csv: a label column, then pixels), any UTF-8 text "
                         "file for gpt and lstm")
-    parser.add_argument("--epochs", type=positive, help="passes over the training set (image models; mlp 20, cnn 12)")
+    parser.add_argument("--epochs", type=number(0, MAX_EPOCHS, high_inclusive=True), help="passes over the training set (image models; mlp 20, cnn 12)")
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
     parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12, lstm 32")
     parser.add_argument("--lr", type=positive, help="peak learning rate, cosine decay after warm-up (mlp 1e-3, "
                         "cnn 2e-3, gpt 1e-3, lstm 8e-3)")
     parser.add_argument("--min-lr", type=non_negative, help="learning rate at the end of the decay (0; gpt 3e-4, "
-                        "lstm 1e-4)")
+                        "lstm 1e-4; a default is at most --lr)")
     parser.add_argument("--warmup", type=count, dest="warmup_steps",
                         help="linear warm-up steps (100; gpt 300; unless given, at most a quarter of the run)")
     parser.add_argument("--beta2", type=probability, help="Adam's second-moment decay (0.999; gpt, lstm 0.99)")
@@ -90,6 +91,8 @@ def config_from(args):
         values["steps"] = 0  # the epochs asked for, not the model's default step count
     if args.beta2 is not None and values.get("optimizer") == "sgd":
         raise ValueError("--beta2 is Adam's second-moment decay; --optimizer sgd has none")
+    if args.min_lr is None and "min_lr" in values:  # the model's default, for a --lr below it, is --lr
+        values["min_lr"] = min(values["min_lr"], values["lr"])
     if values.get("min_lr", 0) > values.get("lr", 1e-3):
         raise ValueError(f"--min-lr {values['min_lr']} exceeds the peak learning rate --lr {values.get('lr', 1e-3)}")
     if values.get("data") is not None:
@@ -140,11 +143,12 @@ def command_train(args):
     if ranks.size > 1 and args.threads is None:
         backend.tune_cpu(ranks.threads())
     say = print_to_a_reader if ranks.is_root else (lambda *_: None)  # mnn train | head: it trains on
-    trainer = resume_run(args, ranks, say) if args.resume is not None else start_run(args, ranks, say)
-    if trainer is None:
-        return 0
-    started = time.perf_counter()
-    trainer.run()
+    with contextlib.ExitStack() as folder:  # the run folder, held by this process (rank 0) while it trains
+        trainer = (resume_run if args.resume is not None else start_run)(args, ranks, say, folder)
+        if trainer is None:
+            return 0
+        started = time.perf_counter()
+        trainer.run()
     say(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
     if trainer.metrics and trainer.step == trainer.total_steps:
         image_model = "val_accuracy" in trainer.metrics[-1]
@@ -167,13 +171,17 @@ def test_data_flag(config):
         return ""
 
 
-def start_run(args, ranks, say):
+def start_run(args, ranks, say, folder):
     config = config_from(args)
     run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     require_folder_or_nothing(run_dir)
-    if (run_dir / CHECKPOINT).exists() and not args.overwrite:
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with "
+    earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if earlier and not args.overwrite:
+        resume = f"continue it with --resume {run_dir}, " if CHECKPOINT in earlier else ""
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(earlier)}); {resume}replace it with "
                          "--overwrite, or choose another --out")
+    if ranks.is_root:
+        folder.enter_context(held_run_folder(run_dir))
     from .train import Trainer
 
     trainer = Trainer(config, run_dir, quiet=args.quiet, ranks=ranks)
@@ -201,7 +209,7 @@ def data_source(config):
     return config.data_dir if config.model in TEXT_MODELS else f"{config.dataset} from {config.data_dir}"
 
 
-def resume_run(args, ranks, say):
+def resume_run(args, ranks, say, folder):
     """The run in ``args.resume``, extended to ``--steps``/``--epochs`` when given; None if it has finished."""
     fixed = flags_given(args, ("model", *TRAINING_FLAGS, *MODEL_SIZE_FLAGS, "out", "overwrite"))
     fixed = [flag for flag in fixed if flag not in flags_given(args, RESUME_FLAGS + PLACE_FLAGS)]
@@ -216,6 +224,8 @@ def resume_run(args, ranks, say):
     if run_dir.is_file() and run_dir.name != CHECKPOINT:
         raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    if ranks.is_root and run_dir.is_dir():
+        folder.enter_context(held_run_folder(run_dir))
     from .train import Trainer
 
     data_at = str(Path(places[0]).resolve()) if places else None
