@@ -290,3 +290,18 @@ def test_what_the_writer_raises_passes_unchanged(tmp_path):
     with pytest.raises(ConnectionResetError, match=r"^\[Errno 104\] Connection reset by peer$"):
         atomic_write(tmp_path / "train.gz", fetch)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_writing_names_the_file(tmp_path):
+    """ENOSPC comes from inside the writer (the bytes going out), yet it is the disk's: it names the target."""
+    import errno
+
+    from mnn.files import atomic_write
+
+    def fill(handle):
+        handle.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(target))} \(No space left on device\)$"):
+        atomic_write(target, fill)
+    assert not list(tmp_path.iterdir())

@@ -131,6 +131,23 @@ def test_sigterm_saves_like_ctrl_c_and_a_stop_at_an_evaluation_saves_once(tmp_pa
         assert numpy.array_equal(resumed.net.state_dict()[name], value), name
 
 
+def test_a_stop_after_the_last_evaluation_leaves_a_finished_run(tmp_path, monkeypatch, capsys):
+    """Nothing was left to do: the run says it finished (exit code 0), not that it can be continued."""
+    run = tmp_path / "run"
+    original_evaluate = Trainer.evaluate
+
+    def evaluate_then_terminate(trainer, bar):
+        original_evaluate(trainer, bar)
+        if trainer.step == trainer.total_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_terminate)
+    assert cli.main(["train", *QUICK, "--steps", "4", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "interrupted" not in out and "evaluate on the test set" in out
+    assert read_checkpoint(run / CHECKPOINT)[1]["step"] == 4
+
+
 def test_a_stop_abandons_the_evaluation_in_flight(tmp_path):
     config = TrainConfig(limit=400, batch_size=50, steps=2, model_kwargs={"hidden": [8]})
     task = Trainer(config, tmp_path / "run", quiet=True).task

@@ -5,6 +5,7 @@ moment leaves either the old file or the new one under the name, never a mix. Th
 gets the mode any new file gets under the umask (``tempfile.mkstemp`` alone gives 0600).
 """
 import contextlib
+import errno
 import glob
 import os
 import stat
@@ -19,7 +20,8 @@ def atomic_write(path, write):
     A failure midway leaves any previous ``path`` intact, no partial file under its name
     and no temporary file; a process killed midway leaves a ``.NAME.*.tmp`` file that
     ``remove_stale_temporaries`` clears. What ``write`` raises passes unchanged (a download's
-    network error is no disk's); the file operations' own errors name ``path``.
+    network error is no disk's), except a full or failing disk; those errors, as the file
+    operations' own, name ``path``.
     """
     path = Path(path)
     with told_as_writing(path):
@@ -29,7 +31,8 @@ def atomic_write(path, write):
         with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-            write(handle)
+            with told_as_writing(path, only=DISK_ERRORS):
+                write(handle)
             with told_as_writing(path):
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -43,13 +46,17 @@ def atomic_write(path, write):
     return path
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
 @contextlib.contextmanager
-def told_as_writing(path):
-    """An OSError inside, told of the file asked for rather than of the hidden temporary one."""
+def told_as_writing(path, only=None):
+    """An OSError inside (of the ``only`` errno values, if given), told of the file asked for rather
+    than of the hidden temporary one."""
     try:
         yield
     except OSError as error:
-        if error.errno is None:
+        if error.errno is None or only is not None and error.errno not in only:
             raise
         why = error.strerror
         if isinstance(error, FileExistsError):  # from mkdir

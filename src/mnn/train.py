@@ -168,6 +168,8 @@ class Trainer:
                     if self.step >= self.total_steps or self.stop_requested or self.out_of_patience():
                         break
                     self.train_step(bar)
+        if self.stop_requested and self.finished():  # the stop came after the last evaluation: nothing left
+            self.stop_requested = False
         if self.stop_requested:
             if self.saved_at != self.step:
                 self.check_state_is_finite()
@@ -175,6 +177,10 @@ class Trainer:
             self.say(f"interrupted: checkpoint saved at step {self.step}; continue with "
                      f"`mnn train --resume {self.run_dir}`")
         return self.metrics
+
+    def finished(self):
+        """Every step trained and the last evaluation done (and saved with it)."""
+        return self.step >= self.total_steps and not self.evaluation_due()
 
     def say(self, text, bar=None):
         """Print ``text`` (above the progress bar, if given): rank 0 alone talks to the user."""

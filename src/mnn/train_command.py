@@ -237,7 +237,7 @@ def resume_run(args, ranks, say, folder):
             raise
         raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume {run_dir} "
                                 "--data PATH (or --data-dir FOLDER for a built-in data set)") from error
-    if trainer.step >= trainer.total_steps and not trainer.evaluation_due():
+    if trainer.finished():
         say(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")
         return None
