@@ -450,6 +450,8 @@ def bad_npz_cases():
         "no images": ({"x_train": x[:0], "y_train": y[:0]}, r"d.npz: x_train: holds no images"),
         "x_test alone": ({"x_train": x, "y_train": y, "x_test": x}, r"d.npz: holds x_test without y_test"),
         "not an npz": (None, r"d.npz: not an .npz archive that can be read"),
+        "noise": (b"\x00\x01 neither a zip nor NumPy's", r"d.npz: not an .npz archive that can be read \(its first "
+                                                          r"bytes are neither a zip archive's nor NumPy's\)"),
     }
 
 
@@ -462,6 +464,8 @@ def test_a_bad_npz_is_refused_naming_the_file(tmp_path, case):
     path = tmp_path / "d.npz"
     if arrays is None:
         path.write_bytes(b"PK\3\4 but then nothing a zip holds")
+    elif isinstance(arrays, bytes):
+        path.write_bytes(arrays)
     else:
         numpy.savez(path, **arrays)
     with pytest.raises(ValueError, match=message) as caught:

@@ -82,6 +82,8 @@ def test_a_sixteen_bit_image_is_read_as_its_eight_bit_pixels(mlp_run, test_image
     (lambda tmp: numpy.save(tmp / "none.npy", numpy.zeros((0, 28, 28))) or tmp / "none.npy", "none.npy: no images"),
     (lambda tmp: numpy.save(tmp / "cut.npy", numpy.zeros((28, 28))) or (tmp / "cut.npy").write_bytes(
         (tmp / "cut.npy").read_bytes()[:300]) and tmp / "cut.npy", "cut.npy: Failed to read all data"),
+    (lambda tmp: (tmp / "noise.npy").write_bytes(bytes(range(256))) and tmp / "noise.npy",
+     "noise.npy: not a .npy array (numpy.save writes one): its first bytes are not NumPy's format"),
     (lambda tmp: tmp, "a folder, not a file"),
 ])
 def test_predict_bad_inputs_are_one_line(mlp_run, tmp_path, capsys, make, message):

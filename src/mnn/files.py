@@ -123,3 +123,11 @@ def silence_stdout():
 def one_line(error):
     """An exception's message on one line (a library's may span several), for errors naming a file."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def numpy_format(path):
+    """'npy' or 'npz' as the file's first bytes say, else None. ``numpy.load`` decides by them too, and
+    takes anything else for a pickle, which mnn never loads: its error would then speak of pickles."""
+    with open(path, "rb") as handle:
+        start = handle.read(6)
+    return "npy" if start == b"\x93NUMPY" else "npz" if start[:4] in (b"PK\x03\x04", b"PK\x05\x06") else None

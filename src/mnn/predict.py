@@ -17,6 +17,7 @@ from .checkpoint import load_checkpoint
 from .data.custom import IMAGE_EXTENSIONS, ImageModeError, eight_bit
 from .data.images import Normalizer
 from .data.text import CharTokenizer
+from .files import numpy_format
 from .generate import generate
 from .layers.softmax import softmax
 from .runs import checkpoint_file
@@ -162,6 +163,8 @@ def read_inputs(paths, shape):
 def batch_of_file(path, shape):
     """``batch_of`` the array in a ``.npy`` file, any error naming the file."""
     try:
+        if numpy_format(path) != "npy":  # numpy.load would take it for a pickle, and say so
+            raise ValueError("not a .npy array (numpy.save writes one): its first bytes are not NumPy's format")
         return batch_of(numpy.load(path, allow_pickle=False), shape)
     except (ValueError, OSError, EOFError) as error:  # NumPy reports a damaged or pickled file as these
         raise ValueError(f"{path}: {error}") from error

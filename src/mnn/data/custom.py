@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy
 
-from ..files import one_line
+from ..files import numpy_format, one_line
 from .images import ImageDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -192,6 +192,8 @@ def label_array(labels, where):
 # -- an .npz ---------------------------------------------------------------------
 def open_npz(path):
     try:
+        if numpy_format(path) is None:  # numpy.load would take it for a pickle, and say so
+            raise ValueError("its first bytes are neither a zip archive's nor NumPy's")
         archive = numpy.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path}: not an .npz archive that can be read ({one_line(error)})") from error
