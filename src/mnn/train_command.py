@@ -32,7 +32,8 @@ def add_train_arguments(parser):
                         help="your own data: images for mlp and cnn (a folder of class folders, an .npz with "
                         "x_train, y_train[, x_test, y_test], or a .csv: a label column, then pixels), any UTF-8 text "
                         "file for gpt and lstm")
-    parser.add_argument("--epochs", type=number(0, MAX_EPOCHS, high_inclusive=True), help="passes over the training set (image models; mlp 20, cnn 12)")
+    parser.add_argument("--epochs", type=number(0, MAX_EPOCHS, high_inclusive=True),
+                        help="passes over the training set (image models; mlp 20, cnn 12)")
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs; gpt, lstm 2000)")
     parser.add_argument("--batch-size", type=positive_int, help="mlp 128, cnn 128, gpt 12, lstm 32")
     parser.add_argument("--lr", type=positive, help="peak learning rate, cosine decay after warm-up (mlp 1e-3, "

@@ -78,5 +78,6 @@ class PositionalEmbeddingLayer(Layer):
 
     def backward(self, g):
         (length,) = self.saved()
-        self.grads["weight"][:length] += column_sums(g.reshape(len(g), math.prod(g.shape[1:]))).reshape(g.shape[1:])  # Eq. (2)
+        rows = g.reshape(len(g), math.prod(g.shape[1:]))  # not -1, which an empty batch leaves undefined
+        self.grads["weight"][:length] += column_sums(rows).reshape(g.shape[1:])  # Eq. (2)
         return g

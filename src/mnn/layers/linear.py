@@ -103,8 +103,9 @@ class MatrixProduct(Layer):
         try:
             numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
-            raise ValueError(f"{self!r}: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}: their leading "
-                             f"(stack) dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast") from None
+            raise ValueError(f"{self!r}: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}: their "
+                             f"leading (stack) dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not "
+                             "broadcast") from None
         self.save(a, b)
         return a @ b  # Eq. (1)
 
