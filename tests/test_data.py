@@ -85,11 +85,18 @@ def test_gzip_bomb_is_not_inflated_past_the_declared_size(tmp_path):
     assert peak < 16 << 20, f"{peak} bytes allocated: the file was inflated past its header's size"
 
 
-@pytest.mark.parametrize("shape", [(2 ** 32 - 1, 2 ** 32 - 1, 2 ** 32 - 1), (70_000, 1000, 1000)])
+@pytest.mark.parametrize("shape", [(2 ** 32 - 1, 2 ** 32 - 1, 2 ** 32 - 1), (70_000, 1000, 1000),
+                                   (0, 2 ** 32 - 1, 2 ** 32 - 1)])
 def test_idx_header_declaring_a_huge_array_is_refused_before_allocating(tmp_path, shape):
     gzip_bomb(tmp_path / "huge.gz", shape, 1 << 20)
     with pytest.raises(IdxError, match=r"IDX header declares shape .* more than the \d+ accepted"):
         read_idx(tmp_path / "huge.gz")
+
+
+def test_idx_header_declaring_more_dimensions_than_any_data_set_is_refused(tmp_path):
+    (tmp_path / "deep").write_bytes(bytes([0, 0, 8, 70]) + bytes(280))
+    with pytest.raises(IdxError, match=r"deep: IDX header declares 70 dimensions, more than the 8 accepted"):
+        read_idx(tmp_path / "deep")
 
 
 def test_download_checks_sha256(tmp_path):

@@ -190,6 +190,10 @@ def bad_contents():
         files["batches.meta.txt"] = "\n".join(NAMES[:9]).encode()
         return r"batches.meta.txt: expected 10 distinct class names, one a line; found 9 lines"
 
+    def long_names(files):
+        files["batches.meta.txt"] = "\n".join(NAMES).encode() + b"\n" + b"x" * 4096
+        return r"batches.meta.txt: longer than the 4096 bytes ten class names take"
+
     def blank(files):
         for name in FILES[:5]:
             files[name] = bytes(3073 * RECORDS)
@@ -199,7 +203,7 @@ def bad_contents():
         del files["data_batch_4.bin"]
         return None
 
-    return {f.__name__: f for f in (short_batch, long_batch, label_ten, nine_names, blank, missing_file)}
+    return {f.__name__: f for f in (short_batch, long_batch, label_ten, nine_names, long_names, blank, missing_file)}
 
 
 BAD = bad_contents()
@@ -228,3 +232,8 @@ def test_a_data_dir_without_cifar_is_an_error(tmp_path, capsys):
     assert cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds neither cifar-10-binary.tar.gz nor" in err and "kriz" in err
+
+
+def test_class_names_drop_a_byte_order_mark():
+    from mnn.data.cifar import class_names
+    assert class_names(b"\xef\xbb\xbf" + "\n".join(NAMES).encode(), "meta") == NAMES

@@ -200,6 +200,14 @@ def test_string_labels_are_sorted_and_mapped_by_name_at_test_time():
         label_indices(numpy.array(["cat", "yak"]), "t", classes=["cat", "dog", "emu"])
 
 
+def test_labels_that_name_classes_are_classes_even_where_some_classes_are_words():
+    """Classes 1, 2 and cat: a test split of 1s and 2s is those classes, not indices 1 and 2 (2 and cat)."""
+    mapped, _ = label_indices(numpy.array([1, 2, 1]), "t", classes=["1", "2", "cat"])
+    assert mapped.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match=r"t: label '0' is not one of the model's 3 classes \('1', '2', 'cat'\)"):
+        label_indices(numpy.array([0, 1]), "t", classes=["1", "2", "cat"])  # 0 names no class: which 1 is meant?
+
+
 def test_integer_labels_are_indices_for_a_model_with_named_classes():
     """A Fashion-MNIST model's classes are words: a test set's labels 0-9 are their indices."""
     mapped, _ = label_indices(numpy.array([9, 0]), "t", classes=["T-shirt/top", *"bcdefghi", "Ankle boot"])

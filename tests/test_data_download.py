@@ -16,15 +16,23 @@ STALL_LIMIT = 5.0  # seconds /stall/ waits (or until the test ends)
 
 class Handler(BaseHTTPRequestHandler):
     """The first path segment says how to answer: good, bad (other bytes), slow (one byte at a time),
-    stall (headers, then nothing), short (half, then hang up); anything else is a 404."""
+    stall (headers, then nothing), short (half, then hang up), nolength (the bytes under a
+    Content-Length that is no number), loop (a redirect to itself), broken (a redirect to a URL
+    that cannot be parsed); anything else is a 404."""
 
     def do_GET(self):
         kind = self.path.strip("/").split("/")[0]
-        if kind not in ("good", "bad", "slow", "stall", "short"):
+        if kind in ("loop", "broken"):
+            self.send_response(302)
+            self.send_header("Location", self.path if kind == "loop" else "http://[::1/file.bin")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind not in ("good", "bad", "slow", "stall", "short", "nolength"):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.send_header("Content-Length", "many" if kind == "nolength" else str(len(PAYLOAD)))
         self.end_headers()
         try:
             getattr(self, kind)()
@@ -33,6 +41,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def good(self):
         self.wfile.write(PAYLOAD)
+
+    def nolength(self):
+        self.wfile.write(PAYLOAD)
+        self.close_connection = True
 
     def bad(self):
         self.wfile.write(PAYLOAD[::-1])
@@ -123,3 +135,18 @@ def test_a_failed_download_keeps_the_previous_file(server, tmp_path):
     with pytest.raises(ChecksumError):
         download(f"{server}/bad/file.bin", tmp_path / "file.bin", GOOD)
     assert (tmp_path / "file.bin").read_bytes() == b"previous" and only_files(tmp_path) == ["file.bin"]
+
+
+def test_a_length_that_is_no_number_is_no_length(server, tmp_path):
+    assert download(f"{server}/nolength/file.bin", tmp_path / "file.bin", GOOD, quiet=True).read_bytes() == PAYLOAD
+
+
+def test_a_redirect_loop_or_a_broken_redirect_passes_to_the_next_mirror_in_one_line(server, tmp_path):
+    mirrors = [f"{server}/loop/", f"{server}/broken/", f"{server}/good/"]
+    assert download_from_mirrors(mirrors, "file.bin", tmp_path / "file.bin", GOOD, quiet=True).read_bytes() == PAYLOAD
+    with pytest.raises(ConnectionError) as caught:
+        download_from_mirrors(mirrors[:2], "file.bin", tmp_path / "other.bin", GOOD, quiet=True)
+    message = str(caught.value)
+    assert "\n" not in message and f"{server}/loop/file.bin: HTTP Error 302" in message
+    assert f"{server}/broken/file.bin: bad answer from the server" in message and "IPv6" in message
+    assert only_files(tmp_path) == ["file.bin"]

@@ -200,6 +200,16 @@ def test_a_bad_state_is_refused_and_changes_nothing(name, rng):
     assert target.lr == 0.5 and target.steps == 0 and target.buffers == {}
 
 
+def test_a_buffer_beyond_the_parameters_dtype_is_refused_and_changes_nothing(rng):
+    """Checked as it would load: 1e300 is finite in a float64 file and infinite in a float32 network."""
+    state = stepped(ADAM, rng).state_dict()
+    target = fresh(lambda p: optim.Adam(p, lr=0.5), rng, dtype=numpy.float32)
+    with pytest.raises(ValueError, match="Adam: buffer b.v must hold finite floating-point numbers within float32's"):
+        target.load_state_dict(with_buffers(with_settings(state, lr=0.1), {**state["buffers"],
+                                                                           "b.v": numpy.full(4, 1e300)}))
+    assert target.lr == 0.5 and target.steps == 0 and target.buffers == {}
+
+
 def test_sgd_momentum_buffers_must_all_be_there(rng):
     state = stepped(lambda p: optim.SGD(p, momentum=0.9), rng).state_dict()
     target = fresh(lambda p: optim.SGD(p, momentum=0.9), rng)

@@ -177,14 +177,14 @@ class Optimizer:
         """
         settings, buffers = state["settings"], state["buffers"]
         self.check_settings(settings)
-        targets = self.check_buffers(buffers, settings)
+        loaded = self.check_buffers(buffers, settings)
         for name, value in settings.items():
             setattr(self, name, value)
-        self.buffers = {name: backend.array_module(target).array(buffers[name], dtype=target.dtype)
-                        for name, target in targets.items()}
+        self.buffers = loaded
 
     def check_buffers(self, buffers, settings):
-        """The parameter each buffer belongs to, after checking names, shapes and values.
+        """The buffers copied to their parameters' dtypes and devices, after checking names, shapes and
+        values (in the dtype they are loaded into: a float32 moment of 1e300 would be infinite in float16).
 
         Before the first step there are no buffers; after it, every one that ``buffer_names``
         lists, since each step updates every parameter."""
@@ -196,15 +196,22 @@ class Optimizer:
             raise ValueError(f"{owner}: unexpected buffer {names_list(unknown)} after {steps} steps")
         if missing:
             raise ValueError(f"{owner}: buffer {names_list(missing)} missing after {steps} steps")
+        loaded = {}
         for name, target in targets.items():
             value = buffers[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"{owner}: buffer {name} has shape {tuple(value.shape)}; "
                                  f"its parameter has {tuple(target.shape)}")
-            if value.dtype.kind != "f" or not bool(backend.array_module(value).isfinite(value).all()):
+            if value.dtype.kind != "f":
                 raise ValueError(f"{owner}: buffer {name} must hold finite floating-point numbers")
-            self.check_buffer_values(name, value)
-        return targets
+            xp = backend.array_module(target)
+            with numpy.errstate(over="ignore"):  # a value beyond the dtype's range becomes infinite: refused next
+                loaded[name] = xp.array(value, dtype=target.dtype)
+            if not bool(xp.isfinite(loaded[name]).all()):
+                raise ValueError(f"{owner}: buffer {name} must hold finite floating-point numbers within "
+                                 f"{target.dtype}'s range, as its parameter's dtype")
+            self.check_buffer_values(name, loaded[name])
+        return loaded
 
     def check_buffer_values(self, name, value):
         """Raise a ValueError if a buffer holds values no run could have produced."""

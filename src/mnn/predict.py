@@ -166,7 +166,7 @@ def batch_of_file(path, shape):
         if numpy_format(path) != "npy":  # numpy.load would take it for a pickle, and say so
             raise ValueError("not a .npy array (numpy.save writes one): its first bytes are not NumPy's format")
         return batch_of(numpy.load(path, allow_pickle=False), shape)
-    except (ValueError, OSError, EOFError) as error:  # NumPy reports a damaged or pickled file as these
+    except (ValueError, OSError, EOFError, MemoryError) as error:  # a damaged file, or one declaring a huge array
         raise ValueError(f"{path}: {error}") from error
 
 

@@ -141,7 +141,9 @@ class Trainer:
         return trainer
 
     def make_schedule(self):
-        """Warm-up (at most all steps but the last), then cosine decay to ``min_lr`` at the last step."""
+        """Warm-up (at most all steps but the last), then cosine decay toward ``min_lr``, which the schedule
+        reaches at step ``total_steps``, one past the last step trained (numbered from 0): the last step
+        trains a little above it (by a fraction of about (pi / 2 / decay steps)^2 of the range)."""
         config = self.config
         warmup = min(config.warmup_steps, self.total_steps - 1)
         return optim.CosineSchedule(config.lr, self.total_steps, warmup, config.min_lr)

@@ -124,8 +124,11 @@ def records(data, where):
 
 
 def class_names(data, where):
+    """The ten class names of ``batches.meta.txt``, one a line (read one byte past the size allowed)."""
+    if len(data) > MAX_META_BYTES:
+        raise ValueError(f"{where}: longer than the {MAX_META_BYTES} bytes ten class names take")
     try:
-        names = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in data.decode("utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as error:
         raise ValueError(f"{where}: not text ({error})") from error
     if len(names) != CLASSES or len(set(names)) != CLASSES:

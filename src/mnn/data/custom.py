@@ -68,8 +68,9 @@ def load_custom(path, split="train", classes=None, channels=None):
     ``split`` picks an .npz's ``x_train``/``y_train`` or ``x_test``/``y_test``; a folder or
     a CSV is one split, whole. With ``classes`` (a trained model's class names) the labels
     are mapped to them by name, and a label the model does not know is an error; integer
-    labels (or class folders named 0, 1, ...) are then class indices when the model's class
-    names are not integers (a model trained on Fashion-MNIST's named classes). ``channels``
+    labels (or class folders named 0, 1, ...) that are not all class names are class indices
+    where none of the model's class names is an integer (a model trained on Fashion-MNIST's
+    named classes), and an error where some are (which would they mean?). ``channels``
     makes an image folder's images grey (1) or RGB (3), as the model takes them.
     """
     path = Path(path)
@@ -142,13 +143,12 @@ def label_indices(raw, where, classes=None, noun="label"):
             raise ValueError(f"{where}: every {noun} is {names[0]!r}: a classifier needs at least two classes")
         return inverse.reshape(-1).astype(numpy.int64), names
     classes = list(classes)
+    lookup = {name: index for index, name in enumerate(classes)}
+    known = f"the model's {len(classes)} classes ({preview(classes)})"
     integers = values.dtype.kind in "iu" or all(is_integer_name(name) for name in names)  # folders "0", "1", ...
-    if integers and not all(is_integer_name(name) for name in classes):
+    if not all(name in lookup for name in names) and integers and not any(map(is_integer_name, classes)):
         lookup = {str(index): index for index in range(len(classes))}  # integers are the class indices
         known = f"the class indices 0 to {len(classes) - 1}"
-    else:
-        lookup = {name: index for index, name in enumerate(classes)}
-        known = f"the model's {len(classes)} classes ({preview(classes)})"
     unknown = [name for name in names if name not in lookup]
     if unknown:
         raise ValueError(f"{where}: {noun} {unknown[0]!r} is not one of {known} ({len(unknown)} such {noun}s)")

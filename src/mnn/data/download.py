@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, one_line
 
 READ_TIMEOUT = 60  # seconds one read may wait for the server (the default; download() takes others)
 DEADLINE = 600  # seconds the whole download may take
@@ -53,7 +53,7 @@ def download(url, path, sha256, deadline=None, read_timeout=None, quiet=False):
     def fetch(handle):
         digest, received = hashlib.sha256(), 0
         with urllib.request.urlopen(url, timeout=read_timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total = declared_length(response)
             read_some = getattr(response, "read1", response.read)  # read1: what has arrived, not a full chunk
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}", leave=False,
                       disable=quiet) as bar:
@@ -73,9 +73,17 @@ def download(url, path, sha256, deadline=None, read_timeout=None, quiet=False):
 
     try:
         atomic_write(path, fetch)
-    except http.client.HTTPException as error:  # a malformed answer, which is no OSError
-        raise ConnectionError(f"{url}: bad answer from the server ({error!r}); file discarded") from error
+    except ChecksumError:
+        raise
+    except (http.client.HTTPException, ValueError) as error:  # a malformed answer or redirect, which is no OSError
+        raise ConnectionError(f"{url}: bad answer from the server ({one_line(repr(error))}); file discarded") from error
     return path
+
+
+def declared_length(response):
+    """The Content-Length the server declared, or None where it declared none (or no number)."""
+    text = (response.headers.get("Content-Length") or "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 def download_from_mirrors(mirrors, name, path, sha256, **options):
@@ -95,5 +103,6 @@ def download_from_mirrors(mirrors, name, path, sha256, **options):
 
 
 def with_url(error, url):
-    message = str(error)
+    """The error's message on one line (urllib's redirect errors span several), naming ``url``."""
+    message = one_line(error)
     return message if url in message else f"{url}: {message}"

@@ -16,6 +16,7 @@ import numpy
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MAX_IDX_BYTES = 1 << 30  # the largest file a header may declare: a hostile header allocates no more
+MAX_DIMENSIONS = 8  # images have 3, labels 1; NumPy itself takes no more than 64
 CHUNK = 1 << 20
 
 
@@ -54,14 +55,18 @@ def read_stream(stream, path, max_bytes):
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_TYPES:
         raise IdxError(f"{path}: not an IDX file (magic bytes {magic.hex() or 'missing'})")
     ndim, dtype = magic[3], numpy.dtype(IDX_TYPES[magic[2]])
+    if ndim > MAX_DIMENSIONS:
+        raise IdxError(f"{path}: IDX header declares {ndim} dimensions, more than the {MAX_DIMENSIONS} accepted "
+                       "(a corrupt or hostile header)")
     dims = read_up_to(stream, 4 * ndim, digest)
     if ndim == 0 or len(dims) < 4 * ndim:
         raise IdxError(f"{path}: IDX header declares {ndim} dimensions but the file ends at byte {4 + len(dims)}")
     shape = tuple(int(d) for d in numpy.frombuffer(dims, ">u4"))
     header = 4 + 4 * ndim
     expected = header + math.prod(shape) * dtype.itemsize
-    if expected > max_bytes:
-        raise IdxError(f"{path}: IDX header declares shape {shape}, {expected} bytes, more than the "
+    sized = header + math.prod(max(size, 1) for size in shape) * dtype.itemsize  # a 0 beside huge sizes: refused too
+    if sized > max_bytes:
+        raise IdxError(f"{path}: IDX header declares shape {shape}, {sized} bytes, more than the "
                        f"{max_bytes} accepted (a corrupt or hostile header)")
     body = read_up_to(stream, expected - header, digest)
     if header + len(body) < expected:
