@@ -246,8 +246,9 @@ def main(argv=None, prog="python -m bench"):
                         f"{', '.join(GPU_SIZES)} on the CPU)")
     parser.add_argument("--repeats", type=integer(1), default=30)
     parser.add_argument("--warmup", type=integer(0), default=2, help="untimed steps at the start of each block")
-    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads for both (default: $OMP_NUM_THREADS, else the "
-                        "cores this process may use)")
+    parser.add_argument("--threads", type=integer(1, 1024), help="CPU threads for both (default: the first of "
+                        "$OMP_NUM_THREADS, $OPENBLAS_NUM_THREADS and $MKL_NUM_THREADS that is set, else the cores this "
+                        "process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")

@@ -243,7 +243,8 @@ def test_import_mnn_names_every_layer_lazily():
     import subprocess
     import sys
     assert sorted(mnn.__all__) == sorted({"backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint",
-                                          "load", "SequentialLayers", *mnn.layers.__all__})
+                                          "kernels", "load", "SequentialLayers", *mnn.layers.__all__})
+    assert mnn.kernels.mode() in ("fused", "numpy")  # mnn.kernels.use("numpy"), as the README shows, works
     assert not [name for name in dir(mnn) if name.startswith("_") and name != "__version__"]
     loaded = subprocess.run([sys.executable, "-c", "import sys, mnn.cli; print('numpy' in sys.modules)"],
                             capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,7 @@ _LAYERS = [
     "ResidualBlock", "RNNLayer", "LSTMLayer", "GRULayer",
 ]
 _WHERE = {"load": ".predict", "SequentialLayers": ".seq_layers", **{name: ".layers" for name in _LAYERS}}
-_MODULES = ["backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint"]
+_MODULES = ["backend", "gradcheck", "optim", "layers", "models", "data", "checkpoint", "kernels"]
 
 __all__ = [*_MODULES, "load", "SequentialLayers", *_LAYERS]
 

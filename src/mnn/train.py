@@ -258,7 +258,7 @@ class Trainer:
             self.write_checkpoint(self.run_dir / BEST)  # that best.safetensors lacks
         self.save()
         if self.out_of_patience():
-            self.say(f"stopping early: no better validation score in {self.config.patience} evaluations; the best "
+            self.say(f"stopping early: no better validation score in {evaluations(self.config.patience)}; the best "
                       f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
 
     def divergence_error(self, what):
@@ -331,3 +331,8 @@ def check_same_data(path, document, metadata, config):
         raise CheckpointError(f"{path}: {changed[0]}: the data changed since the run began "
                               f"({config.data or config.data_dir or config.dataset}); a resumed run would "
                               "train on other samples than the run began with")
+
+
+def evaluations(count):
+    """'1 evaluation', '3 evaluations'."""
+    return f"{count} evaluation" + ("" if count == 1 else "s")

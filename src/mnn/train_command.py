@@ -217,7 +217,7 @@ def resume_run(args, ranks, say, folder):
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change when resuming: the run goes on with the settings in its "
                          "checkpoint (only --steps or --epochs, to extend it, --data or --data-dir, where its data "
-                         "has moved, and --threads, --quiet, --backend)")
+                         "has moved, and --threads, --quiet, --backend, --debug)")
     places = [getattr(args, name) for name in PLACE_FLAGS if getattr(args, name) is not None]
     if len(places) > 1:
         raise ValueError("--data and --data-dir both name where the run's data now is: give one")
@@ -227,7 +227,7 @@ def resume_run(args, ranks, say, folder):
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if ranks.is_root and run_dir.is_dir():
         folder.enter_context(held_run_folder(run_dir))
-    from .train import Trainer
+    from .train import Trainer, evaluations
 
     data_at = str(Path(places[0]).resolve()) if places else None
     try:
@@ -244,7 +244,7 @@ def resume_run(args, ranks, say, folder):
         return None
     if trainer.out_of_patience():
         say(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
-              f"{trainer.config.patience} evaluations (--patience)")
+              f"{evaluations(trainer.config.patience)} (--patience)")
         return None
     say(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
     return trainer
