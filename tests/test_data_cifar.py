@@ -165,9 +165,25 @@ def test_an_unpublished_archive_is_refused(tmp_path, rng):
         load_cifar10("test", tmp_path)
 
 
-def test_an_archive_that_is_no_tar_gz_is_refused(tmp_path):
+def test_an_archive_that_is_no_tar_gz_is_refused(tmp_path, monkeypatch):
     (tmp_path / ARCHIVE).write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ChecksumError, match=r"cifar-10-binary.tar.gz is not the published"):
+        load_cifar10("test", tmp_path)
+    publish(monkeypatch, tmp_path / ARCHIVE)  # even where its checksums were the published ones
     with pytest.raises(ValueError, match=r"cifar-10-binary.tar.gz: not a readable .tar.gz"):
+        load_cifar10("test", tmp_path)
+
+
+def test_an_archive_other_than_the_published_one_is_refused_before_anything_is_decompressed(tmp_path, monkeypatch):
+    """A small gzip file can inflate to gigabytes: its checksums come first."""
+    import gzip
+
+    (tmp_path / ARCHIVE).write_bytes(gzip.compress(bytes(1 << 20)))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the archive was opened before its checksums were checked")
+    monkeypatch.setattr(tarfile, "open", never)
+    with pytest.raises(ChecksumError, match=r"is not the published cifar-10-binary.tar.gz: MD5 [0-9a-f]{32}"):
         load_cifar10("test", tmp_path)
 
 

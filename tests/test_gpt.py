@@ -102,6 +102,8 @@ def test_generation_is_reproducible_and_checks_the_prompt():
     assert len(first) == 23 and first.startswith("abc") and set(first) <= set(tokenizer.chars)
     with pytest.raises(ValueError, match=r"not in the vocabulary: 'XZ'"):
         generate(net, tokenizer, "aXbZ", 5, context=8)
+    windows = generate(net, tokenizer, "ab\r\nc\r", 20, context=8, top_k=3, seed=5)  # line ends as trained on
+    assert windows == generate(net, tokenizer, "ab\nc\n", 20, context=8, top_k=3, seed=5)
 
 
 def test_tinyshakespeare_ships_with_mnn_and_other_texts_download_checked(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import numpy
 
 from . import backend
 from .checkpoint import load_checkpoint
-from .data.text import CharTokenizer
+from .data.text import CharTokenizer, newlines
 from .layers.softmax import softmax
 from .optim import COUNT, NON_NEGATIVE, POSITIVE_COUNT, require
 from .tasks import evaluating
@@ -36,6 +36,7 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     check_sampling(prompt, tokens, context, temperature, top_k, seed)
     if prompt is None:
         prompt = "\n" if "\n" in tokenizer.index else tokenizer.chars[0]
+    prompt = newlines(prompt)  # as the text trained on has them
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise ValueError("the prompt must hold at least one character")

@@ -12,8 +12,9 @@ What is checked, and against what:
   authors publish on that page, ``c32a1d4ab5d03f1284b67883e8d87530``, and its SHA-256
   against ``c4a38c50...a1dd``, which the authors do not publish: it is the value that
   JuliaML/MLDatasets.jl and gomlx/gomlx pin for this URL (170,052,171 bytes), and it was not
-  verified here (no copy of the file was at hand). Both are computed in the pass that reads
-  the archive; a download is kept only if its SHA-256 matches, then only if its MD5 does.
+  verified here (no copy of the file was at hand). Both are computed in one pass over the
+  archive before anything in it is decompressed (a small file that inflates to gigabytes is
+  refused at once); a download is kept only if its SHA-256 matches, then only if its MD5 does.
 - An extracted folder (``cifar-10-batches-bin/`` or its files) has no published checksums:
   only its structure is checked.
 - Always: each batch holds exactly 10,000 whole records, every label is a class in 0-9, the
@@ -147,28 +148,25 @@ def read_folder(folder, names):
     return files
 
 
-class HashingReader:
-    """A binary file whose bytes are added to an MD5 and a SHA-256 as they are read."""
-
-    def __init__(self, handle):
-        self.handle, self.md5, self.sha256 = handle, hashlib.md5(), hashlib.sha256()
-
-    def read(self, size=-1):
-        data = self.handle.read(size)
-        self.md5.update(data)
-        self.sha256.update(data)
-        return data
+def check_published(path):
+    """Refuse an archive whose MD5 or SHA-256 is not the published one (both in one pass)."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            md5.update(chunk)
+            sha256.update(chunk)
+    if md5.hexdigest() != MD5 or sha256.hexdigest() != SHA256:
+        raise ChecksumError(f"{path} is not the published {ARCHIVE}: MD5 {md5.hexdigest()} (published: {MD5}), "
+                            f"SHA-256 {sha256.hexdigest()} (expected {SHA256})")
 
 
 def read_archive(path, names):
-    """The bytes of ``names`` and of the class-name file from the archive, read as a stream.
-
-    Every byte of the archive is hashed on the way; the contents are returned only if the
-    archive is the published one."""
+    """The bytes of ``names`` and of the class-name file from the archive, read as a stream once the
+    archive is known to be the published one (its checksums, in a first pass that decompresses nothing)."""
+    check_published(path)
     wanted = {f"{FOLDER}/{name}": name for name in [*names, META]}
     files = {}
-    with open(path, "rb") as raw:
-        stream = HashingReader(raw)
+    with open(path, "rb") as stream:
         try:
             with tarfile.open(fileobj=stream, mode="r|gz") as archive:
                 for member in archive:
@@ -179,12 +177,6 @@ def read_archive(path, names):
                     files[name] = archive.extractfile(member).read(limit + 1)
         except (tarfile.TarError, EOFError, OSError) as error:
             raise ValueError(f"{path}: not a readable .tar.gz ({one_line(error)})") from error
-        while stream.read(1 << 20):  # the rest, up to the end of the file, for the checksums
-            pass
-    md5, sha256 = stream.md5.hexdigest(), stream.sha256.hexdigest()
-    if md5 != MD5 or sha256 != SHA256:
-        raise ChecksumError(f"{path} is not the published {ARCHIVE}: MD5 {md5} (published: {MD5}), SHA-256 {sha256} "
-                            f"(expected {SHA256})")
     missing = [name for name in wanted.values() if name not in files]
     if missing:
         raise ValueError(f"{path}: lacks {', '.join(f'{FOLDER}/{name}' for name in missing)}")

@@ -75,6 +75,11 @@ def read_text(path):
                          f"{mark + error.start} ({error.reason})") from error
     if not text:
         raise ValueError(f"{path} is empty: no text to learn from")
+    return newlines(text)
+
+
+def newlines(text):
+    """Each line ending as a newline: Windows' CR LF and old Macs' CR (texts and prompts alike)."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
