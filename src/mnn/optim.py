@@ -184,7 +184,7 @@ class Optimizer:
 
     def check_buffers(self, buffers, settings):
         """The buffers copied to their parameters' dtypes and devices, after checking names, shapes and
-        values (in the dtype they are loaded into: a float32 moment of 1e300 would be infinite in float16).
+        values (in the dtype they are loaded into: a float64 moment of 1e300 would be infinite in float32).
 
         Before the first step there are no buffers; after it, every one that ``buffer_names``
         lists, since each step updates every parameter."""
