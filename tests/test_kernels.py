@@ -266,6 +266,19 @@ def test_relu_backward_kernel_equals_the_reference(dtype, layout, monkeypatch):
     numpy.testing.assert_array_equal(kernels.cpu.relu_backward(g, y), [0.0, 0.0, 2.0])  # no inf * 0
 
 
+@pytest.mark.parametrize("g_layout", ["channels-last", "contiguous", "a slice"])
+def test_relu_backward_keeps_a_channels_last_gradient_channels_last(g_layout):
+    """Where the gradient and the output lie alike in memory, the pass runs in memory order and the
+    result lies so too: the layers below a ReLU in a CNN get channels-last arrays, as they expect."""
+    rng = numpy.random.default_rng(1)
+    y = numpy.maximum(channels_last_batch((2, 3, 4, 5), rng), 0)
+    g = {"channels-last": channels_last_batch((2, 3, 4, 5), rng), "contiguous": rng.standard_normal((2, 3, 4, 5)),
+         "a slice": channels_last_batch((2, 3, 4, 10), rng)[..., ::2]}[g_layout]
+    grad = kernels.cpu.relu_backward(g, y)
+    numpy.testing.assert_array_equal(grad, numpy.where(y <= 0, 0, g))
+    assert (grad.strides == y.strides) == (g_layout == "channels-last")
+
+
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (5, 1), (4, 37)])
 def test_softmax_kernels_equal_the_reference(dtype, shape):

@@ -297,10 +297,25 @@ def flat(x):
 
 
 def relu_backward(g, y):
-    """ReLU's Eq. (2) in one pass: 0 where y <= 0, else g (NumPy's ``where`` took 17 times as long)."""
+    """ReLU's Eq. (2) in one pass: 0 where y <= 0, else g (NumPy's ``where`` took 17 times as long).
+    Where ``g`` and ``y`` lie alike in memory (channels-last images), so does the gradient, and the
+    pass runs in memory order: nothing is transposed."""
+    grad = numpy.empty_like(g)  # g's layout
+    views = [in_memory_order(array) for array in (g, y, grad)]
+    if g.strides == y.strides == grad.strides and all(view is not None for view in views):
+        relu_backward_flat(*views)
+        return grad
     grad = numpy.empty(g.shape, dtype=g.dtype)
     relu_backward_flat(flat(g), flat(y), grad.reshape(-1))
     return grad
+
+
+def in_memory_order(x):
+    """``x``'s entries as a 1-D view in the order they lie in memory, where they fill it without gaps in
+    some order of the axes (C order, channels-last images); else None."""
+    axes = sorted(range(x.ndim), key=lambda axis: -x.strides[axis])
+    view = x.transpose(axes)
+    return view.reshape(-1) if view.flags.c_contiguous else None
 
 
 @njit(**COMPILE)
