@@ -490,7 +490,9 @@ def test_a_second_train_on_a_run_in_progress_is_refused_and_deletes_nothing(tmp_
     stale = run / f".{CHECKPOINT}.in-flight.tmp"
     with held_run_folder(run):  # as the process training it holds it
         stale.write_bytes(b"being written")
-        for flags in (["--resume", str(run), "--steps", "4"], [*QUICK, "--steps", "3", "--out", str(run), "--overwrite"]):
+        resume = ["--resume", str(run), "--steps", "4"]
+        overwrite = [*QUICK, "--steps", "3", "--out", str(run), "--overwrite"]
+        for flags in (resume, overwrite):
             capsys.readouterr()
             assert cli.main(["train", *flags]) == 2
             err = capsys.readouterr().err
