@@ -513,11 +513,49 @@ def test_a_folder_with_any_file_of_a_run_is_not_taken_for_a_new_one(tmp_path, ca
 
 
 def test_a_new_run_that_fails_before_saving_leaves_no_folder(tmp_path, capsys):
+    """Neither the run's folder nor the parents it made; a folder that was there stays, with what it holds."""
     run = tmp_path / "new" / "run"
     assert cli.main(["train", *QUICK, "--lr", "1e30", "--steps", "3", "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "FloatingPointError" not in err and len(err.strip().splitlines()) == 1
-    assert not run.exists() and (tmp_path / "new").is_dir()
+    assert only_files(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert cli.main(["train", *QUICK, "--lr", "1e30", "--steps", "3", "--out", str(tmp_path / "mine" / "a" / "b")]) == 2
+    assert only_files(tmp_path) == ["mine"] and only_files(tmp_path / "mine") == ["notes.txt"]
+
+
+def only_files(folder):
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_a_run_folder_on_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch):
+    """Lustre without its flock option answers ENOSYS: the run goes on, as it would without the lock."""
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(tmp_path / "run")]) == 0
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == 2
+
+
+def test_a_finished_run_in_a_folder_that_cannot_be_written_still_says_so(tmp_path, monkeypatch, capsys):
+    import mnn.runs
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *QUICK, "--steps", "2", "--out", str(run)]) == 0
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # as a read-only mount answers (the tests run as root, above permissions)
+        if str(path).endswith(mnn.runs.LOCK):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(mnn.runs.os, "open", read_only)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert "has finished: step 2 of 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model, lr", [("gpt", "1e-4"), ("lstm", "5e-5")])

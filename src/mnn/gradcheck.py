@@ -80,8 +80,9 @@ def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_
     as ``{"input0": 3e-10, "w": 1e-9, "w (accumulated)": 0.0}``; values near 1e-8 or below mean
     backward is right (the ``accumulated`` entries: that a second backward adds to the gradients).
     Call ``layer.eval()`` first for layers with randomness (dropout) unless the mask is fixed.
-    The layer is left as it was found: its parameters bit for bit, its gradients and its
-    running statistics (which every forward pass of batch norm in training mode moves).
+    Its parameters (bit for bit), gradients and running statistics (which every forward pass of
+    batch norm in training mode moves) are restored after; what a forward pass keeps for
+    ``backward``, and the random state dropout draws from, are not.
     """
     if targets is not None and not isinstance(layer, LossLayer):
         raise ValueError(f"check_layer: targets are for a loss layer, and {type(layer).__name__} is none; "

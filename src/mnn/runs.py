@@ -42,58 +42,85 @@ def require_folder_or_nothing(path):
 
 
 @contextlib.contextmanager
-def held_run_folder(path):
-    """The run folder, for this process alone while the block runs: made if new, and locked, so that a
-    second ``mnn train`` on it (a ``--resume`` while the run goes on) is refused rather than let the two
-    delete each other's half-written files. A folder made here and left without a run's file by a
-    failure (a run that diverged before its first checkpoint) is removed again."""
+def held_run_folder(path, make=True):
+    """The run folder, for this process alone while the block runs: made if new (``make``), and locked,
+    so that a second ``mnn train`` on it (a ``--resume`` while the run goes on) is refused rather than
+    let the two delete each other's half-written files. Folders made here and left without a run's
+    file by a failure (a run that diverged before its first checkpoint) are removed again."""
     path = Path(path)
-    new = not path.exists()
-    make_run_folder(path)
-    lock = locked(path / LOCK)
+    made = folders_missing(path) if make else []
+    if make:
+        make_run_folder(path)
+    lock = None
     try:
+        lock = locked(path / LOCK)
         yield path
     except BaseException:
-        if new and not any((path / name).exists() for name in RUN_FILES):
+        if made and not any((path / name).exists() for name in RUN_FILES):
             unlock(lock, path / LOCK)
             lock = None
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty: nothing of anyone's is removed
+            remove_empty(made)
         raise
     finally:
         unlock(lock, path / LOCK)
 
 
+def folders_missing(path):
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders):
+    """Remove these folders, innermost first, while they are empty: nothing of anyone's is removed."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def locked(path):
-    """``path`` opened and locked (``flock``) by this process, or a ValueError if another holds it. The lock
-    goes with the process, however it ends. Where the system has no ``flock`` (Windows), nothing is locked."""
+    """A descriptor of ``path`` locked (``flock``) by this process, or a ValueError if another holds it.
+    The lock goes with the process, however it ends. Where there is no lock to take, nothing is locked:
+    on Windows (no ``flock``), in a folder this user cannot write (a finished run kept read-only: a run
+    that goes on fails on its first file, naming it), on a file system without locks."""
     try:
         import fcntl
     except ImportError:
         return None
     while True:
-        handle = open(path, "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # a lock needs no write access
+        except OSError:
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.close()
+            os.close(descriptor)
             raise ValueError(f"{path.parent}: another `mnn train` is training this run now; wait for it to end "
                              "(Ctrl-C in it saves and stops) before training the run again") from None
-        if is_same_file(handle, path):
-            return handle
-        handle.close()  # its last holder removed the file as we opened it: lock the one there now
+        except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP: a file system without locks (Lustre without its flock option)
+            os.close(descriptor)
+            return None
+        if is_same_file(descriptor, path):
+            return descriptor
+        os.close(descriptor)  # its last holder removed the file as we opened it: lock the one there now
 
 
-def is_same_file(handle, path):
+def is_same_file(descriptor, path):
     try:
-        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
     except FileNotFoundError:
         return False
 
 
-def unlock(handle, path):
+def unlock(descriptor, path):
     """Remove the lock file, then let go of it (in that order: a waiting process then locks a new file)."""
-    if handle is not None:
+    if descriptor is not None:
         with contextlib.suppress(OSError):
             path.unlink()
-        handle.close()
+        os.close(descriptor)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 from tqdm import tqdm
 
-from . import backend, models, optim
+from . import backend, checkpoint_schema, models, optim
 from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
@@ -108,6 +108,7 @@ class Trainer:
         self.stop_signalled = False  # a signal reached this process
         self.stop_requested = False  # ... and the ranks agreed to stop (at once, with one rank)
         self.saved_at = None
+        checkpoint_schema.config(asdict(config), "TrainConfig")  # a setting no loader would take back: now
 
     @classmethod
     def resume(cls, run_dir, quiet=False, steps=None, epochs=None, ranks=ONE_PROCESS, data_at=None):

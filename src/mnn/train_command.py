@@ -176,13 +176,13 @@ def start_run(args, ranks, say, folder):
     config = config_from(args)
     run_dir = Path(args.out or f"runs/{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     require_folder_or_nothing(run_dir)
+    if ranks.is_root:  # before looking at what the folder holds: a run may be writing there
+        folder.enter_context(held_run_folder(run_dir))
     earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
     if earlier and not args.overwrite:
         resume = f"continue it with --resume {run_dir}, " if CHECKPOINT in earlier else ""
         raise ValueError(f"{run_dir} already holds a run ({', '.join(earlier)}); {resume}replace it with "
                          "--overwrite, or choose another --out")
-    if ranks.is_root:
-        folder.enter_context(held_run_folder(run_dir))
     from .train import Trainer
 
     trainer = Trainer(config, run_dir, quiet=args.quiet, ranks=ranks)
@@ -226,7 +226,7 @@ def resume_run(args, ranks, say, folder):
         raise ValueError(f"{run_dir}: --resume takes a run folder or the {CHECKPOINT} in it")
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if ranks.is_root and run_dir.is_dir():
-        folder.enter_context(held_run_folder(run_dir))
+        folder.enter_context(held_run_folder(run_dir, make=False))
     from .train import Trainer, evaluations
 
     data_at = str(Path(places[0]).resolve()) if places else None

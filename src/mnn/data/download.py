@@ -83,7 +83,7 @@ def download(url, path, sha256, deadline=None, read_timeout=None, quiet=False):
 def declared_length(response):
     """The Content-Length the server declared, or None where it declared none (or no number)."""
     text = (response.headers.get("Content-Length") or "").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def download_from_mirrors(mirrors, name, path, sha256, **options):

@@ -300,7 +300,7 @@ def relu_backward(g, y):
     """ReLU's Eq. (2) in one pass: 0 where y <= 0, else g (NumPy's ``where`` took 17 times as long).
     Where ``g`` and ``y`` lie alike in memory (channels-last images), so does the gradient, and the
     pass runs in memory order: nothing is transposed."""
-    grad = numpy.empty_like(g)  # g's layout
+    grad = numpy.empty_like(g, subok=False)  # g's layout, a plain array (not a matrix or a memmap)
     views = [in_memory_order(array) for array in (g, y, grad)]
     if g.strides == y.strides == grad.strides and all(view is not None for view in views):
         relu_backward_flat(*views)
