@@ -574,3 +574,6 @@ def test_epochs_beyond_any_run_are_refused_where_the_flag_is_parsed(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--epochs", "1e308"])
     assert "argument --epochs: must lie in (0, 1e+06]" in capsys.readouterr().err
+    config = TrainConfig(limit=400, batch_size=50, epochs=1e308, model_kwargs={"hidden": [8]})
+    with pytest.raises(ValueError, match=r"TrainConfig.epochs: must be a finite number > 0 and <= 1000000"):
+        Trainer(config, "never-written")  # the Python API too: no checkpoint it writes may be refused on loading

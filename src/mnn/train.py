@@ -101,6 +101,7 @@ class Trainer:
         join(ranks, self.net, self.flat)
         self.optimizer = make_optimizer(config, self.net)
         self.net.optimizer = self.optimizer
+        checkpoint_schema.config(asdict(config), "TrainConfig")  # a setting no loader would take back: now
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.task.steps_per_epoch))
         self.eval_every = config.eval_every or self.task.steps_per_epoch
         self.schedule = self.make_schedule()
@@ -108,7 +109,6 @@ class Trainer:
         self.stop_signalled = False  # a signal reached this process
         self.stop_requested = False  # ... and the ranks agreed to stop (at once, with one rank)
         self.saved_at = None
-        checkpoint_schema.config(asdict(config), "TrainConfig")  # a setting no loader would take back: now
 
     @classmethod
     def resume(cls, run_dir, quiet=False, steps=None, epochs=None, ranks=ONE_PROCESS, data_at=None):
