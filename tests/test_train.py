@@ -216,3 +216,34 @@ def test_a_reader_that_goes_away_neither_stops_training_nor_fails_generate(tmp_p
                    "--layers", "1", "--width", "8", "--heads", "1", "--context", "8", "--quiet", "--out", str(run)])
     assert [record["step"] for record in json.loads((run / "metrics.json").read_text())][-1] == 120
     close_at_once(["generate", str(run), "--tokens", "100000"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 0}, r"TrainConfig.batch_size: must be an integer >= 1"),
+    ({"limit": 20.0}, r"TrainConfig.limit: must be an integer"),
+    ({"seed": -1}, r"TrainConfig.seed: must be an integer >= 0"),
+    ({"dataset": "custom"}, r"TrainConfig.data: names the data set exactly when dataset is custom"),
+    ({"model_kwargs": {"hidden": [8], "classes": 20}}, r"TrainConfig.model_kwargs.classes = 20: the data decides "
+                                                       r"it, 10; leave it out"),
+])
+def test_a_config_the_python_api_gets_wrong_is_refused_by_field_before_anything_runs(changes, message, tmp_path):
+    """A setting no checkpoint loader would take back never trains: with the field's name, not a NumPy error."""
+    with pytest.raises(ValueError, match=message):
+        Trainer(TrainConfig(**{**TINY, **changes}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_in_float16_is_refused_saying_why(tmp_path):
+    from mnn import backend
+    backend.set_default_dtype(numpy.float16)
+    try:
+        with pytest.raises(ValueError, match=r"training needs float32 or float64 parameters: in float16, Adam's eps"):
+            Trainer(TrainConfig(**TINY), tmp_path / "run")
+    finally:
+        backend.set_default_dtype(numpy.float32)
+
+
+def test_resume_takes_epochs_given_as_they_are(tmp_path):
+    Trainer(TrainConfig(**{**TINY, "steps": 4, "eval_every": 4}), tmp_path / "run").run()
+    with pytest.raises(ValueError, match=r"TrainConfig.epochs: must be a finite number > 0"):
+        Trainer.resume(tmp_path / "run", quiet=True, epochs=0)  # not read as "not given", which meant 2 epochs

@@ -269,12 +269,20 @@ def config_rules():
     }
 
 
+def config_fields(value, field):
+    """Each field of a TrainConfig on its own, in range (``config`` checks how they fit together too)."""
+    record(config_rules(), optional_fields=CONFIG_ADDED)(value, field)
+    if (value["dataset"] == "custom") != (value.get("data") is not None):
+        raise FieldError(child(field, "data"), "names the data set exactly when dataset is custom (--data), got "
+                                               f"{shown(value.get('data'))} with dataset {value['dataset']}")
+
+
 def config(value, field):
     """The run's TrainConfig as ``dataclasses.asdict`` wrote it: every field, each in range."""
     from .models import TEXT_MODELS
     from .train import TEXT_DATASETS
 
-    record(config_rules(), optional_fields=CONFIG_ADDED)(value, field)
+    config_fields(value, field)
     settings = MODEL_SETTINGS[value["model"]]
     for key, setting in value["model_kwargs"].items():
         if key not in settings:
@@ -284,9 +292,6 @@ def config(value, field):
         raise FieldError(child(field, "min_lr"), f"{value['min_lr']} exceeds lr = {value['lr']}")
     if (value["model"] in TEXT_MODELS) != (value["dataset"] in TEXT_DATASETS):
         raise FieldError(child(field, "dataset"), f"model {value['model']} does not train on {value['dataset']}")
-    if (value["dataset"] == "custom") != (value.get("data") is not None):
-        raise FieldError(child(field, "data"), "names the data set exactly when dataset is custom (--data), got "
-                                               f"{shown(value.get('data'))} with dataset {value['dataset']}")
 
 
 CONFIG_ADDED = ("data", "patience")  # TrainConfig fields newer than the first checkpoints, which lack them

@@ -88,12 +88,22 @@ class Trainer:
     """One run: a task, a network, its optimizer and schedule, and where the run is written."""
 
     def __init__(self, config, run_dir, quiet=False, ranks=ONE_PROCESS):
+        checkpoint_schema.config_fields(asdict(config), "TrainConfig")  # before any of them is used
+        if backend.default_dtype() == numpy.float16:
+            raise ValueError("training needs float32 or float64 parameters: in float16, Adam's eps and small "
+                             "squared gradients round to 0 (mnn.backend.set_default_dtype)")
         self.config, self.run_dir, self.ranks = config, Path(run_dir), ranks
         self.quiet = quiet or not ranks.is_root
         self.share = ranks.share(config.batch_size)  # the rows of each batch this rank trains on
         backend.seed(config.seed)
         self.task = make_task(config)
-        kwargs = {**self.task.model_defaults(), **config.model_kwargs}
+        decided = self.task.model_defaults()  # by the data: classes, input size, vocabulary
+        contradicted = [key for key, value in config.model_kwargs.items() if key in decided and value != decided[key]]
+        if contradicted:
+            key = contradicted[0]
+            raise ValueError(f"TrainConfig.model_kwargs.{key} = {config.model_kwargs[key]!r}: the data decides it, "
+                             f"{decided[key]!r}; leave it out")
+        kwargs = {**decided, **config.model_kwargs}
         self.architecture = models.resolve({"name": config.model, "kwargs": kwargs})
         self.net = models.build(self.architecture)
         self.net.input_grad = False  # training needs parameter gradients only
@@ -124,7 +134,7 @@ class Trainer:
         document = read_resume_checkpoint(path)  # every field checked before it is used
         config = TrainConfig(**document["config"])
         if steps is not None or epochs is not None:
-            config.steps, config.epochs = steps or 0, epochs or config.epochs
+            config.steps, config.epochs = steps or 0, config.epochs if epochs is None else epochs
         if data_at is not None:  # your own images are config.data; a text or a built-in set's folder, data_dir
             setattr(config, "data" if config.dataset == "custom" else "data_dir", data_at)
         trainer = cls(config, run_dir, quiet, ranks)
