@@ -139,3 +139,10 @@ def test_validation_loss_covers_the_whole_split_once(tmp_path, monkeypatch):
                              for i in range(windows)])
     monkeypatch.setattr(text_task, "EVAL_CHUNK", 5)  # chunks of 5, 5 and 2 windows: weighted by size
     assert windows == 12 and task.evaluate(net)["val_loss"] == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_scores_that_overflowed_are_refused_saying_so_rather_than_sampled():
+    from mnn.generate import next_token_probabilities
+    for logits in ([1.0, numpy.nan, 0.0], [numpy.inf, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="scores for the next character are not all finite"):
+            next_token_probabilities(numpy.array(logits), 0.8, 0)

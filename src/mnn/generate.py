@@ -16,6 +16,9 @@ def next_token_probabilities(logits, temperature, top_k):
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = numpy.asarray(logits, dtype=numpy.float64)
+    if not numpy.isfinite(logits).all():
+        raise ValueError("the model's scores for the next character are not all finite numbers: its weights "
+                         "overflowed in training (train it again with a lower --lr)")
     if temperature == 0:
         return numpy.eye(len(logits))[numpy.argmax(logits)]
     with numpy.errstate(over="ignore"):  # the largest is 0; a tiny temperature sends the others to -inf
