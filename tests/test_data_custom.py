@@ -621,3 +621,14 @@ def test_testing_a_run_whose_data_moved_says_how_to_point_to_it(tmp_path, rng, c
     assert cli.main(["test", str(run)]) == 2
     assert "if it moved, give its new place: mnn test" in one_line_error(capsys)
     assert cli.main(["test", str(run), "--data", str(tmp_path / "moved.npz")]) == 0
+
+
+def test_a_training_split_too_uniform_to_normalise_names_the_data_and_the_split(tmp_path, capsys):
+    """The data as a whole varies, but the one image the validation split left to train on does not."""
+    x = numpy.zeros((2, 1, 1, 1), numpy.uint8)
+    x[1] = 200
+    numpy.savez(tmp_path / "d.npz", x_train=x, y_train=numpy.array([0, 1]))
+    assert cli.main(["train", "--data", str(tmp_path / "d.npz"), "--batch-size", "1", "--steps", "1", "--quiet",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'd.npz'}: the 1 training images left after the validation split: cannot normalise" in err

@@ -78,7 +78,11 @@ class ImageClassification:
         if len(training) < batch_size:
             raise ValueError(f"--batch-size {batch_size} exceeds the {len(training)} training samples")
         self.classes, self.model = full.classes, model
-        self.normalizer = Normalizer.fit(full.images[training])
+        try:
+            self.normalizer = Normalizer.fit(full.images[training])
+        except ValueError as error:  # the split the seed and --limit left (the data's own check saw it all)
+            raise ValueError(f"{data or data_dir or dataset}: the {len(training)} training images left after the "
+                             f"validation split{' and --limit' if limit else ''}: {error}") from error
         self.train_x, self.train_y = self.normalizer(full.images[training]), full.labels[training]
         self.val_x, self.val_y = self.normalizer(full.images[validation]), full.labels[validation]
         self.batch_size, self.seed = batch_size, seed
