@@ -17,6 +17,7 @@ import re
 import numpy
 
 from . import optim
+from .files import counted
 from .optim import is_finite_number, is_integer
 from .runs import MAX_EPOCHS
 
@@ -38,7 +39,7 @@ def shown(value):
     if isinstance(value, dict):
         return f"an object with {len(value)} field{'' if len(value) == 1 else 's'}"
     if isinstance(value, list):
-        return f"a list of {items(len(value))}"
+        return f"a list of {counted(len(value), 'item')}"
     try:
         text = json.dumps(value)  # null, true, NaN, "text", with newlines escaped
     except TypeError:  # not a JSON value: a caller's Python object
@@ -46,8 +47,6 @@ def shown(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def items(count):
-    return f"{count} item" if count == 1 else f"{count} items"
 
 
 def spelled(bound):
@@ -119,8 +118,9 @@ def list_of(item, min_length=0, max_length=None):
         if type(value) is not list:
             raise FieldError(field, f"must be a list, got {shown(value)}")
         if len(value) < min_length or (max_length is not None and len(value) > max_length):
-            limits = (f"at least {items(min_length)}" if max_length is None else f"exactly {items(min_length)}"
-                      if min_length == max_length else f"{min_length} to {items(max_length)}")
+            most = counted(max_length, "item") if max_length is not None else None
+            limits = (f"at least {counted(min_length, 'item')}" if max_length is None else f"exactly {most}"
+                      if min_length == max_length else f"{min_length} to {most}")
             raise FieldError(field, f"must hold {limits}, got {len(value)}")
         for index, entry in enumerate(value):
             item(entry, f"{field}[{index}]")

@@ -120,6 +120,11 @@ def silence_stdout():
     os.close(devnull)
 
 
+def counted(count, noun):
+    """'1 evaluation', '3 evaluations': a count and its noun, for messages."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def one_line(error):
     """An exception's message on one line (a library's may span several), for errors naming a file."""
     return " ".join(str(error).split()) or type(error).__name__

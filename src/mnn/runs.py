@@ -51,18 +51,16 @@ def held_run_folder(path, make=True):
     made = folders_missing(path) if make else []
     if make:
         make_run_folder(path)
-    lock = None
     try:
         lock = locked(path / LOCK)
-        yield path
+        try:
+            yield path
+        finally:
+            unlock(lock, path / LOCK)
     except BaseException:
         if made and not any((path / name).exists() for name in RUN_FILES):
-            unlock(lock, path / LOCK)
-            lock = None
             remove_empty(made)
         raise
-    finally:
-        unlock(lock, path / LOCK)
 
 
 def folders_missing(path):

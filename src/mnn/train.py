@@ -22,7 +22,7 @@ from . import backend, checkpoint_schema, models, optim
 from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
-from .files import atomic_write, print_to_a_reader, remove_stale_temporaries
+from .files import atomic_write, counted, print_to_a_reader, remove_stale_temporaries
 from .plots import plot_curves
 from .runs import BEST, CHECKPOINT, CURVES, METRICS, make_run_folder
 from .tasks import ImageClassification
@@ -269,8 +269,10 @@ class Trainer:
             self.write_checkpoint(self.run_dir / BEST)  # that best.safetensors lacks
         self.save()
         if self.out_of_patience():
-            self.say(f"stopping early: no better validation score in {evaluations(self.config.patience)}; the best "
-                      f"was at step {self.metrics[self.best_evaluation()]['step']} ({BEST})", bar)
+            waited = counted(self.config.patience, "evaluation")
+            best = self.metrics[self.best_evaluation()]["step"]
+            self.say(f"stopping early: no better validation score in {waited}; the best was at step {best} ({BEST})",
+                     bar)
 
     def divergence_error(self, what):
         """The error that ends a run whose numbers overflowed: nothing past the last checkpoint is saved."""
@@ -343,7 +345,3 @@ def check_same_data(path, document, metadata, config):
                               f"({config.data or config.data_dir or config.dataset}); a resumed run would "
                               "train on other samples than the run began with")
 
-
-def evaluations(count):
-    """'1 evaluation', '3 evaluations'."""
-    return f"{count} evaluation" + ("" if count == 1 else "s")

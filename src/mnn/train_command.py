@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .arguments import count, non_empty, non_negative, number, positive, positive_int, probability, widths
-from .files import print_to_a_reader
+from .files import counted, print_to_a_reader
 from .runs import CHECKPOINT, MAX_EPOCHS, RUN_FILES, held_run_folder, require_folder_or_nothing
 
 MODEL_DEFAULTS = {
@@ -227,7 +227,7 @@ def resume_run(args, ranks, say, folder):
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if ranks.is_root and run_dir.is_dir():
         folder.enter_context(held_run_folder(run_dir, make=False))
-    from .train import Trainer, evaluations
+    from .train import Trainer
 
     data_at = str(Path(places[0]).resolve()) if places else None
     try:
@@ -244,7 +244,7 @@ def resume_run(args, ranks, say, folder):
         return None
     if trainer.out_of_patience():
         say(f"{run_dir} stopped early at step {trainer.step}: no better validation score in its last "
-              f"{evaluations(trainer.config.patience)} (--patience)")
+              f"{counted(trainer.config.patience, 'evaluation')} (--patience)")
         return None
     say(f"resuming {run_dir} at step {trainer.step} of {trainer.total_steps}")
     return trainer

@@ -21,6 +21,7 @@ import numbers
 import numpy
 
 from .. import backend
+from ..files import counted
 
 
 class Layer:
@@ -121,9 +122,9 @@ class Layer:
         check_array(self, x, name)
         expected = []
         if ndim is not None and x.ndim != ndim:
-            expected.append(dimensions(ndim))
+            expected.append(counted(ndim, "dimension"))
         if min_ndim is not None and x.ndim < min_ndim:
-            expected.append(f"at least {dimensions(min_ndim)}")
+            expected.append(f"at least {counted(min_ndim, 'dimension')}")
         if last_dim is not None and (x.ndim == 0 or x.shape[-1] != last_dim):
             expected.append(f"last dimension {last_dim}")
         if expected:
@@ -245,8 +246,6 @@ def check_array(layer, x, name="input", dtype="float32"):
                         f"(convert it with numpy.asarray(x, dtype=numpy.{dtype}))")
 
 
-def dimensions(count):
-    return f"{count} dimension" + ("" if count == 1 else "s")
 
 
 def describe(layer):
