@@ -242,26 +242,32 @@ def test_the_cross_entropy_kernels_give_the_numpy_lines(dtype, classes):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch, size", [(1, 1), (3, 5), (4, 33)])
-def test_the_lstm_step_kernels_take_the_steps_of_the_cpu_kernels(dtype, batch, size):
-    """Against ``mnn.kernels.cpu``'s step kernels, which tests/test_kernels.py holds to the reference lines."""
+@pytest.mark.parametrize("batch, size", [(1, 1), (3, 5), (4, 33), (cuda.LSTM_SAMPLES, 2),
+                                         (2 * cuda.LSTM_SAMPLES + 3, 7)])
+@pytest.mark.parametrize("last_step", [False, True])
+def test_the_lstm_step_kernels_take_the_steps_of_the_cpu_kernels(dtype, batch, size, last_step):
+    """Against ``mnn.kernels.cpu``'s step kernels, which tests/test_kernels.py holds to the reference lines,
+    with the products the GPU kernels compute themselves: h_{t-1} W_hh^T forward, delta_{t+1} W_hh backward
+    (or, at the last step, the final state's gradient). Batches of one tile of samples, and of three."""
     rng = numpy.random.default_rng(6)
-    a, product = (rng.standard_normal((batch, 4 * size)).astype(dtype) for _ in range(2))
-    bias = rng.standard_normal(4 * size).astype(dtype)
-    c_prev, g, carry_h, carry_c = (rng.standard_normal((batch, size)).astype(dtype) for _ in range(4))
+    a, delta_next = (rng.standard_normal((batch, 4 * size)).astype(dtype) for _ in range(2))
+    w_hh, bias = rng.standard_normal((4 * size, size)).astype(dtype), rng.standard_normal(4 * size).astype(dtype)
+    h_prev, c_prev, g, final_h, carry_c = (rng.standard_normal((batch, size)).astype(dtype) for _ in range(5))
     expected_gates, expected = a.copy(), [numpy.empty_like(c_prev) for _ in range(3)]  # c, tanh c, h
-    kernels.cpu.lstm_step_forward(expected_gates, numpy.ascontiguousarray(product.T), bias, c_prev, *expected)
+    kernels.cpu.lstm_step_forward(expected_gates, numpy.ascontiguousarray(w_hh @ h_prev.T), bias, c_prev, *expected)
+    carry_h = final_h if last_step else delta_next @ w_hh
     expected_delta = numpy.empty_like(a)
     expected_carry = kernels.cpu.lstm_step_backward(g, numpy.ascontiguousarray(carry_h.T), carry_c, expected_gates,
                                                     expected[1], c_prev, expected_delta)
-    name, pointer = c_types(dtype)[0], ctypes.c_void_p
+    name, pointer, rows = c_types(dtype)[0], ctypes.c_void_p, -(-batch // cuda.LSTM_SAMPLES) * size
     gates, ours = a.copy(), [numpy.empty_like(c_prev) for _ in range(3)]
-    compile_raw_for_cpu(cuda.LSTM_STEP, f"mnn_lstm_step_{name}", [pointer] * 7 + [ctypes.c_int] * 2)(
-        1, gates, product, bias, c_prev, *ours, batch, size)
+    compile_raw_for_cpu(cuda.LSTM_STEP, f"mnn_lstm_step_{name}", [pointer] * 8 + [ctypes.c_int] * 2)(
+        rows, gates, h_prev, w_hh, bias, c_prev, *ours, batch, size)
     delta, carry = numpy.empty_like(a), numpy.empty_like(c_prev)
-    compile_raw_for_cpu(cuda.LSTM_STEP_BACKWARD, f"mnn_lstm_step_backward_{name}", [pointer] * 8 + [ctypes.c_int] * 2)(
-        1, g, carry_h, carry_c, gates, ours[1], c_prev, delta, carry, batch, size)
-    tolerance = 1e-14 if dtype == numpy.float64 else 1e-6
+    compile_raw_for_cpu(cuda.LSTM_STEP_BACKWARD, f"mnn_lstm_step_backward_{name}", [pointer] * 10 + [ctypes.c_int] * 3)(
+        rows, g, delta_next, numpy.ascontiguousarray(w_hh.T), final_h, carry_c, gates, ours[1], c_prev, delta, carry,
+        batch, size, int(not last_step))
+    tolerance = 1e-13 if dtype == numpy.float64 else 1e-5  # the products summed in another order
     for mine, theirs in zip([gates, *ours, delta, carry], [expected_gates, *expected, expected_delta, expected_carry]):
         numpy.testing.assert_allclose(mine, theirs, rtol=tolerance, atol=tolerance)
 

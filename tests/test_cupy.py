@@ -188,3 +188,29 @@ def test_the_row_kernels_on_long_rows_and_odd_row_counts(on_gpu, rows, width, la
     backend.use("cupy")
     for gpu, cpu in zip(*results):
         numpy.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, hidden", [(1, 31), (8, 33), (11, 100), (20, 256)])
+def test_the_lstm_step_kernels_on_wide_states_and_odd_batches(on_gpu, batch, hidden):
+    """The step kernels' products with the state on a GPU: states wider than a warp (each lane loops
+    over W_hh's row), batches of part of a tile of samples, one tile, and several with a rest. Output,
+    every gradient and both state gradients against the CPU, from a given state and final-state gradient."""
+    from mnn.layers import LSTMLayer
+
+    rng = numpy.random.default_rng(batch * hidden)
+    x = rng.standard_normal((batch, 6, 5)).astype(numpy.float32)
+    state, final_grad = (tuple(rng.standard_normal((batch, hidden)).astype(numpy.float32) for _ in range(2))
+                         for _ in range(2))
+    g = rng.standard_normal((batch, 6, hidden)).astype(numpy.float32)
+    results = []
+    for name, move in (("cupy", cupy.asarray), ("numpy", numpy.asarray)):
+        backend.use(name)
+        backend.seed(0)
+        layer = LSTMLayer(5, hidden)
+        y = layer.forward(move(x), state=tuple(map(move, state)))
+        grad = layer.backward(move(g), final_state_grad=tuple(map(move, final_grad)))
+        arrays = (y, grad, *layer.final_state, *layer.state_grad, *layer.grads.values())
+        results.append([backend.to_numpy(array) for array in arrays])
+    backend.use("cupy")
+    for gpu, cpu in zip(*results):
+        numpy.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)

@@ -8,9 +8,9 @@ import pytest
 from cuda_on_cpu import run_gpu_lines_on_cpu
 from mnn import backend, kernels, models, optim
 from mnn.kernels import cuda
-from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, ReluLayer
+from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, LSTMLayer, ReluLayer
 import test_kernels
-from test_kernels import POOLS, assert_close, both_ways, channels_last_batch
+from test_kernels import POOLS, assert_close, both_ways, channels_last_batch, lstm_step
 
 CONVOLUTIONS = [(3, 5, (9, 9), 3, 1, 1), (2, 4, (10, 10), 3, 2, 1), (2, 3, (7, 7), 2, 2, 0), (1, 2, (6, 6), 5, 1, 2),
                 (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1)]  # (H, W)
@@ -101,6 +101,21 @@ def test_batch_norm_in_eval_mode_takes_the_reference_lines(launched):
     kernels.use("fused")
     layer.backward(layer.forward(channels_last_batch((2, 3, 4, 4), numpy.random.default_rng(0)).astype(numpy.float32)))
     assert launched == []
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("batch, hidden, bias", [(2, 5, True), (cuda.LSTM_SAMPLES + 3, 17, False)])
+def test_the_lstm_on_the_gpu_lines_carries_a_state_as_the_reference(dtype, batch, hidden, bias, launched):
+    """A given initial state and final-state gradient, one step launch each way per time step; a batch of
+    one tile of samples, and of two with a rest."""
+    rng = numpy.random.default_rng(2)
+    x = rng.standard_normal((batch, 5, 3)).astype(dtype)
+    state, final_grad = (tuple(rng.standard_normal((batch, hidden)).astype(dtype) for _ in range(2)) for _ in range(2))
+    results = both_ways(lambda: LSTMLayer(3, hidden, bias=bias), x, dtype, step=lstm_step(x, state, final_grad, dtype))
+    assert launched == [cuda.LSTM_STEP.name] * 5 + [cuda.LSTM_STEP_BACKWARD.name] * 5
+    what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
+    for reference, gpu, name in zip(*results, what):
+        assert_close(reference, gpu, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])

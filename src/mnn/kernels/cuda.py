@@ -61,6 +61,13 @@ def compiled(source):
 
 
 C_FLOATING = {"float32": "float", "float64": "double"}
+DTYPE_NAMES = {numpy.dtype(name): name for name in C_FLOATING}
+
+
+def dtype_name(array):
+    """``array.dtype.name``, by a dictionary lookup for the two floating types (a microsecond or more
+    saved on each launch: NumPy computes the name in Python)."""
+    return DTYPE_NAMES.get(array.dtype) or array.dtype.name
 
 
 @functools.cache
@@ -291,21 +298,46 @@ ELEMENTS = r"""
                                     e += (long long)gridDim.x * blockDim.x)
 """
 
-# The LSTM's step (mnn.layers.recurrent.LSTMLayer): Eqs. (T1), (1)-(3) forward and Eqs. (4)-(7) backward,
-# one thread per (sample, unit), which reads and writes that unit's four gates. The sigmoid is
-# (1 + tanh(a / 2)) / 2, as in the reference lines.
-LSTM_STEP = Raw("mnn_lstm_step", ELEMENTS + r"""
+# The LSTM's step (mnn.layers.recurrent.LSTMLayer), product with the state included, one launch each
+# way: a step is latency, not arithmetic (a batch of 32 by 256 units is 17 MFLOP), so a launch saved is
+# time saved. Each warp takes one unit k for LSTM_SAMPLES samples, so each of W_hh's rows it reads
+# serves them all. Forward: Eq. (T1)'s (h_{t-1} W_hh^T) for the unit's four gates, summed over the
+# lanes, then Eqs. (1)-(3). Backward: Eq. (4)'s W_hh^T delta_{t+1} for the unit (the row k of W_hh^T,
+# made contiguous once a backward pass), then Eqs. (5)-(7). After the sums every lane holds every
+# sample's, and lane s finishes sample s. The sigmoid is (1 + tanh(a / 2)) / 2, as in the reference lines.
+LSTM_SAMPLES = 8
+LSTM_STEP = Raw("mnn_lstm_step", ROWS + f"#define LSTM_SAMPLES {LSTM_SAMPLES}\n" + r"""
 template <typename T> __device__ T gate_sigmoid(T a) { return (tanh(a * (T)0.5) + (T)1) * (T)0.5; }
-template <typename T> __device__ void lstm_step(T* gates, const T* product, const T* bias, const T* c_prev, T* c,
-                                                T* tanh_c, T* h, int batch, int size) {
-    EACH_ELEMENT(e, (long long)batch * size) {
-        long long b = e / size, k = e % size, row = b * 4 * size;
-        T* a = gates + row + k;  /* a[0], a[size], a[2 size], a[3 size]: the unit's i, f, g, o */
-        const T* p = product + row + k;
-        T i = gate_sigmoid((a[0] + bias[k]) + p[0]);
-        T f = gate_sigmoid((a[size] + bias[size + k]) + p[size]);
-        T g = tanh((a[2 * size] + bias[2 * size + k]) + p[2 * size]);
-        T o = gate_sigmoid((a[3 * size] + bias[3 * size + k]) + p[3 * size]);
+/* Row r of the launch: unit k = r mod size of the samples b0 = (r / size) LSTM_SAMPLES onwards. */
+__device__ bool lstm_row(int batch, int size, int* k, int* b0) {
+    long long row = row_index(), tiles = (batch + LSTM_SAMPLES - 1) / LSTM_SAMPLES;
+    *k = (int)(row % size);
+    *b0 = (int)(row / size) * LSTM_SAMPLES;
+    return row < tiles * size;
+}
+template <typename T> __device__ void lstm_step(T* gates, const T* h_prev, const T* w_hh, const T* bias,
+                                                const T* c_prev, T* c, T* tanh_c, T* h, int batch, int size) {
+    int k, b0, lane = threadIdx.x;
+    if (!lstm_row(batch, size, &k, &b0)) return;
+    T p[4][LSTM_SAMPLES] = {};  /* Eq. (T1): the unit's four gates for each sample */
+    for (int j = lane; j < size; j += LANES) {
+        T w[4];
+        for (int gate = 0; gate < 4; gate++) w[gate] = w_hh[((long long)gate * size + k) * size + j];
+        for (int s = 0; s < LSTM_SAMPLES; s++) {
+            T h_j = b0 + s < batch ? h_prev[(long long)(b0 + s) * size + j] : (T)0;
+            for (int gate = 0; gate < 4; gate++) p[gate][s] += h_j * w[gate];
+        }
+    }
+    for (int s = 0; s < LSTM_SAMPLES; s++)
+        for (int gate = 0; gate < 4; gate++) p[gate][s] = lanes_sum(p[gate][s]);
+    for (int s = 0; s < LSTM_SAMPLES; s++) {
+        if (s % LANES != lane || b0 + s >= batch) continue;
+        long long e = (long long)(b0 + s) * size + k;
+        T* a = gates + (long long)(b0 + s) * 4 * size + k;  /* a[0], a[size], a[2 size], a[3 size]: i, f, g, o */
+        T i = gate_sigmoid((a[0] + bias[k]) + p[0][s]);
+        T f = gate_sigmoid((a[size] + bias[size + k]) + p[1][s]);
+        T g = tanh((a[2 * size] + bias[2 * size + k]) + p[2][s]);
+        T o = gate_sigmoid((a[3 * size] + bias[3 * size + k]) + p[3][s]);
         a[0] = i;
         a[size] = f;
         a[2 * size] = g;
@@ -315,15 +347,28 @@ template <typename T> __device__ void lstm_step(T* gates, const T* product, cons
         h[e] = o * tanh_c[e];
     }
 }
-template <typename T> __device__ void lstm_step_backward(const T* g_out, const T* carry_h, const T* carry_c,
-                                                         const T* gates, const T* tanh_c, const T* c_prev, T* delta,
-                                                         T* carry_c_out, int batch, int size) {
-    EACH_ELEMENT(e, (long long)batch * size) {
-        long long b = e / size, k = e % size, row = b * 4 * size;
-        const T* a = gates + row + k;
-        T* d = delta + row + k;
+/* delta_next is delta_{t+1} (B, 4H) where from_next is 1; at the last step it is not read, and carry_h,
+   the final state's gradient, stands in for its product. */
+template <typename T> __device__ void lstm_step_backward(const T* g_out, const T* delta_next, const T* w_hh_t,
+                                                         const T* carry_h, const T* carry_c, const T* gates,
+                                                         const T* tanh_c, const T* c_prev, T* delta, T* carry_c_out,
+                                                         int batch, int size, int from_next) {
+    int k, b0, lane = threadIdx.x;
+    if (!lstm_row(batch, size, &k, &b0)) return;
+    T q[LSTM_SAMPLES] = {};  /* Eq. (4)'s second term, W_hh^T delta_{t+1}, for each sample */
+    for (int m = lane; from_next && m < 4 * size; m += LANES) {
+        T w = w_hh_t[(long long)k * 4 * size + m];
+        for (int s = 0; s < LSTM_SAMPLES; s++)
+            q[s] += (b0 + s < batch ? delta_next[(long long)(b0 + s) * 4 * size + m] : (T)0) * w;
+    }
+    for (int s = 0; s < LSTM_SAMPLES; s++) q[s] = lanes_sum(q[s]);
+    for (int s = 0; s < LSTM_SAMPLES; s++) {
+        if (s % LANES != lane || b0 + s >= batch) continue;
+        long long e = (long long)(b0 + s) * size + k;
+        const T* a = gates + (long long)(b0 + s) * 4 * size + k;
+        T* d = delta + (long long)(b0 + s) * 4 * size + k;
         T i = a[0], f = a[size], g = a[2 * size], o = a[3 * size], t = tanh_c[e];
-        T dh = g_out[e] + carry_h[e];
+        T dh = g_out[e] + (from_next ? q[s] : carry_h[e]);
         T dc = dh * o * ((T)1 - t * t) + carry_c[e];
         d[0] = (dc * g) * (i * ((T)1 - i));
         d[size] = (dc * c_prev[e]) * (f * ((T)1 - f));
@@ -333,10 +378,12 @@ template <typename T> __device__ void lstm_step_backward(const T* g_out, const T
     }
 }
 """ + entries("mnn_lstm_step", "lstm_step",
-              "T* gates, const T* product, const T* bias, const T* c_prev, T* c, T* tanh_c, T* h, int batch, int size")
+              "T* gates, const T* h_prev, const T* w_hh, const T* bias, const T* c_prev, T* c, T* tanh_c, T* h, "
+              "int batch, int size")
     + entries("mnn_lstm_step_backward", "lstm_step_backward",
-              "const T* g_out, const T* carry_h, const T* carry_c, const T* gates, const T* tanh_c, const T* c_prev, "
-              "T* delta, T* carry_c_out, int batch, int size"))
+              "const T* g_out, const T* delta_next, const T* w_hh_t, const T* carry_h, const T* carry_c, "
+              "const T* gates, const T* tanh_c, const T* c_prev, T* delta, T* carry_c_out, int batch, int size, "
+              "int from_next"))
 LSTM_STEP_BACKWARD = Raw("mnn_lstm_step_backward", LSTM_STEP.code)
 
 
@@ -515,20 +562,28 @@ BATCH_NORM_BACKWARD_APPLY = Raw("mnn_batch_norm_backward_apply", BATCH_NORM_SUMS
 
 # -- launches ----------------------------------------------------------------------------------------
 
+def empty(like):
+    """A new C-contiguous array of ``like``'s shape and dtype (for a C-contiguous ``like``, what
+    ``cupy.empty_like`` makes, without its look at ``like``'s strides: several microseconds a call)."""
+    import cupy
+
+    return cupy.empty(like.shape, like.dtype)
+
+
 def launch_rows(source, like, arguments):
     """Run a row kernel on ``like``'s rows (its last axis), ``arguments`` then the row count; no launch
     where there are none."""
     rows = like.size // like.shape[-1] if like.size else 0
     if rows:
         blocks = -(-rows // ROWS_PER_BLOCK)
-        compiled_raw(source, like.dtype.name)((blocks,), (WARP, ROWS_PER_BLOCK), (*arguments, numpy.int64(rows)))
+        compiled_raw(source, dtype_name(like))((blocks,), (WARP, ROWS_PER_BLOCK), (*arguments, numpy.int64(rows)))
 
 
 def launch_elements(source, like, count, arguments):
     """Run an element kernel over ``count`` elements (arrays of ``like``'s dtype); none for none."""
     if count:
         blocks = min(-(-count // ELEMENT_BLOCK), 65535)  # the rest stride
-        compiled_raw(source, like.dtype.name)((blocks,), (ELEMENT_BLOCK,), arguments)
+        compiled_raw(source, dtype_name(like))((blocks,), (ELEMENT_BLOCK,), arguments)
 
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):
@@ -561,7 +616,7 @@ def dropout(x, key, threshold, scale):
     import cupy
 
     shape, x = x.shape, cupy.ascontiguousarray(x)  # element i of the kernel is element i of x in C order (Eq. (4))
-    y, scaled_mask = cupy.empty_like(x), cupy.empty_like(x)
+    y, scaled_mask = empty(x), empty(x)
     compiled(DROPOUT)(x, cupy.uint64(key), cupy.uint64(threshold), x.dtype.type(scale), y, scaled_mask)
     return y.reshape(shape), scaled_mask.reshape(shape)  # ascontiguousarray makes a 0-d array 1-d
 
@@ -582,7 +637,7 @@ def scaled_softmax(s, scale, causal):
     import cupy
 
     s = cupy.ascontiguousarray(s)
-    y = cupy.empty_like(s)
+    y = empty(s)
     launch_rows(SOFTMAX_ROWS, s, (s, y, numpy.int32(s.shape[-1]), s.dtype.type(scale), numpy.int32(bool(causal))))
     return y
 
@@ -592,7 +647,7 @@ def scaled_softmax_backward(y, g, scale):
     import cupy
 
     y, g = cupy.ascontiguousarray(y), cupy.ascontiguousarray(g)
-    d = cupy.empty_like(y)
+    d = empty(y)
     launch_rows(SOFTMAX_ROWS_BACKWARD, y, (y, g, d, numpy.int32(y.shape[-1]), y.dtype.type(scale)))
     return d
 
@@ -602,7 +657,7 @@ def layer_norm(x, weight, bias, eps):
     import cupy
 
     x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight, bias))  # a raw kernel reads memory in order
-    y, x_hat, inv_std = cupy.empty_like(x), cupy.empty_like(x), cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    y, x_hat, inv_std = empty(x), empty(x), cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     launch_rows(LAYER_NORM_ROWS, x, (x, weight, bias, y, x_hat, inv_std, numpy.int32(x.shape[-1]), x.dtype.type(eps)))
     return y, x_hat, inv_std
 
@@ -612,7 +667,7 @@ def layer_norm_backward(g, x_hat, weight, inv_std):
     import cupy
 
     g = cupy.ascontiguousarray(g)
-    grad = cupy.empty_like(g)
+    grad = empty(g)
     launch_rows(LAYER_NORM_ROWS_BACKWARD, g, (g, x_hat, weight, inv_std, grad, numpy.int32(g.shape[-1])))
     return grad
 
@@ -629,39 +684,44 @@ def cross_entropy(rows, labels):
     import cupy
 
     rows = cupy.ascontiguousarray(rows)
-    p, losses = cupy.empty_like(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
+    p, losses = empty(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
     launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, numpy.int32(rows.shape[1])))
     return p, losses
 
 
 def cross_entropy_backward(p, labels):
     """Cross-entropy's Eq. (2), (p - onehot(t)) / N, for CuPy arrays (N, C) and ``device_labels`` (N,)."""
-    import cupy
-
-    grad = cupy.empty_like(p)
+    grad = empty(p)
     launch_rows(CROSS_ENTROPY_ROWS_BACKWARD, p, (p, labels, grad, numpy.int32(p.shape[1]),
                                                  p.dtype.type(1 / max(len(p), 1))))
     return grad
 
 
-def lstm_step(gates, product, bias, c_prev, c, tanh_c, h):
-    """The LSTM's forward step on contiguous CuPy arrays, as ``mnn.kernels.cpu.lstm_step_forward`` (but
-    ``product`` is h_{t-1} W_hh^T, (B, 4H)): overwrites ``gates`` with [i, f, g, o], writes c, tanh(c), h."""
+def lstm_step(gates, h_prev, w_hh, bias, c_prev, c, tanh_c, h):
+    """The LSTM's forward step, Eq. (T1)'s product with the state included, on contiguous CuPy arrays
+    (``h_prev`` (B, H), ``w_hh`` (4H, H)): overwrites ``gates`` with [i, f, g, o], writes c, tanh(c), h."""
     batch, size = c.shape
-    launch_elements(LSTM_STEP, gates, batch * size, (gates, product, bias, c_prev, c, tanh_c, h, numpy.int32(batch),
-                                                     numpy.int32(size)))
+    launch_lstm(LSTM_STEP, gates, batch, size, (gates, h_prev, w_hh, bias, c_prev, c, tanh_c, h))
 
 
-def lstm_step_backward(g, carry_h, carry_c, gates, tanh_c, c_prev, delta):
-    """The LSTM's Eqs. (4)-(7) for one step on contiguous CuPy arrays (``carry_h`` (B, H)); fills ``delta`` and
-    returns the cell-state path's carry into step t - 1."""
-    import cupy
-
+def lstm_step_backward(g, delta_next, w_hh_t, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out):
+    """The LSTM's Eqs. (4)-(7) for one step on contiguous CuPy arrays: fills ``delta`` and ``carry_c_out``, the
+    cell-state path's carry into step t - 1. Eq. (4)'s second term is ``delta_next`` (B, 4H) times ``w_hh_t``
+    (W_hh^T, (H, 4H)), or where ``delta_next`` is None (the last step) the final state's gradient ``carry_h``."""
     batch, size = carry_c.shape
-    carry_out = cupy.empty_like(carry_c)
-    launch_elements(LSTM_STEP_BACKWARD, gates, batch * size, (g, carry_h, carry_c, gates, tanh_c, c_prev, delta,
-                                                              carry_out, numpy.int32(batch), numpy.int32(size)))
-    return carry_out
+    from_next = delta_next is not None
+    launch_lstm(LSTM_STEP_BACKWARD, gates, batch, size,
+                (g, delta_next if from_next else delta, w_hh_t, carry_h, carry_c, gates, tanh_c, c_prev, delta,
+                 carry_c_out), numpy.int32(from_next))
+
+
+def launch_lstm(source, like, batch, size, arrays, *flags):
+    """Run an LSTM step kernel: a warp for each unit and LSTM_SAMPLES samples."""
+    rows = -(-batch // LSTM_SAMPLES) * size
+    if rows:
+        kernel = compiled_raw(source, dtype_name(like))
+        kernel((-(-rows // ROWS_PER_BLOCK),), (WARP, ROWS_PER_BLOCK), (*arrays, numpy.int32(batch), numpy.int32(size),
+                                                                        *flags))
 
 
 def relu_backward(g, y):
@@ -745,7 +805,7 @@ def batch_norm(rows, weight, bias, eps):
     mean, var, inv_std = (cupy.empty(channels, dtype=dtype) for _ in range(3))
     launch_elements(BATCH_NORM_STATISTICS, rows, channels, (rows, sums, mean, var, inv_std, numpy.int64(count),
                                                             numpy.int32(channels), numpy.float64(eps)))
-    x_hat, y = cupy.empty_like(rows), cupy.empty_like(rows)
+    x_hat, y = empty(rows), empty(rows)
     launch_elements(BATCH_NORM_APPLY, rows, rows.size, (rows, mean, inv_std, weight, bias, x_hat, y,
                                                         numpy.int64(count), numpy.int32(channels)))
     return y, x_hat, inv_std, mean, var
@@ -759,7 +819,7 @@ def batch_norm_backward(g, x_hat, weight, inv_std):
     g, x_hat, weight, inv_std = (cupy.ascontiguousarray(a) for a in (g, x_hat, weight, inv_std))
     count, channels = g.shape
     sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
-    means, grad = (sums / count).astype(g.dtype), cupy.empty_like(g)  # rounded once a channel, not per entry
+    means, grad = (sums / count).astype(g.dtype), empty(g)  # rounded once a channel, not per entry
     launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, means, weight, inv_std, grad, numpy.int64(count),
                                                            numpy.int32(channels)))
     return grad, sums[0].astype(g.dtype), sums[1].astype(g.dtype)

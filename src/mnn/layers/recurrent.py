@@ -299,7 +299,9 @@ class LSTMLayer(RecurrentLayer):
     The second factor depends only on the saved gates: one product for all four blocks. The
     fused CPU kernels compute a step's Eqs. (1)-(3) (``mnn.kernels.cpu.lstm_step_forward``) and
     Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain; on a
-    GPU (``mnn.kernels.cuda.lstm_step``) each is one launch, a thread per unit and sample.
+    GPU (``mnn.kernels.cuda.lstm_step``) each is one launch that also computes the step's product
+    with $W_{hh}$ (Eq. (T1) forward, the second term of Eq. (4) backward), a warp per unit and
+    eight samples: a step there costs its launches, not its arithmetic.
     At $t = T$ the final state's gradients (zero unless given) stand in for the terms from
     step $T + 1$. The initial state receives $\partial L/\partial h_0 = W_{hh}^\top \delta_1$
     and $\partial L/\partial c_0 = \partial L/\partial c_1 \odot f_1$; the weights, Eq. (T6).
@@ -315,8 +317,8 @@ class LSTMLayer(RecurrentLayer):
         bias = self.params["bias_ih"] + self.params["bias_hh"] if self.bias else xp.zeros(4 * size, a.dtype)
         fused = kernels.fused(a, h0, c0, w_hh, bias) and same_dtype(a, h0, c0)
         on_gpu = kernels.fused_gpu(a, h0, c0, w_hh, bias) and same_dtype(a, h0, c0, w_hh, bias)
-        if on_gpu:
-            h0, c0 = xp.ascontiguousarray(h0), xp.ascontiguousarray(c0)  # the kernel reads memory in order
+        if on_gpu:  # the kernel reads memory in order
+            h0, c0, w_hh = (xp.ascontiguousarray(array) for array in (h0, c0, w_hh))
         if self.bias and not (fused or on_gpu):
             a += bias  # Eq. (T5); b_hh enters every step, so here
         y, cells, tanh_cells = (xp.empty(a.shape[:2] + (size,), dtype=a.dtype) for _ in range(3))
@@ -328,8 +330,8 @@ class LSTMLayer(RecurrentLayer):
                 kernels.cpu.lstm_step_forward(gates, product, bias, c, cells[t], tanh_cells[t], y[t])
                 h, c = y[t], cells[t]
                 continue
-            if on_gpu:  # the same in one launch, after the product (cuBLAS takes W_hh^T without a copy)
-                kernels.cuda.lstm_step(gates, h @ w_hh.T, bias, c, cells[t], tanh_cells[t], y[t])
+            if on_gpu:  # the same in one launch, Eq. (T1)'s product included
+                kernels.cuda.lstm_step(gates, h, w_hh, bias, c, cells[t], tanh_cells[t], y[t])
                 h, c = y[t], cells[t]
                 continue
             gates += self.state_product(h)  # Eq. (T1)
@@ -354,16 +356,22 @@ class LSTMLayer(RecurrentLayer):
         on_gpu = kernels.fused_gpu(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
         if on_gpu:  # the kernel reads memory in order
             carry_h, carry_c, c0 = (xp.ascontiguousarray(a) for a in (carry_h, carry_c, c0))
-        w_hh_t = None if on_gpu else self.state_weights_t()
+            carries = [xp.empty_like(carry_c) for _ in range(2)]  # each step writes one, reading the other
+        w_hh_t = self.state_weights_t()
         for t in reversed(range(y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
                 carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h.T, carry_c, gates[t], tanh_c, c_prev, delta[t])
                 carry_h = self.state_gradient(delta[t], w_hh_t)
                 continue
-            if on_gpu:  # the same in one launch; then Eq. (T3)
-                carry_c = kernels.cuda.lstm_step_backward(g[t], carry_h, carry_c, gates[t], tanh_c, c_prev, delta[t])
-                carry_h = delta[t] @ self.params["weight_hh"]
+            if on_gpu:  # the same in one launch, Eq. (4)'s product with delta_{t+1} included
+                delta_next = delta[t + 1] if t + 1 < len(delta) else None
+                carry_out = carries[t % 2]
+                kernels.cuda.lstm_step_backward(g[t], delta_next, w_hh_t, carry_h, carry_c, gates[t], tanh_c, c_prev,
+                                                delta[t], carry_out)
+                carry_c = carry_out
+                if t == 0:
+                    carry_h = delta[0] @ self.params["weight_hh"]  # Eq. (T3): the initial state's gradient
                 continue
             i, f, c_tilde, o = (gates[t, :, k * size:(k + 1) * size] for k in range(4))
             dh = g[t] + carry_h  # Eq. (4)
