@@ -706,8 +706,9 @@ def lstm_step(gates, h_prev, w_hh, bias, c_prev, c, tanh_c, h):
 
 def lstm_step_backward(g, delta_next, w_hh_t, carry_h, carry_c, gates, tanh_c, c_prev, delta, carry_c_out):
     """The LSTM's Eqs. (4)-(7) for one step on contiguous CuPy arrays: fills ``delta`` and ``carry_c_out``, the
-    cell-state path's carry into step t - 1. Eq. (4)'s second term is ``delta_next`` (B, 4H) times ``w_hh_t``
-    (W_hh^T, (H, 4H)), or where ``delta_next`` is None (the last step) the final state's gradient ``carry_h``."""
+    cell-state path's carry into step t - 1. Eq. (4)'s second term is ``delta_next @ W_hh`` for ``delta_next``
+    (B, 4H), read from ``w_hh_t`` (W_hh^T, (H, 4H), contiguous: a warp reads one of its rows), or where
+    ``delta_next`` is None (the last step) the final state's gradient ``carry_h``."""
     batch, size = carry_c.shape
     from_next = delta_next is not None
     launch_lstm(LSTM_STEP_BACKWARD, gates, batch, size,
