@@ -45,8 +45,8 @@ def kernels_per_step(step, sync, steps=5):
             step()
         sync()
     kernels = [event for event in trace.events() if event.device_type.name == "CUDA"]
-    names = Counter(event.name for event in kernels)
-    return len(kernels) / steps, sum(event.device_time_total for event in kernels) / steps / 1e3, names
+    names = {name: count / steps for name, count in Counter(event.name for event in kernels).items()}
+    return len(kernels) / steps, sum(event.device_time_total for event in kernels) / steps / 1e3, Counter(names)
 
 
 def call_costs():
@@ -84,6 +84,9 @@ def main():
     parser.add_argument("--models", default="mlp-64,cnn-128,gpt-12,lstm")
     parser.add_argument("--top", type=int, default=0, help="also list each step's N most frequent kernels")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"argument --models: no case {', '.join(map(repr, unknown))}; the cases are {', '.join(CASES)}")
     device = Device(args.device)
     print("| case | mnn: host ms, wall ms, kernels, GPU ms | torch: host ms, wall ms, kernels, GPU ms |")
     print("|---|---|---|")
@@ -98,7 +101,7 @@ def main():
         print(f"| {name} | {columns[0]} | {columns[1]} |")
         for framework, counted in zip(("mnn", "torch"), names):
             for kernel, count in counted.most_common(args.top):
-                print(f"    {framework} {count / 5:6.1f} x {kernel[:100]}")
+                print(f"    {framework} {count:6.1f} x {kernel[:100]}")
     print("\nhost µs per call:", ", ".join(f"{name} {cost:.1f}" for name, cost in call_costs().items()))
 
 

@@ -574,9 +574,13 @@ def launch_rows(source, like, arguments):
     """Run a row kernel on ``like``'s rows (its last axis), ``arguments`` then the row count; no launch
     where there are none."""
     rows = like.size // like.shape[-1] if like.size else 0
+    launch_warps(source, like, rows, (*arguments, numpy.int64(rows)))
+
+
+def launch_warps(source, like, rows, arguments):
+    """Run a kernel that gives each of ``rows`` rows a warp (arrays of ``like``'s dtype); none for none."""
     if rows:
-        blocks = -(-rows // ROWS_PER_BLOCK)
-        compiled_raw(source, dtype_name(like))((blocks,), (WARP, ROWS_PER_BLOCK), (*arguments, numpy.int64(rows)))
+        compiled_raw(source, dtype_name(like))((-(-rows // ROWS_PER_BLOCK),), (WARP, ROWS_PER_BLOCK), arguments)
 
 
 def launch_elements(source, like, count, arguments):
@@ -718,11 +722,8 @@ def lstm_step_backward(g, delta_next, w_hh_t, carry_h, carry_c, gates, tanh_c, c
 
 def launch_lstm(source, like, batch, size, arrays, *flags):
     """Run an LSTM step kernel: a warp for each unit and LSTM_SAMPLES samples."""
-    rows = -(-batch // LSTM_SAMPLES) * size
-    if rows:
-        kernel = compiled_raw(source, dtype_name(like))
-        kernel((-(-rows // ROWS_PER_BLOCK),), (WARP, ROWS_PER_BLOCK), (*arrays, numpy.int32(batch), numpy.int32(size),
-                                                                        *flags))
+    launch_warps(source, like, -(-batch // LSTM_SAMPLES) * size, (*arrays, numpy.int32(batch), numpy.int32(size),
+                                                                   *flags))
 
 
 def relu_backward(g, y):
