@@ -56,7 +56,7 @@ def fused_gpu(*arrays):
                                      for array in arrays)
 
 
-def __getattr__(name):  # kernels.cpu and kernels.cuda: numba is imported on first use
-    if name in ("cpu", "cuda"):
+def __getattr__(name):  # kernels.cpu, kernels.cuda, ...: numba is imported on first use
+    if name in ("cpu", "cpu_sequence", "cuda", "threads"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mnn.kernels' has no attribute {name!r}")

@@ -195,6 +195,14 @@ def same_dtype(*arrays):
     return len({array.dtype for array in arrays}) == 1
 
 
+def sequence_parts(batch, *arrays):
+    """The batch's parts for ``kernels.cpu_sequence`` where it runs these arrays (float32, two threads or
+    more at hand, eight samples each), else None: the step kernels then run."""
+    if any(array.dtype != "float32" for array in arrays):
+        return None
+    return kernels.cpu_sequence.parts(batch)
+
+
 def described(state):
     """What was given as a state, with shapes: 'a tuple of 2: (2, 5), (2, 5)', 'an array of shape (2, 5)'."""
     if isinstance(state, (tuple, list)):
@@ -322,8 +330,12 @@ class LSTMLayer(RecurrentLayer):
         if self.bias and not (fused or on_gpu):
             a += bias  # Eq. (T5); b_hh enters every step, so here
         y, cells, tanh_cells = (xp.empty(a.shape[:2] + (size,), dtype=a.dtype) for _ in range(3))
-        h, c = h0, c0
-        for t in range(a.shape[0]):
+        parts = fused and sequence_parts(a.shape[1], a, h0, c0, w_hh, bias)
+        if parts:  # every step of Eqs. (T1), (1)-(3) in one call per part of the batch, the parts side by side
+            h0, c0 = xp.ascontiguousarray(h0), xp.ascontiguousarray(c0)
+            kernels.cpu_sequence.lstm_forward(a, w_hh, bias, h0, c0, y, cells, tanh_cells, parts)
+        h, c = (y[-1], cells[-1]) if parts else (h0, c0)
+        for t in range(0 if parts else a.shape[0]):
             gates = a[t]  # a view: the pre-activations, overwritten by the gates
             if fused:  # Eqs. (T1), (1)-(3) of a step in six passes, the bias added here
                 product = self.state_product(h).T  # (4H, B), as the product is computed
@@ -358,7 +370,12 @@ class LSTMLayer(RecurrentLayer):
             carry_h, carry_c, c0 = (xp.ascontiguousarray(a) for a in (carry_h, carry_c, c0))
             carries = [xp.empty_like(carry_c) for _ in range(2)]  # each step writes one, reading the other
         w_hh_t = self.state_weights_t()
-        for t in reversed(range(y.shape[0])):
+        parts = fused and sequence_parts(g.shape[1], g, gates, carry_h, carry_c, c0)
+        if parts:  # every step of Eqs. (4)-(7) in one call per part of the batch; the carries become h0's and c0's
+            carry_h, carry_c = (xp.array(carry, order="C") for carry in (carry_h, carry_c))  # copies: written
+            kernels.cpu_sequence.lstm_backward(g, w_hh_t, gates, cells, tanh_cells, xp.ascontiguousarray(c0),
+                                               carry_h, carry_c, delta, parts)
+        for t in reversed(range(0 if parts else y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
                 carry_c = kernels.cpu.lstm_step_backward(g[t], carry_h.T, carry_c, gates[t], tanh_c, c_prev, delta[t])

@@ -1,0 +1,172 @@
+"""The LSTM's whole-sequence CPU kernels (``mnn.kernels.cpu_sequence``) and the threads they run on.
+
+Through ``LSTMLayer`` (float32, a batch of eight samples per thread or more) they must give the
+reference lines' numbers to float32 rounding; each sample's numbers must not depend on how the
+batch is split between threads; their tanh must be within one unit in the last place.
+"""
+import runpy
+from pathlib import Path
+
+import numpy
+import pytest
+from threadpoolctl import threadpool_limits
+
+from mnn import backend, kernels
+from mnn.kernels import cpu_sequence, threads
+from mnn.layers import LSTMLayer
+from test_kernels import assert_close
+
+TWO_THREADS = pytest.mark.skipif(threads.threads_at_hand() < 2,
+                                 reason="NumPy's OpenBLAS lends fewer than two threads on this machine")
+
+
+@pytest.fixture(autouse=True)
+def fused_float32():
+    before = kernels.mode()
+    kernels.use("fused")
+    yield
+    kernels.use(before)
+
+
+def run_layer(mode, x, state, g, final_grad, bias=True):
+    """(output, input gradient, final h, final c, initial h and c gradients, weight gradients...) of a fresh
+    LSTMLayer, by the reference lines or the fused kernels."""
+    kernels.use(mode)
+    backend.seed(0)
+    layer = LSTMLayer(x.shape[2], g.shape[2], bias=bias)
+    y = layer.forward(x, state=state)
+    dx = layer.backward(g, final_state_grad=final_grad)
+    return (y, dx, *layer.final_state, *layer.state_grad, *(grad.copy() for grad in layer.grads.values()))
+
+
+def lstm_arrays(rng, batch, length, inputs, hidden):
+    x = rng.standard_normal((batch, length, inputs)).astype(numpy.float32)
+    g = rng.standard_normal((batch, length, hidden)).astype(numpy.float32)
+    state = tuple(rng.standard_normal((batch, hidden)).astype(numpy.float32) for _ in range(2))
+    final_grad = tuple(rng.standard_normal((batch, hidden)).astype(numpy.float32) for _ in range(2))
+    return x, state, g, final_grad
+
+
+@TWO_THREADS
+@pytest.mark.parametrize("batch, hidden, bias", [(16, 8, True), (17, 9, True), (20, 13, False), (32, 33, True),
+                                                 (40, 1, True)])
+def test_the_sequence_kernels_give_the_reference_numbers(batch, hidden, bias):
+    """Batches of whole tiles and with a rest of 1-4 samples; an odd number of units (a weight row left over
+    by the two-row tiles backward) and a single unit."""
+    x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(batch), batch, 6, 5, hidden)
+    assert cpu_sequence.parts(batch) is not None  # the sequence kernels run, not the step kernels
+    reference = run_layer("numpy", x, state, g, final_grad, bias)
+    fused = run_layer("fused", x, state, g, final_grad, bias)
+    names = ["output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient",
+             *(f"gradient {i}" for i in range(len(fused) - 6))]
+    for a, b, name in zip(reference, fused, names):
+        assert a.dtype == b.dtype == numpy.float32
+        assert_close(a, b, numpy.float32, name)
+
+
+@TWO_THREADS
+def test_the_given_state_and_final_state_gradient_are_left_as_given():
+    x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(0), 16, 4, 3, 8)
+    copies = [part.copy() for part in (*state, *final_grad)]
+    run_layer("fused", x, state, g, final_grad)
+    for before, after in zip(copies, (*state, *final_grad)):
+        numpy.testing.assert_array_equal(before, after)
+
+
+def kernel_run(arrays, ranges):
+    """The forward and backward sequence kernels over ``ranges`` of the batch, one after the other in this
+    thread: (h, c, tanh c, gates, delta, initial h and c gradients)."""
+    gates, w_hh, bias, h0, c0, g, final_h, final_c = (a.copy() for a in arrays)
+    length, batch, _ = gates.shape
+    y, cells, tanh_cells = (numpy.empty((length, batch, w_hh.shape[1]), numpy.float32) for _ in range(3))
+    for lo, hi in ranges:
+        cpu_sequence.lstm_forward_rows(gates, w_hh, bias, h0, c0, y, cells, tanh_cells, lo, hi)
+    delta, dh, carries = numpy.empty_like(gates), numpy.empty_like(h0), numpy.empty((2,) + h0.shape, numpy.float32)
+    w_hh_t = numpy.ascontiguousarray(w_hh.T)
+    for lo, hi in ranges:
+        cpu_sequence.lstm_backward_rows(g, w_hh_t, gates, cells, tanh_cells, c0, final_h, final_c, delta, dh,
+                                        carries, lo, hi)
+    return y, cells, tanh_cells, gates, delta, final_h, final_c
+
+
+@pytest.mark.parametrize("batch", [8, 19, 32])
+def test_a_sample_gets_the_same_numbers_however_the_batch_is_split(batch):
+    rng = numpy.random.default_rng(batch)
+    hidden = 7
+    arrays = [rng.standard_normal(shape).astype(numpy.float32) for shape in
+              [(5, batch, 4 * hidden), (4 * hidden, hidden), (4 * hidden,), (batch, hidden), (batch, hidden),
+               (5, batch, hidden), (batch, hidden), (batch, hidden)]]
+    whole = kernel_run(arrays, [(0, batch)])
+    for ranges in ([(0, 8), (8, batch)], [(k, min(k + 8, batch)) for k in range(0, batch, 8)]):
+        for a, b in zip(whole, kernel_run(arrays, ranges)):
+            numpy.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch, threads_at_hand, expected", [
+    (32, 2, [(0, 16), (16, 32)]), (20, 2, [(0, 8), (8, 20)]), (17, 2, [(0, 8), (8, 17)]),
+    (15, 2, None), (32, 1, None), (64, 3, [(0, 16), (16, 40), (40, 64)]), (16, 8, [(0, 8), (8, 16)])])
+def test_the_batch_is_split_at_whole_tiles_with_eight_samples_a_thread(monkeypatch, batch, threads_at_hand,
+                                                                        expected):
+    monkeypatch.setattr(threads, "threads_at_hand", lambda: threads_at_hand)
+    assert cpu_sequence.parts(batch) == expected
+
+
+def test_the_step_kernels_run_where_one_thread_is_at_hand():
+    with threadpool_limits(1, user_api="blas"):
+        assert threads.threads_at_hand() == 1
+        assert cpu_sequence.parts(64) is None
+        x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(0), 16, 3, 2, 4)
+        for a, b in zip(run_layer("numpy", x, state, g, final_grad), run_layer("fused", x, state, g, final_grad)):
+            assert_close(a, b, numpy.float32, "one thread")
+
+
+def test_tanh_is_within_one_unit_in_the_last_place_of_the_correctly_rounded_value():
+    x = numpy.concatenate([numpy.linspace(-12, 12, 2_000_001), numpy.geomspace(1e-38, 1, 20_001),
+                           -numpy.geomspace(1e-38, 1, 20_001), [0.0, 8.9999, 9.0, 9.0001, 1e30, -1e30]])
+    x = x.astype(numpy.float32)
+    exact = numpy.tanh(x.astype(numpy.float64)).astype(numpy.float32)  # correctly rounded (but for rare ties)
+    ours = tanh_of(x)
+    ulps = numpy.abs(ours.astype(numpy.float64) - exact) / numpy.spacing(numpy.abs(exact))
+    assert ulps.max() <= 1, f"{ulps.max()} units in the last place at x = {x[ulps.argmax()]}"
+
+
+def test_tanh_keeps_nan_and_takes_infinities_to_one():
+    ours = tanh_of(numpy.array([numpy.nan, numpy.inf, -numpy.inf, 0.0], dtype=numpy.float32))
+    assert numpy.isnan(ours[0]) and ours[1] == 1 and ours[2] == -1 and ours[3] == 0
+
+
+def test_the_coefficients_are_those_scripts_fit_tanh_fits():
+    fit = runpy.run_path(str(Path(__file__).parent.parent / "scripts" / "fit_tanh.py"))["fit"]
+    p, q, error = fit()
+    numpy.testing.assert_allclose(p, cpu_sequence.TANH_P, rtol=1e-6)
+    numpy.testing.assert_allclose(q, cpu_sequence.TANH_Q, rtol=1e-6)
+    assert error < 2e-10
+
+
+def tanh_of(x):
+    """The kernels' tanh, through the forward cell: c~ = tanh(a) for a gate block fed ``x``."""
+    gates = numpy.zeros((1, 4 * x.size), numpy.float32)
+    gates[0, 2 * x.size:3 * x.size] = x
+    zeros = numpy.zeros((1, x.size), numpy.float32)
+    out = [numpy.empty((1, x.size), numpy.float32) for _ in range(3)]
+    cpu_sequence.lstm_cell_rows(gates, numpy.zeros(4 * x.size, numpy.float32), zeros, *out, 0, 1)
+    return gates[0, 2 * x.size:3 * x.size]
+
+
+@TWO_THREADS
+def test_parts_run_side_by_side_and_an_exception_in_one_reaches_the_caller():
+    seen = []
+    threads.run_parts([lambda: seen.append(0), lambda: seen.append(1)])
+    assert sorted(seen) == [0, 1]
+
+    def fails():
+        raise ZeroDivisionError("in a part")
+    with pytest.raises(ZeroDivisionError, match="in a part"):
+        threads.run_parts([lambda: None, fails])
+    threads.run_parts([lambda: seen.append(2), lambda: seen.append(3)])  # and the next call runs
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_more_parts_than_threads_is_refused():
+    with pytest.raises(ValueError, match="threads at hand"):
+        threads.run_parts([lambda: None] * (threads.threads_at_hand() + 1))
