@@ -182,8 +182,9 @@ class RecurrentLayer(Layer):
         self.grads["weight_ih"] += rows_dx.T @ rows_x  # Eq. (T6)
         self.grads["weight_hh"] += rows_dh.T @ h_prev  # Eq. (T6)
         if self.bias:
-            self.grads["bias_ih"] += column_sums(rows_dx)  # Eq. (T6)
-            self.grads["bias_hh"] += column_sums(rows_dh)
+            bias_grad = column_sums(rows_dx)  # Eq. (T6)
+            self.grads["bias_ih"] += bias_grad
+            self.grads["bias_hh"] += bias_grad if delta_h is delta_x else column_sums(rows_dh)
         if not self.input_grad:
             return None
         return swap_batch_time((rows_dx @ self.params["weight_ih"]).reshape(length, batch, -1))  # Eq. (T6)
@@ -306,7 +307,11 @@ class LSTMLayer(RecurrentLayer):
 
     The second factor depends only on the saved gates: one product for all four blocks. The
     fused CPU kernels compute a step's Eqs. (1)-(3) (``mnn.kernels.cpu.lstm_step_forward``) and
-    Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain; on a
+    Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain. In
+    float32, where NumPy's OpenBLAS lends two threads or more and each gets eight samples, the
+    samples' recurrences run apart instead: ``mnn.kernels.cpu_sequence`` runs every step, the
+    products with $W_{hh}$ included, in one call per part of the batch, the parts side by side on
+    OpenBLAS's threads (``mnn.kernels.threads``). On a
     GPU (``mnn.kernels.cuda.lstm_step``) each is one launch that also computes the step's product
     with $W_{hh}$ (Eq. (T1) forward, the second term of Eq. (4) backward), a warp per unit and
     eight samples: a step there costs its launches, not its arithmetic.
