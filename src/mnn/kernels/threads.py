@@ -23,7 +23,7 @@ import numpy
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _lock = threading.Lock()  # one set of parts at a time: the callback reads them from _running
 _running = {"jobs": (), "errors": []}
-_openblas = {}  # filled once: "library" (NumPy's OpenBLAS or None), "controller"
+_openblas = {}  # "controller": threadpoolctl's controller of NumPy's OpenBLAS, or None; looked up once
 
 
 def numpy_openblas():
