@@ -17,15 +17,17 @@ from mnn.kernels import cpu_sequence, threads
 from mnn.layers import LSTMLayer
 from test_kernels import assert_close
 
-TWO_THREADS = pytest.mark.skipif(threads.threads_at_hand() < 2,
-                                 reason="NumPy's OpenBLAS lends fewer than two threads on this machine")
+TWO_THREADS = pytest.mark.skipif(threads.numpy_openblas() is None,
+                                 reason="NumPy's BLAS is not the OpenBLAS of a NumPy wheel: it lends no threads")
 
 
 @pytest.fixture(autouse=True)
-def fused_float32():
+def fused_and_two_threads():
+    """The fused kernels, and two OpenBLAS threads, even on one core (OpenBLAS then starts a second)."""
     before = kernels.mode()
     kernels.use("fused")
-    yield
+    with threadpool_limits(limits=2, user_api="blas"):
+        yield
     kernels.use(before)
 
 
@@ -182,6 +184,38 @@ def test_parts_run_side_by_side_and_an_exception_in_one_reaches_the_caller():
     assert sorted(seen) == [2, 3]
 
 
-def test_more_parts_than_threads_is_refused():
-    with pytest.raises(ValueError, match="threads at hand"):
-        threads.run_parts([lambda: None] * (threads.threads_at_hand() + 1))
+def test_more_parts_than_threads_run_one_after_another_in_this_thread():
+    """As when another thread lowers OpenBLAS's count between ``parts`` and ``run_parts``."""
+    ran = []
+    threads.run_parts([lambda k=k: ran.append((k, threading.get_ident())) for k in range(threads.threads_at_hand() + 1)])
+    assert [k for k, _ in ran] == list(range(threads.threads_at_hand() + 1))
+    assert {ident for _, ident in ran} == {threading.get_ident()}
+
+
+@TWO_THREADS
+def test_the_layer_runs_on_where_the_thread_count_drops_after_the_split(monkeypatch):
+    x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(4), 16, 3, 2, 5)
+    expected = run_layer("fused", x, state, g, final_grad)
+    split = cpu_sequence.parts(16)
+    monkeypatch.setattr(cpu_sequence, "parts", lambda batch: split)  # split for two threads, then
+    monkeypatch.setattr(threads, "threads_at_hand", lambda: 1)  # one at hand as the parts start
+    for a, b in zip(expected, run_layer("fused", x, state, g, final_grad)):
+        numpy.testing.assert_array_equal(a, b)
+
+
+@TWO_THREADS
+def test_weights_and_inputs_of_any_layout_and_dtype_take_the_reference_dtypes():
+    x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(6), 16, 4, 3, 6)
+    x = numpy.asfortranarray(x)  # not contiguous in C order
+    results = {}
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        backend.seed(0)
+        layer = LSTMLayer(3, 6)
+        layer.params["weight_hh"] = layer.params["weight_hh"].astype(numpy.float64)  # a float64 weight
+        y = layer.forward(x, state=state)
+        dx = layer.backward(g, final_state_grad=final_grad)
+        results[mode] = (y, dx, *layer.final_state, *layer.state_grad)
+    for a, b in zip(results["numpy"], results["fused"]):
+        assert a.dtype == b.dtype
+        assert_close(a, b, numpy.float32, "a float64 weight_hh")

@@ -16,7 +16,8 @@ Three pieces, each a loop the compiler vectorises:
 - The LSTM's Eqs. (1)-(3) forward and (4)-(7) backward (``LSTMLayer``), one pass per step.
 
 Each sample is computed the same way whichever part holds it (parts start at multiples of
-eight), so the results do not depend on the number of threads.
+eight), so the results do not depend on the number of threads, two or more (with one, or
+fewer than sixteen samples, the step kernels run, and the last bits differ).
 """
 import numpy
 from numba import njit
@@ -25,12 +26,12 @@ from . import threads
 from .cpu import COMPILE, lstm_step_backward_rows
 
 # The products' sums may add in any order: vectorised along k, each of the sixteen is kept as
-# sixteen partial sums in one register.
+# partial sums in one vector register (sixteen of them with AVX-512).
 COMPILE_PRODUCTS = dict(COMPILE, fastmath={"reassoc"})
 TILE_SAMPLES = 8  # samples a product tile takes; parts of the batch start at multiples of it
 SAMPLES_PER_THREAD = 8  # fewer than this per thread, and the step kernels' one product is faster
 
-# tanh x = x P(x^2) / Q(x^2) for |x| <= 9, +-1 beyond (float32 rounds tanh x to 1 from x = 9.01 on).
+# tanh x = x P(x^2) / Q(x^2) for |x| <= 9, +-1 beyond (float32 rounds tanh x to 1 from 13 ln 2 = 9.011 on).
 # P and Q, of degree 5 in x^2, were fitted to tanh's relative error over [0, 9] by weighted least
 # squares, reweighted by 1 / Q until they settle (scripts/fit_tanh.py): relative error 1.2e-10.
 # Computed in float64 and rounded to float32, the result is within one unit in the last place of
@@ -79,7 +80,7 @@ def add_tile(w0, w1, states, out, s, j):
     (as an array they would live in memory, and the loop ran 20x slower)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = (states[s], states[s + 1], states[s + 2], states[s + 3], states[s + 4],
                                       states[s + 5], states[s + 6], states[s + 7])
-    zero = w0[0] - w0[0]
+    zero = numpy.float32(0)  # the kernels run float32 (not w0[0] - w0[0]: NaN for an infinite weight)
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = zero
     for k in range(w0.shape[0]):
         p, q = w0[k], w1[k]
@@ -94,7 +95,7 @@ def add_tile(w0, w1, states, out, s, j):
 
 @njit(inline="always", **COMPILE_PRODUCTS)
 def dot(u, v):
-    total = u[0] - u[0]
+    total = numpy.float32(0)
     for k in range(u.shape[0]):
         total += u[k] * v[k]
     return total

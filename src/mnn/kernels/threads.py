@@ -11,8 +11,9 @@ product. OpenBLAS hands out its own work with ``gotoblas_pthread(n, function, ar
 which runs ``function(args + i * stride)`` for ``i < n``, the first in the calling thread and
 the others on those very threads, the moment they are free. So the parts run there.
 
-Where NumPy's BLAS is not OpenBLAS, has no ``gotoblas_pthread``, or runs one thread,
-``threads_at_hand()`` is 1 and callers keep to one thread.
+Where NumPy's BLAS is not the OpenBLAS a NumPy wheel bundles (conda's and Linux distributions'
+NumPy link another copy, macOS wheels Accelerate), has no ``gotoblas_pthread``, or runs one
+thread, ``threads_at_hand()`` is 1 and callers keep to one thread.
 """
 import ctypes
 import threading
@@ -30,9 +31,9 @@ def numpy_openblas():
     """threadpoolctl's controller of the OpenBLAS NumPy calls, if it has ``gotoblas_pthread``; else None."""
     if "controller" not in _openblas:
         from threadpoolctl import ThreadpoolController
-        beside_numpy = Path(numpy.__file__).parent.parent  # a NumPy wheel's OpenBLAS is in numpy.libs/ there
+        numpy_libs = Path(numpy.__file__).parent.parent / "numpy.libs"  # where a NumPy wheel keeps its OpenBLAS
         found = [c for c in ThreadpoolController().select(internal_api="openblas").lib_controllers
-                 if c.filepath and Path(c.filepath).parent.parent == beside_numpy]
+                 if c.filepath and Path(c.filepath).parent == numpy_libs]
         usable = [c for c in found if hasattr(c.dynlib, "gotoblas_pthread")]
         _openblas["controller"] = usable[0] if usable else None
         if usable:
@@ -49,12 +50,14 @@ def threads_at_hand():
 
 def run_parts(jobs):
     """Call every function in ``jobs`` (no arguments) at once, the first in this thread; return when all
-    have returned, raising the first exception any of them raised. At most ``threads_at_hand()`` jobs."""
+    have returned, raising the first exception any of them raised. Where fewer threads are at hand than
+    jobs (another thread may have just lowered OpenBLAS's count), they run one after another here:
+    OpenBLAS started on one thread has no other to lend, and would wait for it forever."""
     jobs = tuple(jobs)
-    if len(jobs) > threads_at_hand():
-        raise ValueError(f"run_parts: {len(jobs)} jobs, but only {threads_at_hand()} threads at hand")
-    if len(jobs) == 1:
-        return jobs[0]()
+    if len(jobs) <= 1 or len(jobs) > threads_at_hand():
+        for job in jobs:
+            job()
+        return
     indices = numpy.arange(len(jobs), dtype=numpy.int64)  # job i receives the address of indices[i]
     with _lock:
         _running["jobs"], _running["errors"] = jobs, []

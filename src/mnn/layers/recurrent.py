@@ -369,8 +369,9 @@ class LSTMLayer(RecurrentLayer):
         g = swap_batch_time(g)
         carry_h, carry_c = self.unpack_state(final_state_grad, g.shape[1], xp, y.dtype, "final state gradient")
         delta = xp.empty_like(gates)
-        fused = kernels.fused(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
-        on_gpu = kernels.fused_gpu(g, gates, carry_h, carry_c, c0) and same_dtype(gates, g, carry_h, carry_c, c0)
+        arrays = (g, gates, carry_h, carry_c, c0, self.params["weight_hh"])  # the kernels keep one dtype
+        fused = kernels.fused(*arrays) and same_dtype(*arrays)
+        on_gpu = kernels.fused_gpu(*arrays) and same_dtype(*arrays)
         if on_gpu:  # the kernel reads memory in order
             carry_h, carry_c, c0 = (xp.ascontiguousarray(a) for a in (carry_h, carry_c, c0))
             carries = [xp.empty_like(carry_c) for _ in range(2)]  # each step writes one, reading the other
