@@ -186,9 +186,9 @@ def test_parts_run_side_by_side_and_an_exception_in_one_reaches_the_caller():
 
 def test_more_parts_than_threads_run_one_after_another_in_this_thread():
     """As when another thread lowers OpenBLAS's count between ``parts`` and ``run_parts``."""
-    ran = []
-    threads.run_parts([lambda k=k: ran.append((k, threading.get_ident())) for k in range(threads.threads_at_hand() + 1)])
-    assert [k for k, _ in ran] == list(range(threads.threads_at_hand() + 1))
+    ran, count = [], threads.threads_at_hand() + 1
+    threads.run_parts([lambda k=k: ran.append((k, threading.get_ident())) for k in range(count)])
+    assert [k for k, _ in ran] == list(range(count))
     assert {ident for _, ident in ran} == {threading.get_ident()}
 
 
