@@ -52,7 +52,8 @@ def run_parts(jobs):
     """Call every function in ``jobs`` (no arguments) at once, the first in this thread; return when all
     have returned, raising the first exception any of them raised. Where fewer threads are at hand than
     jobs (another thread may have just lowered OpenBLAS's count), they run one after another here:
-    OpenBLAS started on one thread has no other to lend, and would wait for it forever."""
+    OpenBLAS started on one thread has no other to lend, and would wait for it forever. A job must
+    not call NumPy's BLAS itself: on OpenBLAS's thread, a product would wait for that very thread."""
     jobs = tuple(jobs)
     if len(jobs) <= 1 or len(jobs) > threads_at_hand():
         for job in jobs:
