@@ -47,8 +47,6 @@ def shown(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-
-
 def spelled(bound):
     """2**128 - 1 rather than its 39 digits."""
     return f"2**{bound.bit_length()} - 1" if bound > 2 ** 20 and (bound + 1) & bound == 0 else str(bound)

@@ -246,8 +246,6 @@ def check_array(layer, x, name="input", dtype="float32"):
                         f"(convert it with numpy.asarray(x, dtype=numpy.{dtype}))")
 
 
-
-
 def describe(layer):
     """The layer's repr when it fits on one line (a whole network's does not: then its class)."""
     text = repr(layer)
