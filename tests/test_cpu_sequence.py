@@ -1,19 +1,20 @@
 """The LSTM's whole-sequence CPU kernels (``mnn.kernels.cpu_sequence``) and the threads they run on.
 
-Through ``LSTMLayer`` (float32, a batch of eight samples per thread or more) they must give the
-reference lines' numbers to float32 rounding; each sample's numbers must not depend on how the
-batch is split between threads; their tanh must be within one unit in the last place.
+Through ``LSTMLayer`` (float32) they must give the reference lines' numbers to float32 rounding;
+each sample's numbers must not depend on how the batch is split between threads, nor on whether it
+is multiplied in a tile of eight or alone; their tanh must be within one unit in the last place.
 """
 import runpy
 import threading
 from pathlib import Path
 
+import numba
 import numpy
 import pytest
 from threadpoolctl import threadpool_limits
 
 from mnn import backend, kernels
-from mnn.kernels import cpu_sequence, threads
+from mnn.kernels import cpu_sequence, threads, vectors
 from mnn.layers import LSTMLayer
 from test_kernels import assert_close
 
@@ -50,14 +51,22 @@ def lstm_arrays(rng, batch, length, inputs, hidden):
     return x, state, g, final_grad
 
 
+@pytest.fixture
+def no_step_kernels(monkeypatch):
+    """The step kernels fail if called: what runs is the sequence kernels."""
+    def step_kernel(*args):
+        raise AssertionError("a step kernel ran")
+    for name in ("lstm_step_forward", "lstm_step_backward"):
+        monkeypatch.setattr(kernels.cpu, name, step_kernel)
+
+
 @TWO_THREADS
 @pytest.mark.parametrize("batch, hidden, bias", [(16, 8, True), (17, 9, True), (20, 13, False), (32, 33, True),
-                                                 (40, 1, True)])
-def test_the_sequence_kernels_give_the_reference_numbers(batch, hidden, bias):
-    """Batches of whole tiles and with a rest of 1-4 samples; an odd number of units (a weight row left over
-    by the two-row tiles backward) and a single unit."""
+                                                 (40, 1, True), (24, 40, True), (5, 12, True), (1, 3, True)])
+def test_the_sequence_kernels_give_the_reference_numbers(no_step_kernels, batch, hidden, bias):
+    """Batches of whole tiles, with a rest of 1-4 samples, and of fewer than one tile (one part); 4H and H
+    whole panels of 32 columns, and with columns left over; a single unit."""
     x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(batch), batch, 6, 5, hidden)
-    assert cpu_sequence.parts(batch) is not None  # the sequence kernels run, not the step kernels
     reference = run_layer("numpy", x, state, g, final_grad, bias)
     fused = run_layer("fused", x, state, g, final_grad, bias)
     names = ["output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient",
@@ -90,13 +99,14 @@ def kernel_run(arrays, ranges):
     gates, w_hh, bias, h0, c0, g, final_h, final_c = (a.copy() for a in arrays)
     length, batch, _ = gates.shape
     y, cells, tanh_cells = (numpy.empty((length, batch, w_hh.shape[1]), numpy.float32) for _ in range(3))
+    product = cpu_sequence.scratch(batch, w_hh.shape[0])
     for lo, hi in ranges:
-        cpu_sequence.lstm_forward_rows(gates, w_hh, bias, h0, c0, y, cells, tanh_cells, lo, hi)
+        cpu_sequence.lstm_forward_rows(gates, cpu_sequence.panels(w_hh.T), bias, h0, c0, y, cells, tanh_cells,
+                                       product, lo, hi)
     delta, dh, carries = numpy.empty_like(gates), numpy.empty_like(h0), numpy.empty((2,) + h0.shape, numpy.float32)
-    w_hh_t = numpy.ascontiguousarray(w_hh.T)
     for lo, hi in ranges:
-        cpu_sequence.lstm_backward_rows(g, w_hh_t, gates, cells, tanh_cells, c0, final_h, final_c, delta, dh,
-                                        carries, lo, hi)
+        cpu_sequence.lstm_backward_rows(g, cpu_sequence.panels(w_hh), gates, cells, tanh_cells, c0, final_h,
+                                        final_c, delta, dh, carries, product, lo, hi)
     return y, cells, tanh_cells, gates, delta, final_h, final_c
 
 
@@ -108,27 +118,56 @@ def test_a_sample_gets_the_same_numbers_however_the_batch_is_split(batch):
               [(5, batch, 4 * hidden), (4 * hidden, hidden), (4 * hidden,), (batch, hidden), (batch, hidden),
                (5, batch, hidden), (batch, hidden), (batch, hidden)]]
     whole = kernel_run(arrays, [(0, batch)])
-    for ranges in ([(0, 8), (8, batch)], [(k, min(k + 8, batch)) for k in range(0, batch, 8)]):
+    for ranges in ([(0, 8), (8, batch)], [(k, min(k + 8, batch)) for k in range(0, batch, 8)],
+                   [(k, k + 1) for k in range(batch)]):  # the last: every sample alone, none in a tile
         for a, b in zip(whole, kernel_run(arrays, ranges)):
             numpy.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("batch, threads_at_hand, expected", [
     (32, 2, [(0, 16), (16, 32)]), (20, 2, [(0, 8), (8, 20)]), (17, 2, [(0, 8), (8, 17)]),
-    (15, 2, None), (32, 1, None), (64, 3, [(0, 16), (16, 40), (40, 64)]), (16, 8, [(0, 8), (8, 16)])])
+    (15, 2, [(0, 15)]), (32, 1, [(0, 32)]), (64, 3, [(0, 16), (16, 40), (40, 64)]), (16, 8, [(0, 8), (8, 16)]),
+    (1, 2, [(0, 1)])])
 def test_the_batch_is_split_at_whole_tiles_with_eight_samples_a_thread(monkeypatch, batch, threads_at_hand,
                                                                         expected):
     monkeypatch.setattr(threads, "threads_at_hand", lambda: threads_at_hand)
     assert cpu_sequence.parts(batch) == expected
 
 
-def test_the_step_kernels_run_where_one_thread_is_at_hand():
+@TWO_THREADS
+def test_one_thread_gives_the_bits_of_two(no_step_kernels):
+    x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(0), 19, 3, 2, 4)
+    two = run_layer("fused", x, state, g, final_grad)
     with threadpool_limits(1, user_api="blas"):
-        assert threads.threads_at_hand() == 1
-        assert cpu_sequence.parts(64) is None
-        x, state, g, final_grad = lstm_arrays(numpy.random.default_rng(0), 16, 3, 2, 4)
-        for a, b in zip(run_layer("numpy", x, state, g, final_grad), run_layer("fused", x, state, g, final_grad)):
-            assert_close(a, b, numpy.float32, "one thread")
+        assert threads.threads_at_hand() == 1 and cpu_sequence.parts(19) == [(0, 19)]
+        for a, b in zip(two, run_layer("fused", x, state, g, final_grad)):
+            numpy.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("samples, rows, columns", [(8, 5, 32), (19, 33, 70), (3, 1, 1), (16, 256, 1024)])
+def test_multiply_is_the_matrix_product(samples, rows, columns):
+    """Tiles of 8 samples and the samples left over; whole panels and a part of one; a single row."""
+    rng = numpy.random.default_rng(samples)
+    states = rng.standard_normal((samples, rows)).astype(numpy.float32)
+    matrix = rng.standard_normal((rows, columns)).astype(numpy.float32)
+    out = numpy.full((samples, -(-columns // 32) * 32), numpy.nan, numpy.float32)
+    cpu_sequence.multiply(cpu_sequence.panels(matrix), states, out, 0, samples)
+    expected = states.astype(numpy.float64) @ matrix.astype(numpy.float64)
+    bound = rows * numpy.finfo(numpy.float32).eps * (abs(states) @ abs(matrix))  # a sum of float32 products
+    assert (abs(out[:, :columns] - expected) <= bound).all()
+    assert not out[:, columns:].any()  # the panels' zero columns
+
+
+def test_the_vector_operations_take_float32_rows_only():
+    @numba.njit
+    def first_lanes(row):
+        out = numpy.zeros(16, numpy.float32)
+        vectors.store(out, 0, vectors.fma(vectors.load(row, 0), vectors.splat(row[0]), vectors.zeros()))
+        return out
+    row = numpy.arange(1, 17, dtype=numpy.float32)
+    numpy.testing.assert_array_equal(first_lanes(row), row * row[0])
+    with pytest.raises(numba.core.errors.TypingError):
+        first_lanes(row.astype(numpy.float64))
 
 
 def test_tanh_is_within_one_unit_in_the_last_place_of_the_correctly_rounded_value():
@@ -160,7 +199,8 @@ def tanh_of(x):
     gates[0, 2 * x.size:3 * x.size] = x
     zeros = numpy.zeros((1, x.size), numpy.float32)
     out = [numpy.empty((1, x.size), numpy.float32) for _ in range(3)]
-    cpu_sequence.lstm_cell_rows(gates, numpy.zeros(4 * x.size, numpy.float32), zeros, *out, 0, 1)
+    cpu_sequence.lstm_cell_rows(gates, numpy.zeros_like(gates), numpy.zeros(4 * x.size, numpy.float32), zeros, *out,
+                                0, 1)
     return gates[0, 2 * x.size:3 * x.size]
 
 

@@ -197,8 +197,8 @@ def same_dtype(*arrays):
 
 
 def sequence_parts(batch, *arrays):
-    """The batch's parts for ``kernels.cpu_sequence`` where it runs these arrays (float32, two threads or
-    more at hand, eight samples each), else None: the step kernels then run."""
+    """The batch's parts for ``kernels.cpu_sequence`` where it runs these arrays (float32), else None:
+    the step kernels then run."""
     if any(array.dtype != "float32" for array in arrays):
         return None
     return kernels.cpu_sequence.parts(batch)
@@ -308,10 +308,10 @@ class LSTMLayer(RecurrentLayer):
     The second factor depends only on the saved gates: one product for all four blocks. The
     fused CPU kernels compute a step's Eqs. (1)-(3) (``mnn.kernels.cpu.lstm_step_forward``) and
     Eqs. (4)-(7) (``lstm_step_backward``) with one pass over memory per element-wise chain. In
-    float32, where NumPy's OpenBLAS lends two threads or more and each gets eight samples, the
-    samples' recurrences run apart instead: ``mnn.kernels.cpu_sequence`` runs every step, the
-    products with $W_{hh}$ included, in one call per part of the batch, the parts side by side on
-    OpenBLAS's threads (``mnn.kernels.threads``). On a
+    float32 the samples' recurrences run apart instead: ``mnn.kernels.cpu_sequence`` runs every
+    step, the products with $W_{hh}$ included, in one call per part of the batch, the parts side
+    by side on OpenBLAS's threads (``mnn.kernels.threads``) where it lends two or more and each
+    part gets eight samples. On a
     GPU (``mnn.kernels.cuda.lstm_step``) each is one launch that also computes the step's product
     with $W_{hh}$ (Eq. (T1) forward, the second term of Eq. (4) backward), a warp per unit and
     eight samples: a step there costs its launches, not its arithmetic.
@@ -375,12 +375,12 @@ class LSTMLayer(RecurrentLayer):
         if on_gpu:  # the kernel reads memory in order
             carry_h, carry_c, c0 = (xp.ascontiguousarray(a) for a in (carry_h, carry_c, c0))
             carries = [xp.empty_like(carry_c) for _ in range(2)]  # each step writes one, reading the other
-        w_hh_t = self.state_weights_t()
         parts = fused and sequence_parts(g.shape[1], g, gates, carry_h, carry_c, c0)
         if parts:  # every step of Eqs. (4)-(7) in one call per part of the batch; the carries become h0's and c0's
             carry_h, carry_c = (xp.array(carry, order="C") for carry in (carry_h, carry_c))  # copies: written
-            kernels.cpu_sequence.lstm_backward(g, w_hh_t, gates, cells, tanh_cells, xp.ascontiguousarray(c0),
-                                               carry_h, carry_c, delta, parts)
+            kernels.cpu_sequence.lstm_backward(g, self.params["weight_hh"], gates, cells, tanh_cells,
+                                               xp.ascontiguousarray(c0), carry_h, carry_c, delta, parts)
+        w_hh_t = None if parts else self.state_weights_t()
         for t in reversed(range(0 if parts else y.shape[0])):
             tanh_c, c_prev = tanh_cells[t], cells[t - 1] if t else c0
             if fused:  # Eqs. (4)-(7) in two passes, carry_h read as the (H, B) columns the product gives
