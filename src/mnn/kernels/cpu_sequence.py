@@ -59,11 +59,20 @@ def tanh_rational(x):
 def panels(matrix):
     """A (K, N) matrix as (P, K, 32) panels, P = ceil(N / 32): panel p holds columns 32p .. 32p + 31, each
     row of 32 numbers in one place (zeros past column N), as ``multiply`` reads them."""
-    k, n = matrix.shape
-    count = -(-n // PANEL)
-    padded = numpy.zeros((k, count * PANEL), dtype=numpy.float32)
-    padded[:, :n] = matrix
-    return numpy.ascontiguousarray(padded.reshape(k, count, PANEL).transpose(1, 0, 2))
+    out = numpy.empty((-(-matrix.shape[1] // PANEL), matrix.shape[0], PANEL), dtype=numpy.float32)
+    fill_panels(matrix, out)
+    return out
+
+
+@njit(**COMPILE)
+def fill_panels(matrix, out):
+    """``panels``' copy, in one pass whatever the matrix's layout (a transposed view, forward)."""
+    rows, columns = matrix.shape
+    for p in range(out.shape[0]):
+        for k in range(rows):
+            for c in range(PANEL):
+                j = PANEL * p + c
+                out[p, k, c] = matrix[k, j] if j < columns else 0
 
 
 @njit(**COMPILE)
