@@ -29,6 +29,9 @@ from .cpu import COMPILE, lstm_step_backward_rows
 TILE_SAMPLES = 8  # samples a product tile takes; parts of the batch start at multiples of it
 SAMPLES_PER_THREAD = 8  # a thread takes a part of the batch only where each part has this many
 PANEL = 32  # the columns of a matrix a product tile takes: two vectors of 16
+# "contract": a product and the sum it enters may be one fused multiply-add, rounded once (the
+# polynomials of tanh become five each). The forward cell takes some 10% less time.
+COMPILE_CELLS = dict(COMPILE, fastmath={"contract"})
 
 # tanh x = x P(x^2) / Q(x^2) for |x| <= 9, +-1 beyond (float32 rounds tanh x to 1 from 13 ln 2 = 9.011 on).
 # P and Q, of degree 5 in x^2, were fitted to tanh's relative error over [0, 9] by weighted least
@@ -44,7 +47,7 @@ Q0, Q1, Q2, Q3, Q4, Q5 = TANH_Q
 TANH_LIMIT = 9.0
 
 
-@njit(inline="always", **COMPILE)
+@njit(inline="always", **COMPILE_CELLS)
 def tanh_rational(x):
     """tanh of a float32, computed in float64; NaN stays NaN (it fails the comparison)."""
     a = numpy.float64(x)
@@ -121,7 +124,7 @@ def multiply_row(panel, state, out_row, j):
     vectors.store(out_row, j + 16, b)
 
 
-@njit(**COMPILE)
+@njit(**COMPILE_CELLS)
 def lstm_cell_rows(gates, product, bias, c_prev, c, tanh_c, h, lo, hi):
     """Eqs. (1)-(3) for samples lo..hi: ``gates`` holds $x_t W_{ih}^\\top$ and becomes [i, f, c~, o], the
     pre-activations being gates + product + bias; sigma(a) = (1 + tanh(a/2)) / 2 as in the reference."""
