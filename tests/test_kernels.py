@@ -12,8 +12,8 @@ import numpy
 import pytest
 
 from mnn import backend, kernels, optim
-from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, DropoutLayer, EmbeddingLayer, GeluLayer,
-                        LayerNormLayer, LSTMLayer, MaxPool2dLayer, ReluLayer, SoftmaxLayer)
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer,
+                        EmbeddingLayer, GeluLayer, LayerNormLayer, LSTMLayer, MaxPool2dLayer, ReluLayer, SoftmaxLayer)
 from mnn.layers.softmax import softmax
 from mnn.layers.windows import channels_first
 
@@ -299,6 +299,35 @@ def test_softmax_kernel_gives_nan_and_inf_rows_as_numpy():
     kernels.use("fused")
     numpy.testing.assert_array_equal(numpy.isnan(softmax(x)), numpy.isnan(expected))
     numpy.testing.assert_allclose(softmax(x)[4], expected[4], rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+@pytest.mark.parametrize("shape", [(6, 10), (2, 5, 65), (3, 1)])
+def test_cross_entropy_kernel_equals_the_reference(dtype, shape):
+    rng = numpy.random.default_rng(4)
+    x = rng.standard_normal(shape) * 6
+    labels = rng.integers(0, shape[-1], shape[:-1])
+    results = []
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        layer = CrossEntropyLossLayer()
+        loss = layer.forward(x.astype(dtype), labels)
+        results.append((loss, layer.backward()))
+    (loss, grad), (fused_loss, fused_grad) = results
+    assert fused_loss.dtype == loss.dtype == dtype and fused_grad.dtype == grad.dtype == dtype
+    assert_close(loss, fused_loss, dtype, "loss")
+    assert_close(grad, fused_grad, dtype, "input gradient")
+
+
+def test_cross_entropy_kernel_keeps_large_scores_finite_and_nan_rows_nan():
+    x = numpy.array([[1000.0, -1000.0, 0.0], [numpy.nan, 0.0, 0.0], [3.0, 2.0, 1.0]])
+    labels = numpy.array([1, 0, 2])
+    kernels.use("fused")
+    layer = CrossEntropyLossLayer()
+    layer.forward(x[[0, 2]], labels[[0, 2]])
+    numpy.testing.assert_allclose(layer.saved()[1][0], [1, 0, 0])  # softmax of the huge scores
+    assert layer.forward(x[[0]], labels[[0]]) == 2000.0  # log-sum-exp: no overflow, no log(0)
+    assert numpy.isnan(layer.forward(x, labels))
 
 
 def test_softmax_of_a_single_number_is_one_on_both_paths():

@@ -418,8 +418,21 @@ def softmax(x):
     y = numpy.empty_like(rows)
     subtract_row_max(rows, y)
     numpy.exp(y, out=y)
-    divide_by_row_sum(y)
+    divide_by_row_sum(y, numpy.empty(rows.shape[0], dtype=numpy.float64))
     return y.reshape(x.shape)
+
+
+def cross_entropy(rows, labels):
+    """Cross-entropy's Eq. (1) for (N, C) scores and N labels, as softmax's three passes: the softmax p
+    that Eq. (2) needs, and each row's loss log(sum_c e^(x_c - m)) - (x_t - m), m the row's maximum."""
+    rows = numpy.ascontiguousarray(rows)
+    p = numpy.empty_like(rows)
+    subtract_row_max(rows, p)
+    picked = p[numpy.arange(rows.shape[0]), labels]  # x_t - m, before the exp
+    numpy.exp(p, out=p)
+    sums = numpy.empty(rows.shape[0], dtype=numpy.float64)
+    divide_by_row_sum(p, sums)
+    return p, (numpy.log(sums) - picked).astype(rows.dtype)
 
 
 @njit(**COMPILE)
@@ -442,12 +455,14 @@ def row_max(row):
 
 
 @njit(**COMPILE_ROW_SUMS)
-def divide_by_row_sum(y):
+def divide_by_row_sum(y, sums):
+    """Each row divided by its sum; the sums (float64) kept in ``sums``."""
     for n in range(y.shape[0]):
         row = y[n]
         total = 0.0
         for k in range(row.size):
             total += row[k]
+        sums[n] = total
         row_total = y.dtype.type(total)
         for k in range(row.size):
             row[k] = row[k] / row_total

@@ -106,8 +106,9 @@ class CrossEntropyLossLayer(LossLayer):
     $$\frac{\partial L}{\partial x_{nc}} = \frac{1}{N}\big(p_{nc} - \mathbb{1}[c = t_n]\big). \tag{2}$$
 
     Fusing avoids the softmax Jacobian altogether and is stable: $\log p$ comes from
-    the shifted log-sum-exp (see ``LogSoftmaxLayer``). On a GPU (``mnn.kernels.cuda``) the
-    forward and the backward are one launch each, one warp per row.
+    the shifted log-sum-exp (see ``LogSoftmaxLayer``). On the CPU (``mnn.kernels.cpu.cross_entropy``)
+    the forward is softmax's three passes, each row's loss taken from its maximum and its sum; on a
+    GPU (``mnn.kernels.cuda``) the forward and the backward are one launch each, one warp per row.
     """
 
     def forward(self, x, labels):
@@ -118,8 +119,12 @@ class CrossEntropyLossLayer(LossLayer):
             p, losses = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
             self.save(x.shape, p, labels)
             return losses.mean()
-        log_p = log_softmax(x.reshape(-1, x.shape[-1]))
         labels = labels.reshape(-1)
+        if kernels.fused(x):  # the same, the softmax and each row's loss in three passes
+            p, losses = kernels.cpu.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
+            self.save(x.shape, p, labels)
+            return losses.mean()  # Eq. (1)
+        log_p = log_softmax(x.reshape(-1, x.shape[-1]))
         self.save(x.shape, xp.exp(log_p), labels)
         return -pick(log_p, labels).mean()  # Eq. (1)
 
