@@ -15,7 +15,7 @@ from mnn import backend, kernels, optim
 from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, DropoutLayer,
                         EmbeddingLayer, GeluLayer, LayerNormLayer, LSTMLayer, MaxPool2dLayer, ReluLayer, SoftmaxLayer)
 from mnn.layers.softmax import softmax
-from mnn.layers.windows import channels_first
+from mnn.layers.windows import channels_first, channels_last, output_size
 
 TOLERANCE = {numpy.float64: 1e-12, numpy.float32: 2e-6}
 
@@ -130,7 +130,8 @@ def test_max_pool_routes_a_nan_windows_gradient_to_its_last_nan_both_ways(kernel
 
 @pytest.mark.parametrize("cin, cout, size, kernel, stride, padding", [
     (3, 5, 9, 3, 1, 1), (2, 4, 10, 3, 2, 1), (2, 3, 7, 2, 2, 0), (1, 2, 6, 5, 1, 2), (4, 3, 8, (3, 2), 1, 0),
-    (6, 4, 9, 3, 1, 1), (5, 3, 10, 3, 2, 2), (8, 2, 7, 2, 2, 0)])  # fewer than 4 channels: NumPy's copy
+    (6, 4, 9, 3, 1, 1), (5, 3, 10, 3, 2, 2), (8, 2, 7, 2, 2, 0),
+    (2, 3, 9, (3, 2), 2, 1)])  # fewer than 4 channels: im2col a column at a time
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 def test_im2col_and_col2im_kernels_equal_the_reference(cin, cout, size, kernel, stride, padding, dtype):
     x = channels_last_batch((4, cin, size, size), numpy.random.default_rng(0))
@@ -139,6 +140,17 @@ def test_im2col_and_col2im_kernels_equal_the_reference(cin, cout, size, kernel, 
         assert_close(reference[index], fused[index], dtype, what)
     for name in reference[2]:
         assert_close(reference[2][name], fused[2][name], dtype, name)
+
+
+@pytest.mark.parametrize("channels, kernel, stride, padding", [(1, (3, 3), 1, 1), (3, (2, 3), 2, 1), (2, (5, 5), 3, 0)])
+def test_im2col_a_column_at_a_time_copies_what_a_window_at_a_time_copies(channels, kernel, stride, padding):
+    images = numpy.random.default_rng(channels).standard_normal((3, 11, 10, channels)).astype(numpy.float32)
+    (kh, kw), out_size = kernel, tuple(output_size(n + 2 * padding, k, stride) for n, k in zip((11, 10), kernel))
+    by_windows = numpy.empty((3, *out_size, kh, kw, channels), dtype=numpy.float32)
+    kernels.cpu.im2col_rows(images, stride, padding, by_windows)
+    for layout in (images, channels_last(numpy.ascontiguousarray(channels_first(images)))):  # any memory order
+        by_columns = kernels.cpu.im2col_by_columns(layout, kh, kw, stride, padding, out_size)
+        numpy.testing.assert_array_equal(by_columns, by_windows.reshape(by_columns.shape))
 
 
 def test_im2col_kernel_takes_any_memory_layout():

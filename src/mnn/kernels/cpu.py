@@ -15,7 +15,7 @@ import numpy
 from numba import njit
 
 from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
-from ..layers.windows import channels_first, channels_last, output_size, windows
+from ..layers.windows import channels_first, channels_last, output_size
 
 
 def cache_where_writable():
@@ -160,13 +160,25 @@ def im2col(images, kh, kw, stride, padding):
     batch, height, width, channels = images.shape
     out_h = output_size(height + 2 * padding, kh, stride)
     out_w = output_size(width + 2 * padding, kw, stride)
-    if channels < 4:  # a pixel of one value or few: NumPy's strided copy is faster (1.0 ms against 1.7 ms
-        # for 128 grey 28 x 28 images), the loop below spending its time on the loops, not the copies
-        padded = numpy.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else images
-        return windows(padded, kh, kw, stride).reshape(batch * out_h * out_w, kh * kw * channels)
+    if channels < 4:  # a pixel of one value or few: a window's copy is too short to pay for the loops
+        return im2col_by_columns(images, kh, kw, stride, padding, (out_h, out_w))
     cols = numpy.empty((batch, out_h, out_w, kh, kw, channels), dtype=images.dtype)
     im2col_rows(images, stride, padding, cols)
     return cols.reshape(batch * out_h * out_w, kh * kw * channels)
+
+
+def im2col_by_columns(images, kh, kw, stride, padding, out_size):
+    """im2col a column at a time: column (p, q, c) is every image's plane c shifted by (p, q), copied in
+    whole rows of pixels (0.2 ms for 128 grey 28 x 28 images, where a window at a time takes 1.1 ms).
+    Returned as the (b Ho Wo, kh kw C) transpose of those columns, a view the GEMMs read as it is."""
+    batch, channels = images.shape[0], images.shape[3]
+    (out_h, out_w), s = out_size, stride
+    padded = numpy.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else images
+    columns = numpy.empty((kh, kw, channels, batch, out_h, out_w), dtype=images.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            columns[p, q] = padded[:, p:p + s * out_h:s, q:q + s * out_w:s].transpose(3, 0, 1, 2)
+    return columns.reshape(kh * kw * channels, batch * out_h * out_w).T
 
 
 @njit(**COMPILE)

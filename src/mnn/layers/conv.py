@@ -67,7 +67,8 @@ class Conv2dLayer(Layer):
     buffer.
 
     **Fused** (the CPU kernels, ``mnn.kernels.cpu``): a few images at a time, their windows
-    are copied in one pass (padding included) and multiplied, so the whole $X_{\text{col}}$
+    are copied in one pass (padding included; with fewer than four channels a column at a time,
+    each the images' planes shifted by $(p, q)$) and multiplied, so the whole $X_{\text{col}}$
     never exists; backward keeps the input instead and copies the windows again for Eq. (5),
     and computes Eq. (6) as one GEMM, $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$,
     whose rows col2im adds back onto the pixels they came from (Eq. (3), summed in another order).
