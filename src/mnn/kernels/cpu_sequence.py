@@ -54,8 +54,9 @@ def tanh_rational(x):
     if abs(a) > TANH_LIMIT:
         return numpy.float32(1.0 if a > 0 else -1.0)
     u = a * a
-    p = ((((P5 * u + P4) * u + P3) * u + P2) * u + P1) * u + P0
-    q = ((((Q5 * u + Q4) * u + Q3) * u + Q2) * u + Q1) * u + Q0
+    u2 = u * u  # P and Q in Estrin's form: three multiply-adds deep, where Horner's five wait on each other
+    p = (P0 + P1 * u) + u2 * ((P2 + P3 * u) + u2 * (P4 + P5 * u))
+    q = (Q0 + Q1 * u) + u2 * ((Q2 + Q3 * u) + u2 * (Q4 + Q5 * u))
     return numpy.float32(a * p / q)
 
 
@@ -141,6 +142,7 @@ def lstm_cell_rows(gates, product, bias, c_prev, c, tanh_c, h, lo, hi):
             f[k] = (tanh_rational((f[k] + p_f[k] + b_f[k]) * half) + one) * half
             c_tilde[k] = tanh_rational(c_tilde[k] + p_g[k] + b_g[k])
             o[k] = (tanh_rational((o[k] + p_o[k] + b_o[k]) * half) + one) * half
+        for k in range(size):  # a loop of its own: tanh c waits on the gates, which in one loop held up the next
             c_new[k] = f[k] * c_old[k] + i[k] * c_tilde[k]  # Eq. (2)
             tanh_row[k] = tanh_rational(c_new[k])
             h_row[k] = o[k] * tanh_row[k]  # Eq. (3)
