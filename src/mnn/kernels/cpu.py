@@ -156,7 +156,8 @@ def max_pool_windows_backward(g, argmax, kernel, stride, grad):
 
 def im2col(images, kh, kw, stride, padding):
     """Convolution's im2col, zero padding included, for (b, H, W, C) channels-last images: the rows
-    X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q], shaped (b Ho Wo, kh kw C)."""
+    X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q], shaped (b Ho Wo, kh kw C); with fewer
+    than four channels a transposed (column-major) view, ``im2col_by_columns``'."""
     batch, height, width, channels = images.shape
     out_h = output_size(height + 2 * padding, kh, stride)
     out_w = output_size(width + 2 * padding, kw, stride)
@@ -168,9 +169,10 @@ def im2col(images, kh, kw, stride, padding):
 
 
 def im2col_by_columns(images, kh, kw, stride, padding, out_size):
-    """im2col a column at a time: column (p, q, c) is every image's plane c shifted by (p, q), copied in
-    whole rows of pixels (0.2 ms for 128 grey 28 x 28 images, where a window at a time takes 1.1 ms).
-    Returned as the (b Ho Wo, kh kw C) transpose of those columns, a view the GEMMs read as it is."""
+    """im2col a column at a time: column (p, q, c) is every image's plane c, padded, shifted by (p, q),
+    copied a row of pixels at a time (0.2 ms for 128 grey 28 x 28 images, where NumPy's copy of the
+    windows took 1.1 ms and a loop over them 1.7 ms). Returned as the (b Ho Wo, kh kw C) transpose of
+    those columns, a view the GEMMs read as it is."""
     batch, channels = images.shape[0], images.shape[3]
     (out_h, out_w), s = out_size, stride
     padded = numpy.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else images

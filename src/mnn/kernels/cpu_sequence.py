@@ -12,7 +12,7 @@ Three pieces:
 - ``multiply``: the step's product as OpenBLAS computes a large one, by tiles of 8 samples and
   32 columns whose sixteen running sums, vectors of sixteen columns each, stay in registers
   (``mnn.kernels.vectors``); the weight is laid out once per pass as ``panels``, 32 columns in
-  one place, rather than read 4 KB apart at every k.
+  one place, rather than read a whole row of the matrix apart at every k (4 KB forward, H = 256).
 - ``tanh_rational``: $\tanh$ as a rational function, since numba has no vectorised $\tanh$
   (it would call the C library's once per value, 7 ms for 0.5 M values).
 - The LSTM's Eqs. (1)-(3) forward and (4)-(7) backward (``LSTMLayer``), one pass per step.
@@ -159,7 +159,8 @@ def add_rows(a, b, out, lo, hi):
 @njit(nogil=True, **COMPILE)
 def lstm_forward_rows(gates, w_panels, bias, h0, c0, y, cells, tanh_cells, product, lo, hi):
     """Every step of Eqs. (T1), (1)-(3) for samples lo..hi; ``gates`` (T, B, 4H) holds $X W_{ih}^\\top$,
-    ``w_panels`` are $W_{hh}^\\top$'s ``panels``, ``product`` (B, >= 4H) is scratch."""
+    ``w_panels`` are $W_{hh}^\\top$'s ``panels``; ``product`` is scratch, whole panels wide (``scratch``:
+    B x 32 ceil(4H / 32)), as ``multiply`` writes them."""
     for t in range(gates.shape[0]):
         h_prev, c_prev = (y[t - 1], cells[t - 1]) if t else (h0, c0)
         multiply(w_panels, h_prev, product, lo, hi)  # Eq. (T1): h_{t-1} W_hh^T
@@ -171,7 +172,7 @@ def lstm_backward_rows(g, w_panels, gates, cells, tanh_cells, c0, carry_h, carry
                        lo, hi):
     """Every step of Eqs. (4)-(7), from the last back, for samples lo..hi; ``w_panels`` are $W_{hh}$'s
     ``panels``. ``carry_h``, ``carry_c`` hold the final state's gradients and receive the initial state's;
-    ``dh`` (B, H), ``carries`` (2, B, H) and ``product`` (B, >= H) are scratch."""
+    ``dh`` (B, H), ``carries`` (2, B, H) and ``product`` (``scratch``, B x 32 ceil(H / 32)) are scratch."""
     last, one = g.shape[0] - 1, numpy.float32(1)
     for t in range(last, -1, -1):
         if t == last:

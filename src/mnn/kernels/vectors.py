@@ -13,9 +13,10 @@ functions below are its only operations, each a line of LLVM (``numba.extending.
 - ``zeros()``;
 - ``fma(a, b, c)``: ``a * b + c`` lane by lane, rounded once (``llvm.fma``).
 
-``row`` is a one-dimensional float32 array; ``load`` and ``store`` do not check that sixteen
-numbers from ``k`` on lie inside it: their callers guarantee it. With AVX-512 a vector is one
-register; with AVX2, LLVM splits each operation in two.
+``row`` is a one-dimensional, contiguous float32 array (numba refuses others, and read-only ones
+for ``store``); ``load`` and ``store`` do not check that sixteen numbers from ``k`` on lie inside
+it: their callers guarantee it. With AVX-512 a vector is one register; with AVX2, LLVM splits
+each operation in two.
 """
 from llvmlite import ir
 from numba import types
@@ -42,8 +43,11 @@ class _VectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VECTOR)
 
 
-def _is_float32_row(row):
-    return isinstance(row, types.Array) and row.ndim == 1 and row.dtype == types.float32
+def _is_float32_row(row, written=False):
+    """A one-dimensional, contiguous float32 array (a strided row would be read as if contiguous); one
+    that ``store`` writes must be writable."""
+    return (isinstance(row, types.Array) and row.ndim == 1 and row.dtype == types.float32 and row.layout == "C"
+            and (row.mutable or not written))
 
 
 def _vector_pointer(context, builder, row_type, row, k):
@@ -65,7 +69,7 @@ def load(typingctx, row, k):
 
 @intrinsic
 def store(typingctx, row, k, vector):
-    if not (_is_float32_row(row) and isinstance(k, types.Integer) and vector == float32x16):
+    if not (_is_float32_row(row, written=True) and isinstance(k, types.Integer) and vector == float32x16):
         return None
 
     def codegen(context, builder, signature, args):

@@ -67,14 +67,15 @@ class Conv2dLayer(Layer):
     buffer.
 
     **Fused** (the CPU kernels, ``mnn.kernels.cpu``): a few images at a time, their windows
-    are copied in one pass (padding included; with fewer than four channels a column at a time,
-    each the images' planes shifted by $(p, q)$) and multiplied, so the whole $X_{\text{col}}$
-    never exists; backward keeps the input instead and copies the windows again for Eq. (5),
+    are copied in one pass (padding included) and multiplied, so the whole $X_{\text{col}}$
+    never exists (with fewer than four channels a window is too short a copy: the padded
+    images' planes are copied instead, a column of $X_{\text{col}}$ each, shifted by $(p, q)$);
+    backward keeps the input instead and copies the windows again for Eq. (5),
     and computes Eq. (6) as one GEMM, $\partial L/\partial X_{\text{col}} = G_{\text{col}} W_{\text{col}}$,
     whose rows col2im adds back onto the pixels they came from (Eq. (3), summed in another order).
     The columns run over $(p, q, c)$ and images are channels-last in memory (see ``windows``), so
-    im2col copies contiguous runs of $k_w C$ values, and the GEMM writes $Y_{\text{col}}$ as a
-    $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
+    im2col copies contiguous runs of $k_w C$ values (four channels or more), and the GEMM writes
+    $Y_{\text{col}}$ as a $(B, H_o, W_o, O)$ array, returned as a $(B, O, H_o, W_o)$ view.
 
     **On a GPU** (``mnn.kernels.cuda``) im2col is one launch, padding included, and Eq. (6) is
     the same one GEMM followed by one col2im launch, in which each pixel gathers its window
