@@ -17,6 +17,9 @@ functions below are its only operations, each a line of LLVM (``numba.extending.
 for ``store``); ``load`` and ``store`` do not check that sixteen numbers from ``k`` on lie inside
 it: their callers guarantee it. With AVX-512 a vector is one register; with AVX2, LLVM splits
 each operation in two.
+
+numba's disk cache knows a kernel by its own file only: after editing this one, delete the cached
+kernels of the files that use it (``cpu_sequence``'s, in ``__pycache__`` or ``NUMBA_CACHE_DIR``).
 """
 from llvmlite import ir
 from numba import types
