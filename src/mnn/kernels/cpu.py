@@ -157,7 +157,7 @@ def max_pool_windows_backward(g, argmax, kernel, stride, grad):
 def im2col(images, kh, kw, stride, padding):
     """Convolution's im2col, zero padding included, for (b, H, W, C) channels-last images: the rows
     X_col[(b, i, j), (p, q, c)] = x~[b, c, s i + p, s j + q], shaped (b Ho Wo, kh kw C); with fewer
-    than four channels a transposed (column-major) view, ``im2col_by_columns``'."""
+    than four channels a transposed (column-major) view (``im2col_by_columns``)."""
     batch, height, width, channels = images.shape
     out_h = output_size(height + 2 * padding, kh, stride)
     out_w = output_size(width + 2 * padding, kw, stride)
