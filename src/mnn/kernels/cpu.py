@@ -432,7 +432,7 @@ def softmax(x):
     y = numpy.empty_like(rows)
     subtract_row_max(rows, y)
     numpy.exp(y, out=y)
-    divide_by_row_sum(y, numpy.empty(rows.shape[0], dtype=numpy.float64))
+    divide_by_row_sum(y)
     return y.reshape(x.shape)
 
 
@@ -444,8 +444,7 @@ def cross_entropy(rows, labels):
     subtract_row_max(rows, p)
     picked = p[numpy.arange(rows.shape[0]), labels]  # x_t - m, before the exp
     numpy.exp(p, out=p)
-    sums = numpy.empty(rows.shape[0], dtype=numpy.float64)
-    divide_by_row_sum(p, sums)
+    sums = divide_by_row_sum(p)
     return p, (numpy.log(sums) - picked).astype(rows.dtype)
 
 
@@ -469,8 +468,9 @@ def row_max(row):
 
 
 @njit(**COMPILE_ROW_SUMS)
-def divide_by_row_sum(y, sums):
-    """Each row divided by its sum; the sums (float64) kept in ``sums``."""
+def divide_by_row_sum(y):
+    """Each row divided by its sum; returns the sums (float64)."""
+    sums = numpy.empty(y.shape[0], dtype=numpy.float64)
     for n in range(y.shape[0]):
         row = y[n]
         total = 0.0
@@ -480,6 +480,7 @@ def divide_by_row_sum(y, sums):
         row_total = y.dtype.type(total)
         for k in range(row.size):
             row[k] = row[k] / row_total
+    return sums
 
 
 def softmax_backward(y, g):

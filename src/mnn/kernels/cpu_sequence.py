@@ -63,7 +63,7 @@ def tanh_rational(x):
 def panels(matrix):
     """A (K, N) matrix as (P, K, 32) panels, P = ceil(N / 32): panel p holds columns 32p .. 32p + 31, each
     row of 32 numbers in one place (zeros past column N), as ``multiply`` reads them."""
-    out = numpy.empty((-(-matrix.shape[1] // PANEL), matrix.shape[0], PANEL), dtype=numpy.float32)
+    out = numpy.empty((whole_panels(matrix.shape[1]) // PANEL, matrix.shape[0], PANEL), dtype=numpy.float32)
     fill_panels(matrix, out)
     return out
 
@@ -217,4 +217,9 @@ def lstm_backward(g, w_hh, gates, cells, tanh_cells, c0, carry_h, carry_c, delta
 
 def scratch(batch, columns):
     """Room for ``multiply``'s products: (batch, columns rounded up to whole panels), float32."""
-    return numpy.empty((batch, -(-columns // PANEL) * PANEL), dtype=numpy.float32)
+    return numpy.empty((batch, whole_panels(columns)), dtype=numpy.float32)
+
+
+def whole_panels(columns):
+    """``columns`` rounded up to a multiple of 32, the panels' width."""
+    return -(-columns // PANEL) * PANEL
