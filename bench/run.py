@@ -29,7 +29,7 @@ import numpy
 import torch
 
 import mnn
-from mnn import backend, models, optim
+from mnn import backend, kernels, models, optim
 from mnn.arguments import integer
 from mnn.layers.recurrent import RecurrentLayer
 
@@ -250,6 +250,9 @@ def main(argv=None, prog="python -m bench"):
                         "$OMP_NUM_THREADS, $OPENBLAS_NUM_THREADS and $MKL_NUM_THREADS that is set, else the cores this "
                         "process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
+    parser.add_argument("--attention", choices=kernels.ATTENTIONS, default=kernels.attention(),
+                        help="MultiHeadAttention's GPU lines (mnn.kernels.use_attention; default: $MNN_ATTENTION, "
+                             "else products)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that everything runs (not timed)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -270,6 +273,8 @@ def main(argv=None, prog="python -m bench"):
 
 
 def run(args, device, argv):
+    kernels.use_attention(args.attention)
+    os.environ["MNN_ATTENTION"] = args.attention  # the peak-memory subprocesses' too
     args.threads, _ = backend.tune_cpu(args.threads)
     torch.set_num_threads(args.threads)
     cases = TINY if args.tiny else CASES
@@ -289,7 +294,8 @@ def run(args, device, argv):
     print(table(results, rate, where))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": machine(device), "threads": args.threads, "gemm": rate, "results": results,
+            json.dump({"machine": machine(device), "threads": args.threads, "attention": args.attention,
+                       "gemm": rate, "results": results,
                        "command": " ".join(["python -m bench", *(argv or sys.argv[1:])])}, handle, indent=1)
     return 0
 

@@ -6,6 +6,8 @@
   loop in C++ around the same text and preamble.
 * ``compile_raw_for_cpu``, for a ``Raw`` source: the same text after shims (``RAW_SHIMS``) that
   give each block one thread and each row one lane.
+* ``RawKernelOnCpu(source, entry, lanes=True)``: the same text after ``LANES_SHIMS``, which run each
+  block whole, every thread a fiber, with warp shuffles and ``__syncthreads`` between them.
 * ``compile_for_gpu`` and ``nvrtc_errors``: NVRTC's compile of the same kernels as device code.
 
 A test can then compare a kernel's arithmetic with the layer's NumPy lines on a machine
@@ -135,6 +137,150 @@ def compile_raw_for_cpu(source, function, argument_types):
     return run
 
 
+# -- a block's threads as fibers: the lanes of a warp and the threads of a block, together ---------
+# With LANES_SHIMS a ``Raw`` source runs with its real block: every thread of a block is a fiber (its
+# own stack, ``ucontext``), and the block's fibers take turns, each running until it waits. A warp
+# shuffle waits for the warp's live lanes (each lane posts its value, all read, all wait again before
+# a slot is reused), ``__syncthreads`` for the block's live threads. So the lanes' striding, the
+# shuffles' partners and ``__shared__`` tiles run as on a GPU; a thread that reads a tile before the
+# barrier that should have filled it reads what another thread has not yet written. A turn in
+# which no thread arrives anywhere or finishes is a deadlock: the runner gives up and returns 1.
+LANES_SHIMS = r"""
+#include <cmath>
+#include <cstring>
+#include <algorithm>
+#include <vector>
+#include <ucontext.h>
+using namespace std;
+#define __global__
+#define __device__ static inline
+#define __shared__ static
+#define __syncthreads() mnn_wait(mnn_block_barrier, mnn_block_live)
+struct mnn_index { unsigned int x, y, z; };
+static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+struct mnn_fiber { ucontext_t context; mnn_index thread; bool done; };
+struct mnn_barrier { int arrived; unsigned long long generation; };
+static vector<mnn_fiber> mnn_fibers;
+static vector<vector<char>> mnn_stacks;
+static vector<mnn_barrier> mnn_warp_barriers;
+static vector<int> mnn_warp_live;
+static vector<unsigned long long> mnn_slots;  /* one shuffle slot per thread */
+static mnn_barrier mnn_block_barrier;
+static int mnn_block_live, mnn_current;
+static unsigned long long mnn_progress;
+static ucontext_t mnn_scheduler;
+static void (*mnn_body)();
+
+static int mnn_thread_id() { return threadIdx.y * blockDim.x + threadIdx.x; }
+static void mnn_yield() { swapcontext(&mnn_fibers[mnn_current].context, &mnn_scheduler); }
+static void mnn_release_if_full(mnn_barrier& b, int live) {
+    if (b.arrived > 0 && b.arrived >= live) { b.arrived = 0; b.generation++; }
+}
+static void mnn_wait(mnn_barrier& b, const int& live) {
+    unsigned long long generation = b.generation;
+    b.arrived++;
+    mnn_progress++;
+    mnn_release_if_full(b, live);
+    while (b.generation == generation) mnn_yield();
+}
+template <typename T> T mnn_exchange(T value, int source_lane) {
+    int id = mnn_thread_id(), warp = id / 32;
+    memcpy(&mnn_slots[id], &value, sizeof(T));
+    mnn_wait(mnn_warp_barriers[warp], mnn_warp_live[warp]);
+    T result;
+    memcpy(&result, &mnn_slots[warp * 32 + (source_lane & 31)], sizeof(T));
+    mnn_wait(mnn_warp_barriers[warp], mnn_warp_live[warp]);
+    return result;
+}
+template <typename T> T __shfl_xor_sync(unsigned int, T value, int offset) {
+    return mnn_exchange(value, (mnn_thread_id() % 32) ^ offset);
+}
+template <typename T> T __shfl_sync(unsigned int, T value, int source_lane) { return mnn_exchange(value, source_lane); }
+
+static void mnn_fiber_main() {
+    mnn_body();
+    int warp = mnn_thread_id() / 32;
+    mnn_fibers[mnn_current].done = true;
+    mnn_progress++;
+    mnn_release_if_full(mnn_warp_barriers[warp], --mnn_warp_live[warp]);
+    mnn_release_if_full(mnn_block_barrier, --mnn_block_live);
+}
+/* One block: its threads as fibers, in turns until all are done; 1 on a deadlock. */
+static int mnn_run_block() {
+    int threads = blockDim.x * blockDim.y, warps = (threads + 31) / 32;
+    mnn_fibers.assign(threads, mnn_fiber());
+    mnn_stacks.resize(threads, vector<char>(1 << 17));
+    mnn_warp_barriers.assign(warps, mnn_barrier{0, 0});
+    mnn_warp_live.assign(warps, 32);
+    if (threads % 32) mnn_warp_live[warps - 1] = threads % 32;
+    mnn_slots.assign(threads, 0);
+    mnn_block_barrier = mnn_barrier{0, 0};
+    mnn_block_live = threads;
+    for (int i = 0; i < threads; i++) {
+        mnn_fiber& fiber = mnn_fibers[i];
+        fiber.thread = mnn_index{(unsigned)(i % blockDim.x), (unsigned)(i / blockDim.x), 0};
+        getcontext(&fiber.context);
+        fiber.context.uc_stack.ss_sp = mnn_stacks[i].data();
+        fiber.context.uc_stack.ss_size = mnn_stacks[i].size();
+        fiber.context.uc_link = &mnn_scheduler;
+        makecontext(&fiber.context, mnn_fiber_main, 0);
+    }
+    for (int live = threads; live > 0;) {
+        unsigned long long before = mnn_progress;
+        live = 0;
+        for (mnn_current = 0; mnn_current < threads; mnn_current++) {
+            if (mnn_fibers[mnn_current].done) continue;
+            threadIdx = mnn_fibers[mnn_current].thread;
+            swapcontext(&mnn_scheduler, &mnn_fibers[mnn_current].context);
+            live += !mnn_fibers[mnn_current].done;
+        }
+        if (live && mnn_progress == before) return 1;
+    }
+    return 0;
+}
+static int mnn_run_grid(unsigned int gx, unsigned int gy, unsigned int bx, unsigned int by, void (*body)()) {
+    mnn_body = body;
+    gridDim = mnn_index{gx, gy, 1};
+    blockDim = mnn_index{bx, by, 1};
+    for (blockIdx.y = 0; blockIdx.y < gy; blockIdx.y++)
+        for (blockIdx.x = 0; blockIdx.x < gx; blockIdx.x++)
+            if (mnn_run_block()) return 1;
+    return 0;
+}
+"""
+# After the source: ``{entry}_lanes(grid x, grid y, block x, block y, ...)`` keeps the arguments where
+# the fibers' body finds them and runs the grid; 0 when it finished, 1 on a deadlock.
+LANES_RUNNER = """
+{statics}
+static void {entry}_body() {{ {entry}({names}); }}
+extern "C" int {entry}_lanes(unsigned int gx, unsigned int gy, unsigned int bx, unsigned int by, {params}) {{
+    {stores}
+    return mnn_run_grid(gx, gy, bx, by, {entry}_body);
+}}
+"""
+
+
+def lanes_library(source):
+    """The ``Raw`` source compiled for the CPU with LANES_SHIMS, with a ``{entry}_lanes`` runner per entry."""
+    assert shutil.which("g++"), "g++ is missing: scripts/setup test installs it"
+    runners = []
+    for entry, params in entry_parameters(source.code).items():
+        typed = [(c_type + "*" * (len(name) - len(name.lstrip("*"))), name.lstrip("*")) for c_type, name in params]
+        runners.append(LANES_RUNNER.format(
+            entry=entry, names=", ".join(f"{entry}_{name}" for _, name in typed),
+            statics="\n".join(f"static {c_type} {entry}_{name};" for c_type, name in typed),
+            params=", ".join(" ".join(p) for p in params),
+            stores=" ".join(f"{entry}_{name} = {name};" for _, name in typed)))
+    return ctypes.CDLL(str(build(LANES_SHIMS + source.code + "".join(runners))))
+
+
+def compile_raw_with_lanes(source, function):
+    """``run(grid, block, *arguments)``: the entry ``function`` of a ``Raw`` source run on the CPU with
+    its whole grid and blocks (up to two axes each), every thread a fiber (LANES_SHIMS). Arguments
+    as ``RawKernelOnCpu`` takes them."""
+    return RawKernelOnCpu(source, function, lanes=True)
+
+
 def compile_for_gpu(kernels, dtype):
     """NVRTC's verdict on ``kernels``, (source, array input names) pairs, as device code for an H100
     (sm_90): each a grid-stride loop around its operation, as CuPy writes it, compiled though not
@@ -188,8 +334,8 @@ def build(code):
 # -- CuPy's kernel objects, stood in for on the CPU ---------------------------------------------------
 # With these in place of ``mnn.kernels.cuda.compiled`` and ``compiled_raw``, NumPy in place of the
 # ``cupy`` module, and ``kernels.fused_gpu`` true for NumPy arrays, the layers take their GPU lines
-# on the CPU: their launches, argument lists and array layouts run as a GPU would run them,
-# except for the lanes of a warp.
+# on the CPU: their launches, argument lists and array layouts run as a GPU would run them, a row
+# kernel with one lane a row unless asked for all (``lanes``).
 
 POINTEES = {"float": "float32", "double": "float64", "int": "int32", "long long": "int64"}
 SCALARS = {"float": (numpy.float32, ctypes.c_float), "double": (numpy.float64, ctypes.c_double),
@@ -202,14 +348,20 @@ class RawKernelOnCpu:
     must be what the entry's parameter declares, as CuPy passes it to the GPU: a C-contiguous array of
     the pointee's dtype, or a NumPy scalar of the parameter's type (CuPy would pass a wrong one's bytes)."""
 
-    def __init__(self, source, entry):
-        self.entry, self.params = entry, entry_parameters(source.code)[entry]
-        self.runner = getattr(raw_library(source), f"{entry}_grid")
+    def __init__(self, source, entry, lanes=False):
+        self.entry, self.params, self.lanes = entry, entry_parameters(source.code)[entry], lanes
+        library = lanes_library(source) if lanes else raw_library(source)
+        self.runner = getattr(library, f"{entry}_lanes" if lanes else f"{entry}_grid")
+        self.runner.restype = ctypes.c_int if lanes else None
 
     def __call__(self, grid, block, arguments):
         assert len(arguments) == len(self.params), f"{self.entry}: {len(arguments)} arguments for {self.params}"
-        threads, rows_per_block = (block[0], 1) if len(block) == 1 else (1, block[1])  # a row kernel: one lane
-        values = [ctypes.c_uint(n) for n in (grid[0], threads, rows_per_block)]
+        if self.lanes:
+            values = [ctypes.c_uint(n) for n in (*grid, 1)[:2] + (*block, 1)[:2]]
+        else:
+            threads, rows_per_block = (block[0], 1) if len(block) == 1 else (1, block[1])  # a row kernel: one lane
+            assert len(grid) == 1, f"{self.entry}: a grid of one axis runs one lane a row; use lanes=True"
+            values = [ctypes.c_uint(n) for n in (grid[0], threads, rows_per_block)]
         for (c_type, name), value in zip(self.params, arguments):
             if c_type.endswith("*"):
                 pointee = POINTEES[c_type.removeprefix("const ").rstrip("*").strip()]
@@ -222,7 +374,8 @@ class RawKernelOnCpu:
                 assert type(value) is numpy_type, f"{self.entry}: {name} must be {numpy_type.__name__}, " \
                                                   f"got {type(value).__name__}"
                 values.append(c_value(value))
-        self.runner(*values)
+        deadlocked = self.runner(*values)
+        assert not (self.lanes and deadlocked), f"{self.entry}: deadlock, threads wait where none can arrive"
 
 
 class ElementwiseOnCpu:
@@ -262,9 +415,10 @@ class ElementwiseOnCpu:
         return results[0] if len(results) == 1 else tuple(results)
 
 
-def run_gpu_lines_on_cpu(monkeypatch):
+def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
     """Make the layers take their GPU lines, with the GPU kernels compiled for the CPU, on NumPy arrays.
-    Returns the list to which each launch appends its kernel's name."""
+    Returns the list to which each launch appends its kernel's name. A ``Raw`` kernel runs with one
+    lane a row (fast), unless ``lanes`` or its threads share memory: then with its whole blocks."""
     import sys
 
     from mnn import kernels
@@ -284,7 +438,9 @@ def run_gpu_lines_on_cpu(monkeypatch):
     def compiled_raw(source, dtype_name):
         if dtype_name not in cuda.C_FLOATING:
             raise TypeError(f"{source.name}: no entry for {dtype_name} arrays, only for float32 and float64")
-        return recorded(source.name, RawKernelOnCpu(source, f"{source.name}_{cuda.C_FLOATING[dtype_name]}"))
+        entry = f"{source.name}_{cuda.C_FLOATING[dtype_name]}"
+        shares_memory = "__syncthreads" in source.code  # its threads need each other: the whole block, as fibers
+        return recorded(source.name, RawKernelOnCpu(source, entry, lanes=lanes or shares_memory))
 
     monkeypatch.setitem(sys.modules, "cupy", numpy)
     monkeypatch.setattr(cuda, "compiled", compiled)

@@ -214,3 +214,35 @@ def test_the_lstm_step_kernels_on_wide_states_and_odd_batches(on_gpu, batch, hid
     backend.use("cupy")
     for gpu, cpu in zip(*results):
         numpy.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, length, heads, width", [(1, 1, 1, 8), (3, 33, 3, 96), (2, 70, 2, 128),
+                                                          (2, 256, 6, 384), (1, 100, 1, 100)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length, heads, width, dtype, training):
+    """The flash kernels (mnn.kernels.cuda_attention) with real warps and blocks: tiles of keys and queries
+    past a block's rows, heads of 8 to 100 entries (the tile of 32, 64 or 128), dropout with the CPU's masks.
+    Output, input gradient and every parameter gradient against the CPU's reference lines."""
+    from mnn.layers import MultiHeadAttention
+
+    rng = numpy.random.default_rng(length * width)
+    x, g = (rng.standard_normal((batch, length, width)).astype(dtype) for _ in range(2))
+    results = []
+    kernels.use_attention("flash")
+    try:
+        for name, move in (("cupy", cupy.asarray), ("numpy", numpy.asarray)):
+            backend.use(name)
+            backend.set_default_dtype(numpy.dtype(dtype))
+            backend.seed(0)
+            layer = MultiHeadAttention(width, heads, dropout=0.2).train(training)
+            y = layer.forward(move(x))
+            grad = layer.backward(move(g))
+            results.append([backend.to_numpy(array) for array in (y, grad, *layer.grads.values())])
+    finally:
+        kernels.use_attention("products")
+        backend.set_default_dtype(numpy.float32)
+        backend.use("cupy")
+    tolerance = 1e-4 if dtype == "float32" else 1e-10
+    for gpu, cpu in zip(*results):
+        numpy.testing.assert_allclose(gpu, cpu, rtol=tolerance, atol=tolerance)

@@ -1,17 +1,20 @@
 """The layers' GPU lines, run on the CPU: each GPU kernel compiled by g++ (``cuda_on_cpu``) and launched
 by the layers as on a GPU, with its argument list checked against the kernel's parameters, against
-the NumPy lines (``MNN_KERNELS=numpy``). What this cannot see are the lanes of a warp: those run
-only on a GPU, in ``tests/test_cupy.py``."""
+the NumPy lines (``MNN_KERNELS=numpy``). A row kernel runs with one lane a row, except in the tests
+that ask for all its lanes (``cuda_on_cpu.LANES_SHIMS``: every thread of a block a fiber, warp
+shuffles between them). On a GPU, ``tests/test_cupy.py``."""
 import numpy
 import pytest
 
 from cuda_on_cpu import run_gpu_lines_on_cpu
 from mnn import backend, kernels, models, optim
 from mnn.kernels import cuda
-from mnn.layers import BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, LSTMLayer, ReluLayer
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, LayerNormLayer, LSTMLayer,
+                        MultiHeadAttention, ReluLayer)
 import test_kernels
 from test_kernels import POOLS, assert_close, both_ways, channels_last_batch, lstm_step
 
+RAW_NAMES = {value.name for value in vars(cuda).values() if isinstance(value, cuda.Raw)}
 CONVOLUTIONS = [(3, 5, (9, 9), 3, 1, 1), (2, 4, (10, 10), 3, 2, 1), (2, 3, (7, 7), 2, 2, 0), (1, 2, (6, 6), 5, 1, 2),
                 (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1)]  # (H, W)
 
@@ -116,6 +119,49 @@ def test_the_lstm_on_the_gpu_lines_carries_a_state_as_the_reference(dtype, batch
     what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
     for reference, gpu, name in zip(*results, what):
         assert_close(reference, gpu, dtype, name)
+
+
+ROW_LAYERS = {
+    "causal attention": (lambda: MultiHeadAttention(8, 2), lambda rows, width: (rows, width, 8)),  # width: T
+    "layer norm": (lambda width: LayerNormLayer(width), lambda rows, width: (rows, width)),
+}
+
+
+@pytest.mark.parametrize("rows, width", [(1, 33), (3, 100), (5, 1000), (7, 31)])
+@pytest.mark.parametrize("layer", [*ROW_LAYERS, "cross-entropy"])
+def test_the_row_kernels_with_all_their_lanes_on_long_rows_and_odd_row_counts(rows, width, layer, monkeypatch):
+    """Every lane of a warp (cuda_on_cpu.LANES_SHIMS): lanes striding along rows longer than a warp,
+    butterflies over 32 lanes, blocks whose last warps have no row. Forward and backward."""
+    launched = run_gpu_lines_on_cpu(monkeypatch, lanes=True)
+    rng = numpy.random.default_rng(rows * width)
+    if layer == "cross-entropy":
+        x, labels = 3 * rng.standard_normal((rows, width)), numpy.arange(rows) * 7 % width
+
+        def step(loss):
+            return loss.forward(x, labels), loss.backward()
+        results = both_ways(CrossEntropyLossLayer, x, numpy.float32, step=step)
+    else:
+        make, shape = ROW_LAYERS[layer]
+        results = both_ways(lambda: make(width) if layer == "layer norm" else make(),
+                            3 * rng.standard_normal(shape(rows, width)), numpy.float32)
+    assert launched and all(name in RAW_NAMES for name in launched), launched
+    for reference, gpu in zip(results[0][:2], results[1][:2]):
+        assert_close(reference, gpu, numpy.float32, layer)
+
+
+@pytest.mark.parametrize("batch, hidden", [(1, 31), (cuda.LSTM_SAMPLES, 33), (11, 100)])
+def test_the_lstm_step_kernels_with_all_their_lanes(batch, hidden, monkeypatch):
+    """A warp per unit, its lanes along W_hh's row (wider than a warp here), 8 samples a warp."""
+    launched = run_gpu_lines_on_cpu(monkeypatch, lanes=True)
+    rng = numpy.random.default_rng(batch * hidden)
+    x = rng.standard_normal((batch, 3, 5)).astype(numpy.float32)
+    state, final_grad = (tuple(rng.standard_normal((batch, hidden)).astype(numpy.float32) for _ in range(2))
+                         for _ in range(2))
+    results = both_ways(lambda: LSTMLayer(5, hidden), x, numpy.float32,
+                        step=lstm_step(x, state, final_grad, numpy.float32))
+    assert launched == [cuda.LSTM_STEP.name] * 3 + [cuda.LSTM_STEP_BACKWARD.name] * 3
+    for reference, gpu in zip(*results):
+        assert_close(reference, gpu, numpy.float32, "the LSTM")
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])

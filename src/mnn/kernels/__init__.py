@@ -39,6 +39,25 @@ def mode():
     return _state["mode"]
 
 
+ATTENTIONS = ("products", "flash")
+
+
+def use_attention(kind):
+    """How ``MultiHeadAttention`` runs on a GPU in fused mode: ``"products"`` (the default: batched
+    cuBLAS products around one softmax launch) or ``"flash"`` (``kernels.cuda_attention``: no (T, T)
+    scores in memory; tested on the CPU, not yet timed on a GPU)."""
+    if kind not in ATTENTIONS:
+        raise ValueError(f"kernels: unknown attention {kind!r}; expected 'products' or 'flash' (MNN_ATTENTION)")
+    _state["attention"] = kind
+
+
+def attention():
+    """``use_attention``'s choice, else ``$MNN_ATTENTION``, else ``"products"``."""
+    if _state.get("attention") is None:
+        use_attention(os.environ.get("MNN_ATTENTION", "") or "products")
+    return _state["attention"]
+
+
 COMPILED_DTYPES = ("float32", "float64")  # numba has no float16
 _COMPILED = frozenset(map(numpy.dtype, COMPILED_DTYPES))  # a set lookup: dtype.name costs microseconds a call
 
@@ -57,6 +76,6 @@ def fused_gpu(*arrays):
 
 
 def __getattr__(name):  # kernels.cpu, kernels.cuda, ...: numba is imported on first use
-    if name in ("cpu", "cpu_sequence", "cuda", "threads"):
+    if name in ("cpu", "cpu_sequence", "cuda", "cuda_attention", "threads"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mnn.kernels' has no attribute {name!r}")

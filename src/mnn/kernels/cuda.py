@@ -19,8 +19,11 @@ threads run one after another. That checks the arithmetic and the indexing.
 ``tests/test_gpu_lines.py`` goes further: with CuPy's kernel objects stood in for by those CPU builds, and NumPy for CuPy, the
 layers take their GPU lines on the CPU, so every launch's argument list (each array's dtype and
 layout, each scalar's width) is checked against the kernel's parameters, and whole models train
-as on the reference lines. The tests also compile every source with NVRTC; the shuffles and the
-lanes' striding run only on a GPU, in ``tests/test_cupy.py``.
+as on the reference lines. Where a test asks for it, and for every kernel whose threads share
+memory, ``cuda_on_cpu`` runs each block whole instead, every thread a fiber: the lanes' striding,
+the shuffles and ``__syncthreads`` then run as on a GPU. The tests also compile every source with
+NVRTC; ``tests/test_cupy.py`` runs the kernels on a GPU. The flash attention kernels are in
+``mnn.kernels.cuda_attention``.
 """
 import functools
 import re

@@ -4,7 +4,7 @@ import math
 from .. import backend, kernels
 from ..optim import is_finite_number
 from .base import CompositeLayer, check_flag, check_size
-from .dropout import DropoutLayer
+from .dropout import DropoutLayer, keep_threshold
 from .linear import LinearLayer, MatrixProduct
 from .softmax import SoftmaxLayer
 
@@ -49,6 +49,49 @@ class MultiHeadAttention(CompositeLayer):
     $\tilde A = A \odot m / (1 - p)$ (``DropoutLayer``'s Eq. (1)), so Eq. (5) gives
     $\partial L/\partial \tilde A$, and ``DropoutLayer``'s Eq. (2) turns it into the
     $\partial L/\partial A = \partial L/\partial \tilde A \odot m / (1 - p)$ that Eq. (6) takes.
+
+    **Flash attention** (on a GPU, with ``kernels.use_attention("flash")`` or ``MNN_ATTENTION=flash``;
+    ``mnn.kernels.cuda_attention``). The same function and gradients without ever storing $S$, $A$
+    or their gradients, $O(BhT)$ memory where the lines above take $O(BhT^2)$. Write $Z_{ts}$ for
+    the dropout factor $m_{ts}/(1 - p)$ (1 without dropout), so $\tilde A = A \odot Z$. Query row $t$
+    takes the keys a tile at a time. With
+
+    $$S_{ts} = \frac{q_t \cdot k_s}{\sqrt d} \quad (s \text{ visible to } t), \tag{8}$$
+
+    it keeps the largest score so far $m$, the sum $l = \sum_s e^{S_{ts} - m}$ and the row
+    $o = \sum_s e^{S_{ts} - m} Z_{ts} v_s$, and a tile $J$ updates them to its new maximum:
+
+    $$m' = \max\big(m, \max_{s \in J} S_{ts}\big), \quad \alpha = e^{m - m'}, \quad
+      l' = \alpha l + \sum_{s \in J} e^{S_{ts} - m'}, \quad
+      o' = \alpha o + \sum_{s \in J} e^{S_{ts} - m'} Z_{ts} v_s. \tag{9}$$
+
+    Every term carries the same $e^{-m}$, so after the last tile $o / l = \sum_s A_{ts} Z_{ts} v_s$,
+    Eq. (2)'s $O_t$. The row's log-sum-exp is kept, $T$ numbers per head rather than $T^2$:
+
+    $$L_t = m + \log l, \qquad A_{ts} = e^{S_{ts} - L_t}, \tag{10}$$
+
+    so the backward pass recomputes any weight from $q_t$, $k_s$ and $L_t$ alone. Eq. (6)'s row
+    sum needs no row of $A$ either: $\partial L/\partial A_{ts} = Z_{ts}\, (\partial L/\partial O_t) \cdot v_s$
+    (Eq. (5), then dropout's Eq. (2)), so
+
+    $$D_t = \sum_s \frac{\partial L}{\partial A_{ts}} A_{ts}
+      = \frac{\partial L}{\partial O_t} \cdot \sum_s A_{ts} Z_{ts} v_s
+      = \frac{\partial L}{\partial O_t} \cdot O_t, \tag{11}$$
+
+    one dot product of width $d$. Eqs. (5)-(7), entry by entry:
+
+    $$\frac{\partial L}{\partial S_{ts}} = A_{ts}\Big(Z_{ts}\, \frac{\partial L}{\partial O_t} \cdot v_s - D_t\Big),
+      \quad \frac{\partial L}{\partial q_t} = \frac{1}{\sqrt d} \sum_s \frac{\partial L}{\partial S_{ts}} k_s,
+      \quad \frac{\partial L}{\partial k_s} = \frac{1}{\sqrt d} \sum_t \frac{\partial L}{\partial S_{ts}} q_t,
+      \quad \frac{\partial L}{\partial v_s} = \sum_t A_{ts} Z_{ts} \frac{\partial L}{\partial O_t}. \tag{12}$$
+
+    **What the backward recomputes.** $S_{ts}$ (Eq. (8)), $A_{ts}$ (Eq. (10)), the mask $Z_{ts}$
+    (from the forward's key and the entry's index, ``DropoutLayer``'s Eqs. (3)-(4)) and
+    $(\partial L/\partial O_t) \cdot v_s$, twice: once in the pass over queries, which sums over $s$
+    for $\partial L/\partial q_t$ (and first forms $D_t$), once in the pass over keys, which sums over $t$
+    for $\partial L/\partial k_s$ and $\partial L/\partial v_s$. Each sum stays in one thread, so no two
+    threads add into one entry. The backward then does seven products of $T \times T \times d$ per
+    head where the lines above do four: arithmetic traded for the memory traffic of $S$ and $A$.
     """
 
     def __init__(self, dim, heads, causal=True, bias=True, dropout=0.0):
@@ -91,8 +134,11 @@ class MultiHeadAttention(CompositeLayer):
             raise ValueError(f"{self!r}: input of shape {tuple(x.shape)}; expected at least one sample and one "
                              f"position, (batch, time, {self.dim})")
         xp = backend.array_module(x)
-        q, k, v = (self.split_heads(part) for part in xp.split(self.qkv.forward(x), 3, axis=-1))  # Eq. (1)
+        qkv = self.qkv.forward(x)  # Eq. (1)
         scale = 1 / math.sqrt(self.dim // self.heads)
+        if self.flash_applies(qkv):
+            return self.proj.forward(self.flash_forward(xp.ascontiguousarray(qkv), scale))  # Eqs. (8)-(10), (3)
+        q, k, v = (self.split_heads(part) for part in xp.split(qkv, 3, axis=-1))
         s = self.scores.forward(q, k.swapaxes(-1, -2))  # Eq. (2), scaled below: q k^T keeps views of qkv
         if kernels.fused_gpu(s):  # Eq. (2)'s scale, mask and softmax in one launch
             a = kernels.cuda.scaled_softmax(s, scale, self.causal)
@@ -105,11 +151,31 @@ class MultiHeadAttention(CompositeLayer):
             a = self.softmax.forward(s)
         if self.dropout:
             a = self.dropout.forward(a)  # the identity in eval mode
-        self.save(scale)
+        self.save(scale, None)
         return self.proj.forward(self.merge_heads(self.mix.forward(a, v)))  # Eqs. (2), (3)
 
+    def flash_applies(self, qkv):
+        return kernels.attention() == "flash" and kernels.fused_gpu(qkv) and \
+            kernels.cuda_attention.flash_supported(qkv, self.heads)
+
+    def flash_forward(self, qkv, scale):
+        """O in the (B, T, C) layout, by Eqs. (8)-(10) in one launch; keeps what Eqs. (11)-(12) need."""
+        dropout = None
+        if self.dropout and self.dropout.training:  # the key DropoutLayer would draw, for the same masks
+            keep = 1 - self.dropout.p
+            dropout = (backend.random_key(), keep_threshold(keep), qkv.dtype.type(1 / keep))
+        out, logsumexp = kernels.cuda_attention.flash_attention(qkv, self.heads, scale, self.causal, dropout)
+        self.save(scale, (qkv, out, logsumexp, dropout))
+        return out
+
     def backward(self, g):
-        (scale,) = self.saved()
+        scale, flash = self.saved()
+        if flash:
+            qkv, out, logsumexp, dropout = flash
+            d_o = self.proj.backward(g).astype(qkv.dtype, copy=False)  # Eq. (4)
+            d_qkv = kernels.cuda_attention.flash_attention_backward(qkv, out, d_o, logsumexp, self.heads, scale,
+                                                                     self.causal, dropout)  # Eqs. (11)-(12)
+            return self.qkv.backward(d_qkv)
         xp = backend.array_module(g)
         d_o = self.split_heads(self.proj.backward(g))  # Eq. (4)
         d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
