@@ -415,6 +415,38 @@ class ElementwiseOnCpu:
         return results[0] if len(results) == 1 else tuple(results)
 
 
+def leading_dimension(operand):
+    """What ``cupy.cublas`` passes cuBLAS as an operand's leading dimension (``_decide_ld_and_trans``,
+    or the F-ordered copy it makes of an operand in neither order)."""
+    return operand.shape[1] if operand.flags.c_contiguous and not operand.flags.f_contiguous else operand.shape[0]
+
+
+class CublasOnCpu:
+    """``cupy.cublas``'s ``gemm`` and ``gemv`` on NumPy arrays, with CuPy's checks (dimensions, one dtype,
+    shapes; ``gemv`` passes its vectors with stride 1, so they must be contiguous) and cuBLAS's (every
+    leading dimension at least 1: CuPy passes 0 for an empty operand, and cuBLAS refuses it)."""
+
+    def __init__(self, launched):
+        self.launched = launched
+
+    def gemm(self, transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+        assert a.ndim == b.ndim == 2 and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        op_a, op_b = (a.T if transa == "T" else a), (b.T if transb == "T" else b)
+        assert out is not None and out.shape == (op_a.shape[0], op_b.shape[1]) and out.dtype == a.dtype
+        assert op_a.shape[1] == op_b.shape[0] and min(map(leading_dimension, (a, b, out))) >= 1
+        self.launched.append("cublas.gemm")
+        out[...] = alpha * (op_a @ op_b) + beta * out
+        return out
+
+    def gemv(self, transa, alpha, a, x, beta, y):
+        assert a.ndim == 2 and x.ndim == y.ndim == 1 and a.dtype == x.dtype == y.dtype
+        op_a = a.T if transa == "T" else a
+        assert op_a.shape == (y.shape[0], x.shape[0]) and x.flags.c_contiguous and y.flags.c_contiguous
+        assert leading_dimension(a) >= 1
+        self.launched.append("cublas.gemv")
+        y[...] = alpha * (op_a @ x) + beta * y
+
+
 def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
     """Make the layers take their GPU lines, with the GPU kernels compiled for the CPU, on NumPy arrays.
     Returns the list to which each launch appends its kernel's name. A ``Raw`` kernel runs with one
@@ -443,6 +475,7 @@ def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
         return recorded(source.name, RawKernelOnCpu(source, entry, lanes=lanes or shares_memory))
 
     monkeypatch.setitem(sys.modules, "cupy", numpy)
+    monkeypatch.setattr(numpy, "cublas", CublasOnCpu(launched), raising=False)  # from cupy import cublas
     monkeypatch.setattr(cuda, "compiled", compiled)
     monkeypatch.setattr(cuda, "compiled_raw", compiled_raw)
     monkeypatch.setattr(kernels, "fused", lambda *arrays: False)

@@ -246,3 +246,29 @@ def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length,
     tolerance = 1e-4 if dtype == "float32" else 1e-10
     for gpu, cpu in zip(*results):
         numpy.testing.assert_allclose(gpu, cpu, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("layer", ["linear", "layer norm", "convolution", "lstm"])
+def test_gradients_added_into_by_cublas_on_gpu_follow_the_cpu(on_gpu, layer):
+    """Two backward passes: each adds into the gradients (one cuBLAS GEMM or GEMV with beta = 1,
+    mnn.layers.sums.add_product and add_column_sums), so both passes must show, as on the CPU."""
+    from mnn.layers import Conv2dLayer, LayerNormLayer, LinearLayer, LSTMLayer
+
+    makers = {"linear": (lambda: LinearLayer(5, 7), (6, 5)), "layer norm": (lambda: LayerNormLayer(5), (2, 3, 5)),
+              "convolution": (lambda: Conv2dLayer(2, 3, 3, padding=1), (2, 2, 5, 5)),
+              "lstm": (lambda: LSTMLayer(5, 6), (2, 3, 5))}
+    make, shape = makers[layer]
+    rng = numpy.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(numpy.float32)
+    results = []
+    for name, move in (("cupy", cupy.asarray), ("numpy", numpy.asarray)):
+        backend.use(name)
+        backend.seed(0)
+        made = make()
+        for _ in range(2):
+            y = made.forward(move(x))
+            made.backward(move(numpy.linspace(-1, 1, y.size, dtype=numpy.float32).reshape(y.shape)))
+        results.append({key: backend.to_numpy(grad) for key, grad in made.grads.items()})
+    backend.use("cupy")
+    for key, grad in results[1].items():
+        numpy.testing.assert_allclose(results[0][key], grad, rtol=1e-4, atol=1e-5, err_msg=key)

@@ -6,11 +6,11 @@ shuffles between them). On a GPU, ``tests/test_cupy.py``."""
 import numpy
 import pytest
 
-from cuda_on_cpu import run_gpu_lines_on_cpu
+from cuda_on_cpu import CublasOnCpu, run_gpu_lines_on_cpu
 from mnn import backend, kernels, models, optim
 from mnn.kernels import cuda
-from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, LayerNormLayer, LSTMLayer,
-                        MultiHeadAttention, ReluLayer)
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, LayerNormLayer, LinearLayer,
+                        LSTMLayer, MultiHeadAttention, ReluLayer)
 import test_kernels
 from test_kernels import POOLS, assert_close, both_ways, channels_last_batch, lstm_step
 
@@ -49,7 +49,7 @@ def test_convolution_on_the_gpu_lines_equals_the_reference(cin, cout, size, kern
     x = channels_last_batch((3, cin, *size), rng) if layout == "channels-last" else rng.standard_normal(
         (3, cin, *size))
     reference, gpu = both_ways(lambda: Conv2dLayer(cin, cout, kernel, stride=stride, padding=padding), x, dtype)
-    assert launched == [cuda.IM2COL.name, cuda.COL2IM.name]
+    assert launched == [cuda.IM2COL.name, "cublas.gemv", cuda.COL2IM.name]  # the bias's gradient added to
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], gpu[index], dtype, what)
     for name in reference[2]:
@@ -115,7 +115,7 @@ def test_the_lstm_on_the_gpu_lines_carries_a_state_as_the_reference(dtype, batch
     x = rng.standard_normal((batch, 5, 3)).astype(dtype)
     state, final_grad = (tuple(rng.standard_normal((batch, hidden)).astype(dtype) for _ in range(2)) for _ in range(2))
     results = both_ways(lambda: LSTMLayer(3, hidden, bias=bias), x, dtype, step=lstm_step(x, state, final_grad, dtype))
-    assert launched == [cuda.LSTM_STEP.name] * 5 + [cuda.LSTM_STEP_BACKWARD.name] * 5
+    assert launched == [cuda.LSTM_STEP.name] * 5 + [cuda.LSTM_STEP_BACKWARD.name] * 5 + ["cublas.gemm"] * 2  # W_ih, W_hh
     what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
     for reference, gpu, name in zip(*results, what):
         assert_close(reference, gpu, dtype, name)
@@ -144,7 +144,7 @@ def test_the_row_kernels_with_all_their_lanes_on_long_rows_and_odd_row_counts(ro
         make, shape = ROW_LAYERS[layer]
         results = both_ways(lambda: make(width) if layer == "layer norm" else make(),
                             3 * rng.standard_normal(shape(rows, width)), numpy.float32)
-    assert launched and all(name in RAW_NAMES for name in launched), launched
+    assert set(launched) & RAW_NAMES and set(launched) <= RAW_NAMES | {"cublas.gemm", "cublas.gemv"}, launched
     for reference, gpu in zip(results[0][:2], results[1][:2]):
         assert_close(reference, gpu, numpy.float32, layer)
 
@@ -159,9 +159,33 @@ def test_the_lstm_step_kernels_with_all_their_lanes(batch, hidden, monkeypatch):
                          for _ in range(2))
     results = both_ways(lambda: LSTMLayer(5, hidden), x, numpy.float32,
                         step=lstm_step(x, state, final_grad, numpy.float32))
-    assert launched == [cuda.LSTM_STEP.name] * 3 + [cuda.LSTM_STEP_BACKWARD.name] * 3
+    assert launched == [cuda.LSTM_STEP.name] * 3 + [cuda.LSTM_STEP_BACKWARD.name] * 3 + ["cublas.gemm"] * 2
     for reference, gpu in zip(*results):
         assert_close(reference, gpu, numpy.float32, "the LSTM")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_a_linear_layer_on_the_gpu_lines_adds_into_its_gradients(rows, launched):
+    """One cuBLAS call each for the weight's and the bias's gradient, adding to what they hold (a second
+    backward pass doubles them); none for an empty batch, whose operands cuBLAS would refuse."""
+    rng = numpy.random.default_rng(rows)
+    layer = LinearLayer(3, 2)
+    x, g = rng.standard_normal((rows, 3)).astype(numpy.float32), rng.standard_normal((rows, 2)).astype(numpy.float32)
+    for _ in range(2):
+        layer.forward(x)
+        layer.backward(g)
+    assert launched == ["cublas.gemm", "cublas.gemv"] * 2 if rows else launched == []
+    numpy.testing.assert_allclose(layer.grads["w"], 2 * g.T @ x, rtol=1e-6, atol=1e-6)
+    numpy.testing.assert_allclose(layer.grads["b"], 2 * g.sum(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_the_stand_in_for_cublas_refuses_what_cublas_refuses():
+    """The checks above can fail: an empty operand's leading dimension, vectors with a stride."""
+    cublas = CublasOnCpu([])
+    with pytest.raises(AssertionError):
+        cublas.gemm("N", "N", numpy.zeros((2, 0)), numpy.zeros((0, 3)), out=numpy.zeros((2, 3)), beta=1.0)
+    with pytest.raises(AssertionError):
+        cublas.gemv("T", 1.0, numpy.ones((4, 3)), numpy.ones(8)[::2], 1.0, numpy.zeros(3))
 
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
@@ -191,7 +215,8 @@ MODELS = {  # each with its dropout on, so that the masks are drawn on both line
     "lstm": (lambda: models.lstm(vocab_size=11, context=8, width=8, hidden=[16, 12], dropout=0.2),
              lambda rng: tokens(rng, 3)),
 }
-EVERY_MODEL = {cuda.CROSS_ENTROPY_ROWS.name, cuda.CROSS_ENTROPY_ROWS_BACKWARD.name, cuda.DROPOUT.name}
+EVERY_MODEL = {cuda.CROSS_ENTROPY_ROWS.name, cuda.CROSS_ENTROPY_ROWS_BACKWARD.name, cuda.DROPOUT.name,
+               "cublas.gemm", "cublas.gemv"}  # the weights' gradients added to, the biases' (or layer norm's)
 KERNELS = {
     "mlp": EVERY_MODEL | {cuda.RELU_BACKWARD.name},
     "cnn": EVERY_MODEL | {cuda.RELU_BACKWARD.name, cuda.IM2COL.name, cuda.COL2IM.name, cuda.MAX_POOL.name,

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy
 
 from ..layers.dropout import GOLDEN_GAMMA, MIX_MULTIPLIERS
-from ..layers.sums import column_sums
+from ..layers.sums import column_sums, ones_for
 
 
 class Elementwise(NamedTuple):
@@ -591,6 +591,24 @@ def launch_elements(source, like, count, arguments):
     if count:
         blocks = min(-(-count // ELEMENT_BLOCK), 65535)  # the rest stride
         compiled_raw(source, dtype_name(like))((blocks,), (ELEMENT_BLOCK,), arguments)
+
+
+def add_product(out, a, b):
+    """``out += a @ b`` on CuPy 2-D arrays of one dtype (``out`` C-contiguous) as one cuBLAS GEMM with
+    beta = 1: ``cupy.cublas.gemm`` passes each operand's layout to cuBLAS, copying none."""
+    from cupy import cublas
+
+    if a.size and b.size:  # cuBLAS refuses an empty operand's leading dimension; nothing to add anyway
+        cublas.gemm("N", "N", a, b, out=out, beta=1.0)
+
+
+def add_column_sums(out, rows):
+    """``out += ones @ rows`` on CuPy arrays of one dtype (``rows`` (N, C), ``out`` (C,) contiguous) as
+    one cuBLAS GEMV with beta = 1."""
+    from cupy import cublas
+
+    if rows.size:
+        cublas.gemv("T", 1.0, rows, ones_for(rows), 1.0, out)
 
 
 def adam_update(grad, beta1, beta2, step_size, unbias, eps, shrink, param, m, v):

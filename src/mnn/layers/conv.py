@@ -4,7 +4,7 @@ import numbers
 
 from .. import backend, kernels
 from .base import Layer, check_flag, check_size
-from .sums import column_sums
+from .sums import add_column_sums, column_sums
 from .windows import channels_first, channels_last, output_size, pad_channels_last, windows
 
 CHUNK_BYTES = 4 << 20  # fused path: im2col rows made and multiplied at a time (a few MiB, in cache)
@@ -146,7 +146,7 @@ class Conv2dLayer(Layer):
         d_w_col = g_col.T @ cols  # Eq. (5)
         self.grads["w"] += d_w_col.reshape(self.out_channels, kh, kw, cin).transpose(0, 3, 1, 2)
         if self.bias:
-            self.grads["b"] += g_col.sum(axis=0)  # Eq. (5)
+            add_column_sums(self.grads["b"], g_col)  # Eq. (5)
         return self.input_gradient(g_col, input_shape, g.shape[2:]) if self.input_grad else None
 
     def input_gradient(self, g_col, input_shape, out_size):

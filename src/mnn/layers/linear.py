@@ -5,7 +5,7 @@ import numpy
 
 from .. import backend
 from .base import Layer, check_flag, check_floating, check_size
-from .sums import column_sums
+from .sums import add_column_sums, add_product
 
 
 class LinearLayer(Layer):
@@ -63,9 +63,9 @@ class LinearLayer(Layer):
     def backward(self, g):
         rows_x, shape = self.saved()
         rows_g = g.reshape(-1, self.out_features)
-        self.grads["w"] += rows_g.T @ rows_x  # Eq. (5)
+        add_product(self.grads["w"], rows_g.T, rows_x)  # Eq. (5)
         if self.bias:
-            self.grads["b"] += column_sums(rows_g)  # Eq. (6)
+            add_column_sums(self.grads["b"], rows_g)  # Eq. (6)
         if not self.input_grad:
             return None
         return (rows_g @ self.params["w"]).reshape(shape)  # Eq. (4)

@@ -14,7 +14,7 @@ $\sum_i \hat g_i\, \partial \hat x_i / \partial x_k$ is Eq. (N).
 from .. import backend, kernels
 from ..optim import is_finite_number
 from .base import Layer, check_flag, check_size
-from .sums import column_dots, column_sums
+from .sums import add_column_sums, column_dots, column_sums
 from .windows import channels_first, channels_last
 
 
@@ -277,9 +277,9 @@ class LayerNormLayer(Layer):
             return grad
         if kernels.fused_gpu(g, x_hat) and one_dtype:
             rows_g, rows_x = g.reshape(-1, self.dim), x_hat.reshape(-1, self.dim)
-            self.grads["weight"] += column_dots(rows_g, rows_x)  # Eq. (2)
+            add_column_sums(self.grads["weight"], rows_g * rows_x)  # Eq. (2)
             if self.bias:
-                self.grads["bias"] += column_sums(rows_g)
+                add_column_sums(self.grads["bias"], rows_g)
             return kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)  # Eq. (3), one launch
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)

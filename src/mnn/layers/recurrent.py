@@ -7,7 +7,7 @@ import math
 
 from .. import backend, kernels
 from .base import Layer, check_flag, check_floating, check_size
-from .sums import column_sums
+from .sums import add_product, column_sums
 
 
 def sigmoid(a, out=None):
@@ -179,8 +179,8 @@ class RecurrentLayer(Layer):
         length, batch, _ = y.shape
         rows_dx, rows_dh = delta_x.reshape(length * batch, -1), delta_h.reshape(length * batch, -1)
         h_prev = xp.concatenate([h0[None], y])[:length].reshape(length * batch, -1)  # h_0, ..., h_{T-1}
-        self.grads["weight_ih"] += rows_dx.T @ rows_x  # Eq. (T6)
-        self.grads["weight_hh"] += rows_dh.T @ h_prev  # Eq. (T6)
+        add_product(self.grads["weight_ih"], rows_dx.T, rows_x)  # Eq. (T6)
+        add_product(self.grads["weight_hh"], rows_dh.T, h_prev)  # Eq. (T6)
         if self.bias:
             bias_grad = column_sums(rows_dx)  # Eq. (T6)
             self.grads["bias_ih"] += bias_grad
