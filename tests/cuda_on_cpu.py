@@ -139,38 +139,52 @@ def compile_raw_for_cpu(source, function, argument_types):
 
 # -- a block's threads as fibers: the lanes of a warp and the threads of a block, together ---------
 # With LANES_SHIMS a ``Raw`` source runs with its real block: every thread of a block is a fiber (its
-# own stack, ``ucontext``), and the block's fibers take turns, each running until it waits. A warp
-# shuffle waits for the warp's live lanes (each lane posts its value, all read, all wait again before
-# a slot is reused), ``__syncthreads`` for the block's live threads. So the lanes' striding, the
-# shuffles' partners and ``__shared__`` tiles run as on a GPU; a thread that reads a tile before the
-# barrier that should have filled it reads what another thread has not yet written. A turn in
-# which no thread arrives anywhere or finishes is a deadlock: the runner gives up and returns 1.
+# own stack, ``ucontext``), and the block's fibers take turns, each running until it waits, in an
+# order shuffled afresh each turn (seeded: a run repeats). A warp shuffle waits for the warp's live
+# lanes (each lane posts its value, all read, all wait again before a slot is reused),
+# ``__syncthreads`` for the block's threads. So the lanes' striding, the shuffles' partners and
+# ``__shared__`` tiles run as on a GPU, and a thread that reads a tile before the barrier that should
+# have filled it reads, in some turn, what another thread has not yet written. Shared memory starts
+# each block as NaN bytes (``shared_poisoned``), so an entry read but never written shows. The
+# runner returns an error code (FIBER_ERRORS) where a GPU would hang or be undefined: a turn in which
+# no thread arrives anywhere or finishes (a deadlock), lanes meeting at two different shuffles, a
+# shuffle from a lane that has exited, a ``__syncthreads`` after a thread of the block has exited.
+FIBER_ERRORS = {1: "deadlock: threads wait where none can arrive",
+                2: "the lanes of a warp meet at two different shuffles",
+                3: "a shuffle reads a lane that has exited or does not exist",
+                4: "__syncthreads after a thread of the block has exited"}
 LANES_SHIMS = r"""
 #include <cmath>
 #include <cstring>
 #include <algorithm>
+#include <map>
 #include <vector>
 #include <ucontext.h>
 using namespace std;
 #define __global__
 #define __device__ static inline
-#define __shared__ static
-#define __syncthreads() mnn_wait(mnn_block_barrier, mnn_block_live)
+#define __syncthreads() mnn_sync_block()
+#define __shfl_xor_sync(mask, value, offset) mnn_exchange(value, (mnn_thread_id() % 32) ^ (offset), __COUNTER__)
+#define __shfl_sync(mask, value, source_lane) mnn_exchange(value, source_lane, __COUNTER__)
 struct mnn_index { unsigned int x, y, z; };
 static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 struct mnn_fiber { ucontext_t context; mnn_index thread; bool done; };
 struct mnn_barrier { int arrived; unsigned long long generation; };
 static vector<mnn_fiber> mnn_fibers;
 static vector<vector<char>> mnn_stacks;
+static vector<int> mnn_order;
 static vector<mnn_barrier> mnn_warp_barriers;
 static vector<int> mnn_warp_live;
-static vector<unsigned long long> mnn_slots;  /* one shuffle slot per thread */
+static vector<unsigned long long> mnn_slots;  /* one shuffle slot per lane of every warp */
+static vector<int> mnn_sites;  /* the shuffle each lane has posted to */
 static mnn_barrier mnn_block_barrier;
-static int mnn_block_live, mnn_current;
-static unsigned long long mnn_progress;
+static int mnn_threads, mnn_block_live, mnn_current, mnn_error;
+static unsigned long long mnn_progress, mnn_block_serial, mnn_random = 12345;
+static map<void*, unsigned long long> mnn_poisoned;  /* shared array -> the block that last filled it */
 static ucontext_t mnn_scheduler;
 static void (*mnn_body)();
 
+static void mnn_fail(int code) { if (!mnn_error) mnn_error = code; }
 static int mnn_thread_id() { return threadIdx.y * blockDim.x + threadIdx.x; }
 static void mnn_yield() { swapcontext(&mnn_fibers[mnn_current].context, &mnn_scheduler); }
 static void mnn_release_if_full(mnn_barrier& b, int live) {
@@ -183,19 +197,27 @@ static void mnn_wait(mnn_barrier& b, const int& live) {
     mnn_release_if_full(b, live);
     while (b.generation == generation) mnn_yield();
 }
-template <typename T> T mnn_exchange(T value, int source_lane) {
-    int id = mnn_thread_id(), warp = id / 32;
+static void mnn_sync_block() {
+    if (mnn_block_live < mnn_threads) mnn_fail(4);
+    mnn_wait(mnn_block_barrier, mnn_block_live);
+}
+template <typename T> T mnn_exchange(T value, int source_lane, int site) {
+    int id = mnn_thread_id(), warp = id / 32, source = warp * 32 + (source_lane & 31);
     memcpy(&mnn_slots[id], &value, sizeof(T));
+    mnn_sites[id] = site;
     mnn_wait(mnn_warp_barriers[warp], mnn_warp_live[warp]);
+    if (source >= mnn_threads || mnn_fibers[source].done) mnn_fail(3);
+    else if (mnn_sites[source] != site) mnn_fail(2);
     T result;
-    memcpy(&result, &mnn_slots[warp * 32 + (source_lane & 31)], sizeof(T));
+    memcpy(&result, &mnn_slots[source], sizeof(T));
     mnn_wait(mnn_warp_barriers[warp], mnn_warp_live[warp]);
     return result;
 }
-template <typename T> T __shfl_xor_sync(unsigned int, T value, int offset) {
-    return mnn_exchange(value, (mnn_thread_id() % 32) ^ offset);
+/* A __shared__ array, filled with NaN bytes by the first of its block's threads to declare it. */
+static void mnn_shared(void* array, size_t bytes) {
+    unsigned long long& filled = mnn_poisoned[array];
+    if (filled != mnn_block_serial) { memset(array, 0xff, bytes); filled = mnn_block_serial; }
 }
-template <typename T> T __shfl_sync(unsigned int, T value, int source_lane) { return mnn_exchange(value, source_lane); }
 
 static void mnn_fiber_main() {
     mnn_body();
@@ -205,15 +227,25 @@ static void mnn_fiber_main() {
     mnn_release_if_full(mnn_warp_barriers[warp], --mnn_warp_live[warp]);
     mnn_release_if_full(mnn_block_barrier, --mnn_block_live);
 }
+static void mnn_shuffle_order() {
+    for (int i = mnn_threads - 1; i > 0; i--) {
+        mnn_random = mnn_random * 6364136223846793005ull + 1442695040888963407ull;
+        swap(mnn_order[i], mnn_order[(mnn_random >> 33) % (i + 1)]);
+    }
+}
 /* One block: its threads as fibers, in turns until all are done; 1 on a deadlock. */
 static int mnn_run_block() {
-    int threads = blockDim.x * blockDim.y, warps = (threads + 31) / 32;
+    int threads = mnn_threads = blockDim.x * blockDim.y, warps = (threads + 31) / 32;
+    mnn_block_serial++;
     mnn_fibers.assign(threads, mnn_fiber());
     mnn_stacks.resize(threads, vector<char>(1 << 17));
+    mnn_order.resize(threads);
+    for (int i = 0; i < threads; i++) mnn_order[i] = i;
     mnn_warp_barriers.assign(warps, mnn_barrier{0, 0});
     mnn_warp_live.assign(warps, 32);
     if (threads % 32) mnn_warp_live[warps - 1] = threads % 32;
-    mnn_slots.assign(threads, 0);
+    mnn_slots.assign(warps * 32, 0);
+    mnn_sites.assign(warps * 32, 0);
     mnn_block_barrier = mnn_barrier{0, 0};
     mnn_block_live = threads;
     for (int i = 0; i < threads; i++) {
@@ -228,7 +260,9 @@ static int mnn_run_block() {
     for (int live = threads; live > 0;) {
         unsigned long long before = mnn_progress;
         live = 0;
-        for (mnn_current = 0; mnn_current < threads; mnn_current++) {
+        mnn_shuffle_order();
+        for (int turn = 0; turn < threads; turn++) {
+            mnn_current = mnn_order[turn];
             if (mnn_fibers[mnn_current].done) continue;
             threadIdx = mnn_fibers[mnn_current].thread;
             swapcontext(&mnn_scheduler, &mnn_fibers[mnn_current].context);
@@ -240,16 +274,17 @@ static int mnn_run_block() {
 }
 static int mnn_run_grid(unsigned int gx, unsigned int gy, unsigned int bx, unsigned int by, void (*body)()) {
     mnn_body = body;
+    mnn_error = 0;
     gridDim = mnn_index{gx, gy, 1};
     blockDim = mnn_index{bx, by, 1};
     for (blockIdx.y = 0; blockIdx.y < gy; blockIdx.y++)
         for (blockIdx.x = 0; blockIdx.x < gx; blockIdx.x++)
             if (mnn_run_block()) return 1;
-    return 0;
+    return mnn_error;
 }
 """
 # After the source: ``{entry}_lanes(grid x, grid y, block x, block y, ...)`` keeps the arguments where
-# the fibers' body finds them and runs the grid; 0 when it finished, 1 on a deadlock.
+# the fibers' body finds them and runs the grid; 0 when it finished, else a code of FIBER_ERRORS.
 LANES_RUNNER = """
 {statics}
 static void {entry}_body() {{ {entry}({names}); }}
@@ -258,6 +293,16 @@ extern "C" int {entry}_lanes(unsigned int gx, unsigned int gy, unsigned int bx, 
     return mnn_run_grid(gx, gy, bx, by, {entry}_body);
 }}
 """
+SHARED = re.compile(r"__shared__ ([^;]*);")
+
+
+def shared_poisoned(code):
+    """``code`` with each ``__shared__`` declaration a ``static`` one (one array for the block's fibers),
+    followed by a call that fills each of its arrays with NaN bytes once per block."""
+    def declared(match):
+        names = re.findall(r"(\w+)\s*\[", match.group(1).split(None, 1)[1])
+        return f"static {match.group(1)}; " + " ".join(f"mnn_shared({name}, sizeof({name}));" for name in names)
+    return SHARED.sub(declared, code)
 
 
 def lanes_library(source):
@@ -271,7 +316,7 @@ def lanes_library(source):
             statics="\n".join(f"static {c_type} {entry}_{name};" for c_type, name in typed),
             params=", ".join(" ".join(p) for p in params),
             stores=" ".join(f"{entry}_{name} = {name};" for _, name in typed)))
-    return ctypes.CDLL(str(build(LANES_SHIMS + source.code + "".join(runners))))
+    return ctypes.CDLL(str(build(LANES_SHIMS + shared_poisoned(source.code) + "".join(runners))))
 
 
 def compile_raw_with_lanes(source, function):
@@ -303,11 +348,12 @@ def nvrtc_library():
 
 
 def nvrtc_errors(code):
-    """None when NVRTC compiles ``code`` for sm_90 with CuPy's options, else its log."""
+    """None when NVRTC compiles ``code`` to machine code for sm_90 (so that the assembler's limits hold:
+    48 KB of static shared memory a block, registers) with CuPy's options, else its log."""
     nvrtc = nvrtc_library()
     program = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), code.encode(), b"kernels.cu", 0, None, None) == 0
-    options = [b"-arch=compute_90", b"--std=c++17", b"-ftz=true"]
+    options = [b"-arch=sm_90", b"--std=c++17", b"-ftz=true"]  # sm_: to machine code, as ptxas would check it
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -374,8 +420,8 @@ class RawKernelOnCpu:
                 assert type(value) is numpy_type, f"{self.entry}: {name} must be {numpy_type.__name__}, " \
                                                   f"got {type(value).__name__}"
                 values.append(c_value(value))
-        deadlocked = self.runner(*values)
-        assert not (self.lanes and deadlocked), f"{self.entry}: deadlock, threads wait where none can arrive"
+        error = self.runner(*values)
+        assert not (self.lanes and error), f"{self.entry}: {FIBER_ERRORS.get(error, error)}"
 
 
 class ElementwiseOnCpu:

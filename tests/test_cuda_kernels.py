@@ -309,3 +309,5 @@ def test_nvrtc_refuses_what_a_gpu_cannot_run():
         pytest.skip("NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux")
     assert "INFINITY" in nvrtc_errors('extern "C" __global__ void f(float* y) { y[0] = INFINITY; }')
     assert nvrtc_errors('int host() { return 1; } extern "C" __global__ void f(int* y) { y[0] = host(); }')
+    too_much = 'extern "C" __global__ void f(double* y) { __shared__ double s[8192]; s[threadIdx.x] = 1; y[0] = s[5]; }'
+    assert "shared data" in nvrtc_errors(too_much)  # 64 KB: more than a block's static 48 KB

@@ -220,12 +220,19 @@ def test_the_lstm_step_kernels_on_wide_states_and_odd_batches(on_gpu, batch, hid
                                                           (2, 256, 6, 384), (1, 100, 1, 100)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
-def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length, heads, width, dtype, training):
+def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length, heads, width, dtype, training,
+                                                          monkeypatch):
     """The flash kernels (mnn.kernels.cuda_attention) with real warps and blocks: tiles of keys and queries
-    past a block's rows, heads of 8 to 100 entries (the tile of 32, 64 or 128), dropout with the CPU's masks.
-    Output, input gradient and every parameter gradient against the CPU's reference lines."""
+    past a block's rows, heads of 8 to 100 entries (the tiles of 32, 64 and 128; a float64 head of 100
+    has none, and must take the products), dropout with the CPU's masks. Output, input gradient and
+    every parameter gradient against the CPU's reference lines."""
+    from mnn.kernels import cuda_attention
     from mnn.layers import MultiHeadAttention
 
+    launched = []
+    launch = cuda_attention.launch
+    monkeypatch.setattr(cuda_attention, "launch", lambda template, *rest: launched.append(template) or
+                        launch(template, *rest))
     rng = numpy.random.default_rng(length * width)
     x, g = (rng.standard_normal((batch, length, width)).astype(dtype) for _ in range(2))
     results = []
@@ -243,6 +250,8 @@ def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length,
         kernels.use_attention("products")
         backend.set_default_dtype(numpy.float32)
         backend.use("cupy")
+    has_tile = cuda_attention.head_tile(width // heads, dtype) is not None
+    assert launched == (["flash_forward", "flash_backward_queries", "flash_backward_keys"] if has_tile else [])
     tolerance = 1e-4 if dtype == "float32" else 1e-10
     for gpu, cpu in zip(*results):
         numpy.testing.assert_allclose(gpu, cpu, rtol=tolerance, atol=tolerance)

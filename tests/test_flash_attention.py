@@ -70,6 +70,16 @@ def run_kernels(qkv, grad_out, heads, causal, dropout):
 @pytest.mark.parametrize("p", [0.0, 0.4], ids=["no dropout", "dropout"])
 def test_the_flash_kernels_give_attention_and_its_gradient(dtype, tolerance, batch, length, heads, head_width, causal,
                                                            p):
+    assert_attention(dtype, tolerance, batch, length, heads, head_width, causal, p)
+
+
+@pytest.mark.parametrize("head_width", [65, 100, 128])  # float32's widest tile: each lane holds 4 entries
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "unmasked"])
+def test_the_widest_tile_gives_attention_and_its_gradient(head_width, causal):
+    assert_attention(numpy.float32, 2e-5, 1, 12, 2, head_width, causal, 0.3)
+
+
+def assert_attention(dtype, tolerance, batch, length, heads, head_width, causal, p):
     rng = numpy.random.default_rng(length)
     qkv = (rng.standard_normal((batch, length, 3 * heads * head_width)) * 1.5).astype(dtype)
     grad_out = rng.standard_normal((batch, length, heads * head_width)).astype(dtype)

@@ -595,7 +595,8 @@ def launch_elements(source, like, count, arguments):
 
 def add_product(out, a, b):
     """``out += a @ b`` on CuPy 2-D arrays of one dtype (``out`` C-contiguous) as one cuBLAS GEMM with
-    beta = 1: ``cupy.cublas.gemm`` passes each operand's layout to cuBLAS, copying none."""
+    beta = 1: ``cupy.cublas.gemm`` passes each operand's layout to cuBLAS, copying none where both are
+    contiguous (either order)."""
     from cupy import cublas
 
     if a.size and b.size:  # cuBLAS refuses an empty operand's leading dimension; nothing to add anyway

@@ -4,19 +4,19 @@ are in ``mnn.layers.attention.MultiHeadAttention``'s docstring (Eqs. (8)-(12)).
 
 Three kernels, each a block of ``FLASH_ROWS`` warps over one head of one sample:
 
-* ``FLASH_FORWARD``: a warp per query row t. The block loads ``FLASH_TILE`` keys and values at a
+* ``flash_forward``: a warp per query row t. The block loads ``FLASH_TILE`` keys and values at a
   time into shared memory; lane j scores key j of the tile, and the row's running maximum m,
   its running sum l and its output row o (each lane holding every 32nd entry) are rescaled to
   the tile's new maximum (Eq. (9)). Writes O, already in the (B, T, C) layout of the output
   projection, and the row's log-sum-exp L = m + log l (Eq. (10)).
-* ``FLASH_BACKWARD_QUERIES``: a warp per query row t: D_t = dO_t . O_t (Eq. (11)), kept for the
+* ``flash_backward_queries``: a warp per query row t: D_t = dO_t . O_t (Eq. (11)), kept for the
   next kernel, and dQ_t over the tiles of keys, with A recomputed from L.
-* ``FLASH_BACKWARD_KEYS``: a warp per key s: dK_s and dV_s over the tiles of queries (Eq. (12)).
+* ``flash_backward_keys``: a warp per key s: dK_s and dV_s over the tiles of queries (Eq. (12)).
 
 Each reads Q, K and V straight from the QKV projection's (B, T, 3C) output, and the two backward
 kernels write one (B, T, 3C) gradient for it, queries' part and keys' and values' parts apart:
-no head is split off, merged back or concatenated. Every sum is made by one thread in a fixed
-order, so a run gives the same bits each time (no atomic adds).
+no head is split off, merged back or concatenated. Every sum is made in a fixed order, by one
+thread or by one warp's butterfly, so a run gives the same bits each time (no atomic adds).
 
 Attention dropout draws ``DropoutLayer``'s mask of element i = ((b h + head) T + t) T + s of the
 (B, h, T, T) weights, SplitMix64's output for counter i + 1: the masks of the reference lines.
@@ -282,10 +282,18 @@ def settings(qkv, heads, scale, causal, dropout):
             real(keep_scale))
 
 
+def check_contiguous(name, array, dtype):
+    """The kernels take raw pointers: an array of another dtype or layout would be misread."""
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise ValueError(f"flash attention: {name} must be a C-contiguous {dtype} array, got {array.dtype} "
+                         f"with strides {array.strides}")
+
+
 def flash_attention(qkv, heads, scale, causal, dropout=None):
     """Eqs. (8)-(10) on a C-contiguous CuPy (B, T, 3C) QKV output: (O as (B, T, C), L as (B, h, T))."""
     import cupy
 
+    check_contiguous("qkv", qkv, qkv.dtype)
     batch, length, triple = qkv.shape
     out = cupy.empty((batch, length, triple // 3), qkv.dtype)
     logsumexp = cupy.empty((batch, heads, length), qkv.dtype)
@@ -299,6 +307,8 @@ def flash_attention_backward(qkv, out, grad_out, logsumexp, heads, scale, causal
     import cupy
 
     grad_out = cupy.ascontiguousarray(grad_out)
+    for name, array in (("qkv", qkv), ("out", out), ("grad_out", grad_out), ("logsumexp", logsumexp)):
+        check_contiguous(name, array, qkv.dtype)
     delta, grad_qkv = cupy.empty(logsumexp.shape, qkv.dtype), cupy.empty(qkv.shape, qkv.dtype)
     tail = settings(qkv, heads, scale, causal, dropout)
     launch("flash_backward_queries", qkv, heads, (qkv, out, grad_out, logsumexp, delta, grad_qkv, *tail))
