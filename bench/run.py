@@ -250,7 +250,8 @@ def main(argv=None, prog="python -m bench"):
                         "$OMP_NUM_THREADS, $OPENBLAS_NUM_THREADS and $MKL_NUM_THREADS that is set, else the cores this "
                         "process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CuPy against torch CUDA")
-    parser.add_argument("--attention", choices=kernels.ATTENTIONS, default=kernels.attention(),
+    parser.add_argument("--attention", choices=kernels.ATTENTIONS,
+                        default=os.environ.get("MNN_ATTENTION") or "products",
                         help="MultiHeadAttention's GPU lines (mnn.kernels.use_attention; default: $MNN_ATTENTION, "
                              "else products)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -258,6 +259,8 @@ def main(argv=None, prog="python -m bench"):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.attention not in kernels.ATTENTIONS:  # a default from $MNN_ATTENTION, which argparse does not check
+        parser.error(f"MNN_ATTENTION={args.attention!r}: expected one of {', '.join(kernels.ATTENTIONS)}")
     if args.models is None:
         args.models = ",".join(name for name in CASES if args.device == "cuda" or name not in GPU_SIZES)
     unknown = sorted(set(args.models.split(",")) - set(CASES))

@@ -319,13 +319,6 @@ def lanes_library(source):
     return ctypes.CDLL(str(build(LANES_SHIMS + shared_poisoned(source.code) + "".join(runners))))
 
 
-def compile_raw_with_lanes(source, function):
-    """``run(grid, block, *arguments)``: the entry ``function`` of a ``Raw`` source run on the CPU with
-    its whole grid and blocks (up to two axes each), every thread a fiber (LANES_SHIMS). Arguments
-    as ``RawKernelOnCpu`` takes them."""
-    return RawKernelOnCpu(source, function, lanes=True)
-
-
 def compile_for_gpu(kernels, dtype):
     """NVRTC's verdict on ``kernels``, (source, array input names) pairs, as device code for an H100
     (sm_90): each a grid-stride loop around its operation, as CuPy writes it, compiled though not

@@ -55,6 +55,17 @@ def test_nanogpt_reference_presets_change_only_known_settings():
     assert (PRESETS["gpu"]["width"], PRESETS["gpu"]["context"], PRESETS["gpu"]["dropout"]) == (384, 256, 0.2)
 
 
+def test_a_bad_attention_in_the_environment_is_one_line(monkeypatch, capsys):
+    from mnn import cli
+    monkeypatch.setenv("MNN_ATTENTION", "fast")
+    try:
+        code = cli.main(["bench", "--tiny"])
+    except SystemExit as stopped:
+        code = stopped.code
+    err = capsys.readouterr().err
+    assert code == 2 and "MNN_ATTENTION='fast'" in err and "Traceback" not in err
+
+
 def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):
     import torch
 
@@ -65,6 +76,7 @@ def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):
              (["--models", "nonsense"], "no case 'nonsense'"),
              (["--json", str(tmp_path / "missing" / "r.json")], "no folder")]
     cases += [] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA GPU")]
+    cases += [(["--attention", "fast"], "invalid choice: 'fast'")]
     for flags, message in cases:
         try:
             code = cli.main(["bench", "--tiny", *flags])

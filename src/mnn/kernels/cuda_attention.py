@@ -41,9 +41,11 @@ COMMON = cuda.ROWS + cuda.SPLITMIX64 + f"""
 #define FLASH_ROWS {FLASH_ROWS}
 #define FLASH_TILE {FLASH_TILE}
 #define FULL_MASK 0xffffffffu
-/* DropoutLayer's Eqs. (3)-(4): element i of the (B, h, T, T) weights is kept, times 1/(1 - p), or dropped. */
-template <typename T> __device__ T kept(unsigned long long key, unsigned long long i, unsigned long long threshold,
-                                        T keep_scale) {{
+/* DropoutLayer's Eqs. (3)-(4): weight (t, s) of head bh, element i = (bh T + t) T + s of the (B, h, T, T)
+   weights, is kept, times 1/(1 - p), or dropped. */
+template <typename T> __device__ T kept(unsigned long long key, int bh, int length, int t, int s,
+                                        unsigned long long threshold, T keep_scale) {{
+    unsigned long long i = ((unsigned long long)bh * length + t) * length + s;
     unsigned long long z = mnn_splitmix64(key + (i + 1ull) * {GOLDEN_GAMMA:#x}ull);
     return (z >> 32) < threshold ? keep_scale : (T)0;
 }}
@@ -62,6 +64,20 @@ template <typename T> __device__ T dot(const T* a, const T* b, int d) {
     T sum = 0;
     for (int c = 0; c < d; c++) sum += a[c] * b[c];
     return sum;
+}
+/* acc += sum over j < count of lane j's weight times row j of tile (rows D + 1 apart); each lane holds the
+   entries c = lane + 32 i of acc. Every lane of the warp takes part. */
+template <typename T, int D> __device__ void add_weighted_rows(T* acc, T weight, const T* tile, int count, int d) {
+    for (int j = 0; j < count; j++) {
+        T weight_j = __shfl_sync(FULL_MASK, weight, j);
+        for (int i = 0; i < D / 32; i++)
+            if (threadIdx.x + 32 * i < d) acc[i] += weight_j * tile[j * (D + 1) + threadIdx.x + 32 * i];
+    }
+}
+/* row[c] = factor acc (the lane's entries c = lane + 32 i), for c < d. */
+template <typename T, int D> __device__ void store_row(T* row, const T* acc, T factor, int d) {
+    for (int i = 0; i < D / 32; i++)
+        if (threadIdx.x + 32 * i < d) row[threadIdx.x + 32 * i] = acc[i] * factor;
 }
 /* Where sample b, head h of qkv (B, T, 3C) starts: its queries' row 0; keys C further, values 2C. */
 template <typename T> __device__ const T* head_start(const T* qkv, int b, int h, int length, int width, int d) {
@@ -96,21 +112,14 @@ template <typename T, int D> __device__ void flash_forward(
         T p = lane < count ? exp(score - new_top) : (T)0;
         total = total * alpha + p;
         top = new_top;
-        if (dropout && lane < count)
-            p *= kept(key, ((unsigned long long)bh * length + t) * length + s0 + lane, threshold, keep_scale);
+        if (dropout && lane < count) p *= kept(key, bh, length, t, s0 + lane, threshold, keep_scale);
         for (int i = 0; i < D / 32; i++) o[i] *= alpha;
-        for (int j = 0; j < count; j++) {
-            T p_j = __shfl_sync(FULL_MASK, p, j);
-            const T* value = values + j * (D + 1);
-            for (int i = 0; i < D / 32; i++)
-                if (lane + 32 * i < d) o[i] += p_j * value[lane + 32 * i];
-        }
+        add_weighted_rows<T, D>(o, p, values, count, d);
     }
     if (t >= length) return;
     total = lanes_sum(total);
-    T* row = out + ((long long)b * length + t) * width + (long long)h * d;
-    for (int i = 0; i < D / 32; i++)
-        if (lane + 32 * i < d) row[lane + 32 * i] = o[i] / total;
+    for (int i = 0; i < D / 32; i++) o[i] /= total;
+    store_row<T, D>(out + ((long long)b * length + t) * width + (long long)h * d, o, (T)1, d);
     if (lane == 0) logsumexp[(long long)bh * length + t] = top + log(total);  /* Eq. (10) */
 }
 
@@ -151,21 +160,13 @@ template <typename T, int D> __device__ void flash_backward_queries(
         if (lane < count) {
             T a = exp(dot(queries + w * D, keys + lane * (D + 1), d) * scale - row_logsumexp);  /* A, again */
             T da = dot(grads + w * D, values + lane * (D + 1), d);  /* dA~ = dO V^T */
-            if (dropout)
-                da *= kept(key, ((unsigned long long)bh * length + t) * length + s0 + lane, threshold, keep_scale);
+            if (dropout) da *= kept(key, bh, length, t, s0 + lane, threshold, keep_scale);
             ds = a * (da - row_delta);  /* Eq. (12) */
         }
-        for (int j = 0; j < count; j++) {
-            T ds_j = __shfl_sync(FULL_MASK, ds, j);
-            const T* key_row = keys + j * (D + 1);
-            for (int i = 0; i < D / 32; i++)
-                if (lane + 32 * i < d) dq[i] += ds_j * key_row[lane + 32 * i];
-        }
+        add_weighted_rows<T, D>(dq, ds, keys, count, d);
     }
     if (t >= length) return;
-    T* row = grad_qkv + ((long long)b * length + t) * row_stride + (long long)h * d;
-    for (int i = 0; i < D / 32; i++)
-        if (lane + 32 * i < d) row[lane + 32 * i] = dq[i] * scale;
+    store_row<T, D>(grad_qkv + ((long long)b * length + t) * row_stride + (long long)h * d, dq, scale, d);
 }
 
 /* dK_s and dV_s of Eq. (12), over tiles of queries, with L and D from the kernels before. */
@@ -200,29 +201,18 @@ template <typename T, int D> __device__ void flash_backward_keys(
         if (t < length && (!causal || s <= t)) {
             T a = exp(dot(queries + lane * (D + 1), keys + w * D, d) * scale - logsumexps[lane]);
             T da = dot(grads + lane * (D + 1), values + w * D, d);
-            T z = dropout ? kept(key, ((unsigned long long)bh * length + t) * length + s, threshold, keep_scale) : (T)1;
+            T z = dropout ? kept(key, bh, length, t, s, threshold, keep_scale) : (T)1;
             weight = a * z;
             ds = a * (da * z - deltas[lane]);  /* Eq. (12) */
         }
         int count = min(FLASH_TILE, length - t0);
-        for (int j = 0; j < count; j++) {
-            T weight_j = __shfl_sync(FULL_MASK, weight, j), ds_j = __shfl_sync(FULL_MASK, ds, j);
-            const T* query_row = queries + j * (D + 1);
-            const T* grad_row = grads + j * (D + 1);
-            for (int i = 0; i < D / 32; i++)
-                if (lane + 32 * i < d) {
-                    dv[i] += weight_j * grad_row[lane + 32 * i];
-                    dk[i] += ds_j * query_row[lane + 32 * i];
-                }
-        }
+        add_weighted_rows<T, D>(dv, weight, grads, count, d);
+        add_weighted_rows<T, D>(dk, ds, queries, count, d);
     }
     if (s >= length) return;
     T* row = grad_qkv + ((long long)b * length + s) * row_stride + (long long)h * d;
-    for (int i = 0; i < D / 32; i++)
-        if (lane + 32 * i < d) {
-            row[width + lane + 32 * i] = dk[i] * scale;
-            row[2 * width + lane + 32 * i] = dv[i];
-        }
+    store_row<T, D>(row + width, dk, scale, d);
+    store_row<T, D>(row + 2 * width, dv, (T)1, d);
 }
 """
 SHAPE = "int heads, int length, int d, T scale, int causal"
