@@ -281,7 +281,7 @@ RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_RO
                cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD,
                cuda.IM2COL, cuda.COL2IM, cuda.MAX_POOL, cuda.MAX_POOL_BACKWARD, cuda.BATCH_NORM_SUMS,
                cuda.BATCH_NORM_STATISTICS, cuda.BATCH_NORM_APPLY, cuda.BATCH_NORM_BACKWARD_SUMS,
-               cuda.BATCH_NORM_BACKWARD_APPLY]
+               cuda.BATCH_NORM_BACKWARD_MEANS, cuda.BATCH_NORM_BACKWARD_APPLY]
 
 
 def test_the_lists_name_every_gpu_kernel():

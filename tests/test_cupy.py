@@ -257,15 +257,17 @@ def test_flash_attention_on_gpu_equals_the_cpus_attention(on_gpu, batch, length,
         numpy.testing.assert_allclose(gpu, cpu, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("layer", ["linear", "layer norm", "convolution", "lstm"])
-def test_gradients_added_into_by_cublas_on_gpu_follow_the_cpu(on_gpu, layer):
+@pytest.mark.parametrize("layer", ["linear", "layer norm", "convolution", "lstm", "batch norm"])
+def test_gradients_added_into_on_gpu_follow_the_cpu(on_gpu, layer):
     """Two backward passes: each adds into the gradients (one cuBLAS GEMM or GEMV with beta = 1,
-    mnn.layers.sums.add_product and add_column_sums), so both passes must show, as on the CPU."""
-    from mnn.layers import Conv2dLayer, LayerNormLayer, LinearLayer, LSTMLayer
+    mnn.layers.sums.add_product and add_column_sums; batch norm's kernel), so both passes must show,
+    as on the CPU."""
+    from mnn.layers import BatchNorm2dLayer, Conv2dLayer, LayerNormLayer, LinearLayer, LSTMLayer
 
     makers = {"linear": (lambda: LinearLayer(5, 7), (6, 5)), "layer norm": (lambda: LayerNormLayer(5), (2, 3, 5)),
               "convolution": (lambda: Conv2dLayer(2, 3, 3, padding=1), (2, 2, 5, 5)),
-              "lstm": (lambda: LSTMLayer(5, 6), (2, 3, 5))}
+              "lstm": (lambda: LSTMLayer(5, 6), (2, 3, 5)),
+              "batch norm": (lambda: BatchNorm2dLayer(3), (4, 3, 5, 5))}
     make, shape = makers[layer]
     rng = numpy.random.default_rng(7)
     x = rng.standard_normal(shape).astype(numpy.float32)

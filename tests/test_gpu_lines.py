@@ -49,7 +49,9 @@ def test_convolution_on_the_gpu_lines_equals_the_reference(cin, cout, size, kern
     x = channels_last_batch((3, cin, *size), rng) if layout == "channels-last" else rng.standard_normal(
         (3, cin, *size))
     reference, gpu = both_ways(lambda: Conv2dLayer(cin, cout, kernel, stride=stride, padding=padding), x, dtype)
-    assert launched == [cuda.IM2COL.name, "cublas.gemv", cuda.COL2IM.name]  # the bias's gradient added to
+    weight_in_im2col_order = cin == 1  # (O, 1, kh, kw): the weight's gradient added to by one GEMM
+    assert launched == [cuda.IM2COL.name, *["cublas.gemm"] * weight_in_im2col_order, "cublas.gemv",
+                        cuda.COL2IM.name]  # the bias's gradient added to
     for index, what in ((0, "output"), (1, "input gradient")):
         assert_close(reference[index], gpu[index], dtype, what)
     for name in reference[2]:
@@ -68,7 +70,7 @@ def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dt
     test_kernels.assert_batch_norm_both_ways_equal(layer_class, shape, dtype, centre)
     assert launched == [cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name, cuda.BATCH_NORM_APPLY.name,
                         cuda.RUNNING_STATISTICS.name, cuda.BATCH_NORM_BACKWARD_SUMS.name,
-                        cuda.BATCH_NORM_BACKWARD_APPLY.name]
+                        cuda.BATCH_NORM_BACKWARD_MEANS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name]
 
 
 def test_batch_norm_on_the_gpu_lines_keeps_a_nan_variance():
@@ -179,6 +181,30 @@ def test_a_linear_layer_on_the_gpu_lines_adds_into_its_gradients(rows, launched)
     numpy.testing.assert_allclose(layer.grads["b"], 2 * g.sum(axis=0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("make_layer, shape", [
+    (lambda: BatchNormLayer(5), (37, 5)), (lambda: BatchNorm2dLayer(4), (3, 4, 5, 7)),
+    (lambda: LayerNormLayer(6), (3, 4, 6)), (lambda: LayerNormLayer(6, bias=False), (3, 4, 6)),
+    (lambda: Conv2dLayer(3, 4, 3, padding=1), (2, 3, 6, 5)), (lambda: Conv2dLayer(1, 4, 3), (2, 1, 6, 5)),
+    (lambda: Conv2dLayer(3, 4, 1), (2, 3, 6, 5)), (lambda: LinearLayer(6, 3), (4, 6))],
+    ids=["batch-norm", "batch-norm-2d", "layer-norm", "layer-norm-no-bias", "convolution", "convolution-grey",
+         "convolution-1x1", "linear"])
+def test_every_gradient_added_into_on_the_gpu_lines_accumulates_as_the_reference(make_layer, shape, launched):
+    """Kernels and cuBLAS calls that add into ``grads`` (beta = 1, ``+=`` in a kernel): two backward
+    passes hold the sum of both, as on the reference lines."""
+    x = numpy.random.default_rng(3).standard_normal(shape)
+
+    def twice(layer):
+        for seed in (1, 2):
+            y = layer.forward(x)
+            layer.backward(numpy.random.default_rng(seed).standard_normal(y.shape))
+        return {name: value.copy() for name, value in layer.grads.items()}
+
+    reference, gpu = both_ways(make_layer, x, numpy.float64, step=twice)
+    assert launched, "the GPU lines were not taken"
+    for name in reference:
+        assert_close(reference[name], gpu[name], numpy.float64, name)
+
+
 def test_the_stand_in_for_cublas_refuses_what_cublas_refuses():
     """The checks above can fail: an empty operand's leading dimension, vectors with a stride."""
     cublas = CublasOnCpu([])
@@ -222,7 +248,8 @@ KERNELS = {
     "cnn": EVERY_MODEL | {cuda.RELU_BACKWARD.name, cuda.IM2COL.name, cuda.COL2IM.name, cuda.MAX_POOL.name,
                           cuda.MAX_POOL_BACKWARD.name, cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name,
                           cuda.BATCH_NORM_APPLY.name, cuda.RUNNING_STATISTICS.name,
-                          cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name},
+                          cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_MEANS.name,
+                          cuda.BATCH_NORM_BACKWARD_APPLY.name},
     "gpt": EVERY_MODEL | {cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
                           cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name, cuda.LAYER_NORM_ROWS_BACKWARD.name},
     "lstm": EVERY_MODEL | {cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},

@@ -5,6 +5,7 @@ it lives in, ``xp = array_module(x)``, so the same lines run under either.
 This module holds the few global choices: which module new parameters are
 created in, the default floating dtype (float32), and the random generator.
 """
+import functools
 import os
 
 import numpy
@@ -96,6 +97,22 @@ def to_numpy(array):
     if hasattr(array, "get"):
         return array.get()
     return numpy.asarray(array)
+
+
+def kept_vector(xp, value, count, dtype):
+    """A read-only vector of ``count`` entries equal to ``value``, in module ``xp`` (on the current GPU),
+    made once and kept: a GPU would spend a launch filling a new one at every use (the ones of a sum
+    over rows, the zero shift of a layer norm without bias)."""
+    device = xp.cuda.Device().id if xp.__name__ == "cupy" else None
+    return _kept_vector(xp, value, count, numpy.dtype(dtype), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_vector(xp, value, count, dtype, device):
+    vector = xp.full(count, value, dtype=dtype)
+    if hasattr(vector.flags, "writeable"):
+        vector.flags.writeable = False  # shared by every caller
+    return vector
 
 
 def uniform(low, high, shape, dtype=None):

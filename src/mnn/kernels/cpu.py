@@ -256,12 +256,15 @@ def batch_norm_rows(rows, weight, bias, eps, x_hat, y, mean, var):
             y[n, c] = x_hat[n, c] * weight[c] + bias[c]
 
 
-def batch_norm_backward(g, x_hat, weight, inv_std):
-    """Batch norm's Eqs. (2)-(3) for (N, C) rows: (dL/dx, dL/dgamma, dL/dbeta), in two passes."""
-    d_weight, d_bias = numpy.zeros(g.shape[1]), numpy.zeros(g.shape[1])
+def batch_norm_backward(g, x_hat, weight, inv_std, d_weight, d_bias):
+    """Batch norm's Eqs. (2)-(3) for (N, C) rows: dL/dx, in two passes, with dL/dgamma and dL/dbeta added into
+    ``d_weight`` and ``d_bias``."""
+    sums_gx, sums_g = numpy.zeros(g.shape[1]), numpy.zeros(g.shape[1])
     grad = numpy.empty_like(g)
-    batch_norm_backward_rows(g, x_hat, weight * inv_std, grad, d_weight, d_bias)
-    return grad, d_weight.astype(g.dtype), d_bias.astype(g.dtype)
+    batch_norm_backward_rows(g, x_hat, weight * inv_std, grad, sums_gx, sums_g)
+    d_weight += sums_gx.astype(g.dtype)
+    d_bias += sums_g.astype(g.dtype)
+    return grad
 
 
 @njit(**COMPILE)

@@ -535,6 +535,17 @@ template <typename T> __device__ void batch_norm_backward_sums(const T* g, const
         sums[(chunk * 2 + 1) * channels + c] = total;
     }
 }
+/* Eq. (2)'s sums over every chunk, sums (2, C): added into the gradients, and as means, of g x_hat then of g,
+   for Eq. (3) (means (2, C)), each rounded once a channel */
+template <typename T> __device__ void batch_norm_backward_means(const double* sums, T* means, T* d_weight, T* d_bias,
+                                                                long long count, int channels) {
+    EACH_ELEMENT(c, channels) {
+        means[c] = (T)(sums[c] / count);
+        means[channels + c] = (T)(sums[channels + c] / count);
+        d_weight[c] += (T)sums[c];
+        d_bias[c] += (T)sums[channels + c];
+    }
+}
 /* Eq. (3), with the means of Eq. (2)'s sums over every chunk, means (2, C): of g x_hat, then of g. */
 template <typename T> __device__ void batch_norm_backward_apply(const T* g, const T* x_hat, const T* means,
                                                                 const T* weight, const T* inv_std, T* grad,
@@ -554,12 +565,15 @@ template <typename T> __device__ void batch_norm_backward_apply(const T* g, cons
               "long long count, int channels")
     + entries("mnn_batch_norm_backward_sums", "batch_norm_backward_sums",
               "const T* g, const T* x_hat, double* sums, long long count, int channels, int chunk_rows")
+    + entries("mnn_batch_norm_backward_means", "batch_norm_backward_means",
+              "const double* sums, T* means, T* d_weight, T* d_bias, long long count, int channels")
     + entries("mnn_batch_norm_backward_apply", "batch_norm_backward_apply",
               "const T* g, const T* x_hat, const T* means, const T* weight, const T* inv_std, T* grad, "
               "long long count, int channels"))
 BATCH_NORM_STATISTICS = Raw("mnn_batch_norm_statistics", BATCH_NORM_SUMS.code)
 BATCH_NORM_APPLY = Raw("mnn_batch_norm_apply", BATCH_NORM_SUMS.code)
 BATCH_NORM_BACKWARD_SUMS = Raw("mnn_batch_norm_backward_sums", BATCH_NORM_SUMS.code)
+BATCH_NORM_BACKWARD_MEANS = Raw("mnn_batch_norm_backward_means", BATCH_NORM_SUMS.code)
 BATCH_NORM_BACKWARD_APPLY = Raw("mnn_batch_norm_backward_apply", BATCH_NORM_SUMS.code)
 
 
@@ -835,15 +849,19 @@ def batch_norm(rows, weight, bias, eps):
     return y, x_hat, inv_std, mean, var
 
 
-def batch_norm_backward(g, x_hat, weight, inv_std):
-    """Batch norm's Eqs. (2)-(3) for CuPy (N, C) rows: (dL/dx, dL/dgamma, dL/dbeta), as
-    ``mnn.kernels.cpu.batch_norm_backward``, in three launches and the sums' casts."""
+def batch_norm_backward(g, x_hat, weight, inv_std, d_weight, d_bias):
+    """Batch norm's Eqs. (2)-(3) for CuPy (N, C) rows: dL/dx, with dL/dgamma and dL/dbeta added into ``d_weight``
+    and ``d_bias`` (C-contiguous), as ``mnn.kernels.cpu.batch_norm_backward``, in three launches and a GEMV."""
     import cupy
 
     g, x_hat, weight, inv_std = (cupy.ascontiguousarray(a) for a in (g, x_hat, weight, inv_std))
+    if not (d_weight.flags.c_contiguous and d_bias.flags.c_contiguous):
+        raise ValueError("batch norm's backward kernel adds into C-contiguous gradients")
     count, channels = g.shape
     sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
-    means, grad = (sums / count).astype(g.dtype), empty(g)  # rounded once a channel, not per entry
+    means, grad = cupy.empty((2, channels), dtype=g.dtype), empty(g)
+    launch_elements(BATCH_NORM_BACKWARD_MEANS, g, channels, (sums, means, d_weight, d_bias, numpy.int64(count),
+                                                             numpy.int32(channels)))
     launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, means, weight, inv_std, grad, numpy.int64(count),
                                                            numpy.int32(channels)))
-    return grad, sums[0].astype(g.dtype), sums[1].astype(g.dtype)
+    return grad

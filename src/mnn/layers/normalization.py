@@ -180,10 +180,9 @@ class BatchNormLayer(Layer):
         x_hat, inv_std, training, shape, count = self.saved()
         g = self.to_rows(g)
         fused = self.fused_kernels(g, x_hat, inv_std) if training else None
-        if fused:  # Eqs. (2)-(3) in two passes (three launches on a GPU)
-            grad, d_weight, d_bias = fused.batch_norm_backward(g, x_hat, self.params["weight"], inv_std)
-            self.grads["weight"] += d_weight
-            self.grads["bias"] += d_bias
+        if fused:  # Eqs. (2)-(3) in two passes (four launches on a GPU), Eq. (2) added into the gradients
+            grad = fused.batch_norm_backward(g, x_hat, self.params["weight"], inv_std, self.grads["weight"],
+                                             self.grads["bias"])
             return self.from_rows(grad, shape)
         d_weight, d_bias = column_dots(g, x_hat), column_sums(g)
         self.grads["weight"] += d_weight  # Eq. (2)
@@ -253,7 +252,8 @@ class LayerNormLayer(Layer):
     def forward(self, x):
         self.check_input(x, min_ndim=1, last_dim=self.dim)
         weight = self.params["weight"]
-        shift = self.params["bias"] if self.bias else backend.array_module(x).zeros_like(weight)
+        shift = self.params["bias"] if self.bias else backend.kept_vector(backend.array_module(x), 0, self.dim,
+                                                                           weight.dtype)  # no bias: beta = 0
         fused = kernels.cpu if kernels.fused(x) else kernels.cuda if kernels.fused_gpu(x) else None
         if fused and x.dtype == weight.dtype == shift.dtype:  # the kernels keep one dtype; the lines below promote
             y, x_hat, inv_std = fused.layer_norm(x, weight, shift, self.eps)  # Eq. (1), each row in one pass

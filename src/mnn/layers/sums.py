@@ -9,8 +9,6 @@ what it holds: ``add_column_sums`` and ``add_product``. On a GPU each is one cuB
 adds into the gradient (beta = 1), rather than a call into a new array and an add: a launch
 and a temporary fewer.
 """
-import functools
-
 from .. import backend, kernels
 
 
@@ -21,18 +19,7 @@ def column_sums(rows):
 
 def ones_for(rows):
     """The kept vector of ones for a (N, C) array: N ones of its dtype, where it is."""
-    xp = backend.array_module(rows)
-    device = xp.cuda.Device().id if xp.__name__ == "cupy" else None
-    return ones(xp, rows.shape[0], rows.dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def ones(xp, count, dtype, device):
-    """A vector of ``count`` ones, kept: a GPU would spend a launch filling a new one for every sum."""
-    vector = xp.ones(count, dtype=dtype)
-    if hasattr(vector.flags, "writeable"):
-        vector.flags.writeable = False  # shared by every caller
-    return vector
+    return backend.kept_vector(backend.array_module(rows), 1, rows.shape[0], rows.dtype)
 
 
 def column_dots(a, b):
