@@ -82,6 +82,14 @@ def compile_for_cpu(source, dtype, arrays):
     return run
 
 
+# Threads run one at a time (or as fibers that yield only at a shuffle or a barrier): an add is atomic.
+ATOMIC_ADD = """
+static unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+    unsigned long long old = *address;
+    *address = old + value;
+    return old;
+}
+"""
 RAW_SHIMS = """
 #include <cmath>
 #include <algorithm>
@@ -92,7 +100,7 @@ using namespace std;
 struct mnn_index { unsigned int x, y, z; };
 static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 template <typename T> T __shfl_xor_sync(unsigned int, T value, int) { return value; }
-"""
+""" + ATOMIC_ADD
 # After the source: for each entry, ``{entry}_grid(blocks, threads, rows_per_block, ...)`` runs it for
 # every block, every row of a block (threadIdx.y) and every thread of a row (threadIdx.x) in turn.
 # A row kernel runs with one thread per row, its one lane; an element kernel with its block's threads.
@@ -168,6 +176,7 @@ using namespace std;
 #define __shfl_sync(mask, value, source_lane) mnn_exchange(value, source_lane, __COUNTER__)
 struct mnn_index { unsigned int x, y, z; };
 static mnn_index blockIdx, threadIdx, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+""" + ATOMIC_ADD + r"""
 struct mnn_fiber { ucontext_t context; mnn_index thread; bool done; };
 struct mnn_barrier { int arrived; unsigned long long generation; };
 static vector<mnn_fiber> mnn_fibers;
@@ -376,7 +385,8 @@ def build(code):
 # on the CPU: their launches, argument lists and array layouts run as a GPU would run them, a row
 # kernel with one lane a row unless asked for all (``lanes``).
 
-POINTEES = {"float": "float32", "double": "float64", "int": "int32", "long long": "int64"}
+POINTEES = {"float": "float32", "double": "float64", "int": "int32", "long long": "int64",
+            "unsigned long long": "uint64"}
 SCALARS = {"float": (numpy.float32, ctypes.c_float), "double": (numpy.float64, ctypes.c_double),
            "int": (numpy.int32, ctypes.c_int), "long long": (numpy.int64, ctypes.c_longlong),
            "unsigned long long": (numpy.uint64, ctypes.c_ulonglong)}

@@ -230,15 +230,34 @@ def test_the_cross_entropy_kernels_give_the_numpy_lines(dtype, classes):
     pointer, rows = ctypes.c_void_p, x.size // classes
     flat_labels = labels.reshape(-1).astype(numpy.int64)
     p, losses, grad = numpy.empty_like(x), numpy.empty(rows, dtype), numpy.empty_like(x)
-    count = ctypes.c_longlong
+    count, outside = ctypes.c_longlong, numpy.zeros(1, numpy.uint64)
     compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS, f"mnn_cross_entropy_rows_{name}",
-                        [pointer] * 4 + [ctypes.c_int, count])(rows, x, flat_labels, p, losses, classes, rows)
+                        [pointer] * 5 + [ctypes.c_int, count])(rows, x, flat_labels, p, losses, outside, classes, rows)
+    assert outside[0] == 0
     compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS_BACKWARD, f"mnn_cross_entropy_rows_backward_{name}",
                         [pointer] * 3 + [ctypes.c_int, scalar, count])(rows, p, flat_labels, grad, classes, 1 / rows,
                                                                        rows)
     tolerance = 1e-13 if dtype == numpy.float64 else 2e-6
     numpy.testing.assert_allclose(losses.mean(), reference_loss, rtol=tolerance)
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_cross_entropy_kernel_counts_the_labels_outside_the_classes(dtype):
+    """Each label below 0 or at C and above counted once, none read from outside its row; the rows with
+    a label inside keep their losses."""
+    rng, classes = numpy.random.default_rng(6), 4
+    x, labels = rng.standard_normal((7, classes)).astype(dtype), numpy.array([0, -1, 3, 4, 2, -9, 99])
+    name, _ = c_types(dtype)
+    p, losses, outside = numpy.empty_like(x), numpy.full(7, -1, dtype), numpy.zeros(1, numpy.uint64)
+    compile_raw_for_cpu(cuda.CROSS_ENTROPY_ROWS, f"mnn_cross_entropy_rows_{name}",
+                        [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_longlong])(7, x, labels, p, losses, outside,
+                                                                                   classes, 7)
+    assert outside[0] == 4
+    inside = [0, 2, 4]
+    expected = numpy.log(numpy.exp(x.astype(numpy.float64)).sum(axis=1)) - x[range(7), labels.clip(0, 3)]
+    numpy.testing.assert_allclose(losses[inside], expected[inside], rtol=1e-6)
+    numpy.testing.assert_array_equal(losses[[1, 3, 5, 6]], -1)  # unwritten
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -278,7 +297,7 @@ GPU_KERNELS = [(cuda.ADAM_UPDATE, {"g"}), (cuda.ADAM_UPDATE_FLAT, {"g", "code"})
 
 
 RAW_KERNELS = [cuda.SOFTMAX_ROWS, cuda.SOFTMAX_ROWS_BACKWARD, cuda.LAYER_NORM_ROWS, cuda.LAYER_NORM_ROWS_BACKWARD,
-               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD,
+               cuda.CROSS_ENTROPY_ROWS, cuda.CROSS_ENTROPY_ROWS_BACKWARD, cuda.EMBEDDING_ROWS, cuda.LSTM_STEP, cuda.LSTM_STEP_BACKWARD,
                cuda.IM2COL, cuda.COL2IM, cuda.MAX_POOL, cuda.MAX_POOL_BACKWARD, cuda.BATCH_NORM_SUMS,
                cuda.BATCH_NORM_STATISTICS, cuda.BATCH_NORM_APPLY, cuda.BATCH_NORM_BACKWARD_SUMS,
                cuda.BATCH_NORM_BACKWARD_MEANS, cuda.BATCH_NORM_BACKWARD_APPLY]

@@ -7,16 +7,19 @@ import numpy
 import pytest
 
 from cuda_on_cpu import CublasOnCpu, run_gpu_lines_on_cpu
+from device_operations import READ_BACK, count_on_gpu_lines, step_operations
 from mnn import backend, kernels, models, optim
 from mnn.kernels import cuda
-from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, LayerNormLayer, LinearLayer,
-                        LSTMLayer, MultiHeadAttention, ReluLayer)
+from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, EmbeddingLayer,
+                        LayerNormLayer, LinearLayer, LSTMLayer, MultiHeadAttention, PositionalEmbeddingLayer,
+                        ReluLayer)
 import test_kernels
 from test_kernels import POOLS, assert_close, both_ways, channels_last_batch, lstm_step
 
 RAW_NAMES = {value.name for value in vars(cuda).values() if isinstance(value, cuda.Raw)}
 CONVOLUTIONS = [(3, 5, (9, 9), 3, 1, 1), (2, 4, (10, 10), 3, 2, 1), (2, 3, (7, 7), 2, 2, 0), (1, 2, (6, 6), 5, 1, 2),
-                (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1)]  # (H, W)
+                (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1),
+                (2, 3, (3, 4), (1, 3), 2, 3)]  # (H, W)
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +130,50 @@ ROW_LAYERS = {
     "causal attention": (lambda: MultiHeadAttention(8, 2), lambda rows, width: (rows, width, 8)),  # width: T
     "layer norm": (lambda width: LayerNormLayer(width), lambda rows, width: (rows, width)),
 }
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3,), (0, 4), (2, 3, 4)])
+@pytest.mark.parametrize("lanes", [False, True], ids=["a-lane-a-row", "all-lanes"])
+def test_embeddings_on_the_gpu_lines_equal_the_reference(shape, lanes, monkeypatch):
+    """A warp copies each token's row (37 entries: lanes striding past a warp); the positions' gradient is
+    one GEMV adding into the rows the sequence used."""
+    launched = run_gpu_lines_on_cpu(monkeypatch, lanes=lanes)
+    indices = numpy.random.default_rng(9).integers(0, 6, shape)
+    reference, gpu = both_ways(lambda: EmbeddingLayer(6, 37), indices, numpy.float32)
+    assert launched == [cuda.EMBEDDING_ROWS.name] * bool(indices.size)
+    numpy.testing.assert_array_equal(reference[0], gpu[0])  # copies of the table's rows
+    numpy.testing.assert_array_equal(reference[2]["weight"], gpu[2]["weight"])  # the same scatter-add
+    if len(shape) == 2:
+        launched.clear()
+        x = numpy.random.default_rng(10).standard_normal((*shape, 3))
+        reference, gpu = both_ways(lambda: PositionalEmbeddingLayer(7, 3), x, numpy.float32)
+        assert launched == ["cublas.gemv"] * bool(indices.size)
+        assert_close(reference[2]["weight"], gpu[2]["weight"], numpy.float32, "the positions' gradient")
+
+
+@pytest.mark.parametrize("indices", [[0, 2, -1, 1, 2], [3, 0, 1, 2, 7]], ids=["below", "above"])
+def test_embeddings_on_the_gpu_lines_refuse_indices_outside_the_table(indices, launched):
+    expected = rf"token indices must lie in \[0, 4\), got \[{min(indices)}, {max(indices)}\]"
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        with pytest.raises(ValueError, match=expected):
+            EmbeddingLayer(4, 3).forward(numpy.array(indices))
+    assert launched == [cuda.EMBEDDING_ROWS.name]
+
+
+@pytest.mark.parametrize("labels", [[0, 2, -1, 1, 2], [3, 0, 1, 2, 7]], ids=["below", "above"])
+@pytest.mark.parametrize("lanes", [False, True], ids=["a-lane-a-row", "all-lanes"])
+def test_cross_entropy_on_the_gpu_lines_refuses_labels_outside_the_classes(labels, lanes, monkeypatch):
+    """The forward kernel counts them (no minimum and maximum read back): the reference lines' error."""
+    launched = run_gpu_lines_on_cpu(monkeypatch, lanes=lanes)
+    x = numpy.random.default_rng(8).standard_normal((5, 3)).astype(numpy.float32)
+    expected = rf"target labels must lie in \[0, 3\), got \[{min(labels)}, {max(labels)}\]"
+    for mode in ("numpy", "fused"):
+        kernels.use(mode)
+        layer = CrossEntropyLossLayer()
+        with pytest.raises(ValueError, match=expected):
+            layer.forward(x, numpy.array(labels))
+    assert launched == [cuda.CROSS_ENTROPY_ROWS.name]
 
 
 @pytest.mark.parametrize("rows, width", [(1, 33), (3, 100), (5, 1000), (7, 31)])
@@ -250,9 +297,9 @@ KERNELS = {
                           cuda.BATCH_NORM_APPLY.name, cuda.RUNNING_STATISTICS.name,
                           cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_MEANS.name,
                           cuda.BATCH_NORM_BACKWARD_APPLY.name},
-    "gpt": EVERY_MODEL | {cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
+    "gpt": EVERY_MODEL | {cuda.EMBEDDING_ROWS.name, cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
                           cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name, cuda.LAYER_NORM_ROWS_BACKWARD.name},
-    "lstm": EVERY_MODEL | {cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},
+    "lstm": EVERY_MODEL | {cuda.EMBEDDING_ROWS.name, cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},
 }
 
 
@@ -298,3 +345,15 @@ def test_models_on_the_gpu_lines_train_as_on_the_reference_lines(name, dtype, to
         for reference, gpu, what in ((grads[key], gpu_grads[key], f"{key}'s gradient"), (params[key], gpu_params[key], key)):
             error = float(numpy.abs(reference - gpu).max()) / max(float(numpy.abs(reference).max()), 1e-30)
             assert error <= tolerance, f"{what}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name, checks", [("mlp-64", 1), ("cnn-128", 1), ("gpt-12", 2), ("lstm", 2)])
+def test_a_training_step_on_the_gpu_lines_reads_back_once_a_range_check(name, checks, monkeypatch):
+    """The host waits for the device once for the loss's labels and once for the embedding's indices, each
+    counted by the kernel that reads them, and at no other point of a step (device_operations.py)."""
+    from bench.run import TINY
+
+    count_on_gpu_lines(monkeypatch)
+    operations, lines = step_operations(TINY[name])
+    assert operations.count(READ_BACK) == checks, [line for line in lines if line[0] == READ_BACK]
+    assert any(operation.startswith("mnn_") for operation in operations)

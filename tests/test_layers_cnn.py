@@ -17,6 +17,8 @@ CONV_CASES = [  # (batch, in, out, height, width, kernel, stride, padding)
     (3, 2, 5, 8, 8, 5, 2, 2),
     (2, 4, 3, 5, 7, (2, 3), 3, 0),
     (1, 2, 2, 4, 4, 4, 1, 0),
+    (2, 2, 3, 3, 4, (1, 3), 2, 1),  # padding wider than the kernel's height, as PyTorch allows
+    (1, 2, 2, 2, 3, 2, 3, 4),  # windows of padding alone: the bias
 ]
 
 
@@ -103,6 +105,45 @@ def test_layer_norm(shape, float64, rng):
     x = rng.standard_normal(shape) * 2 + 0.5
     assert max(check_layer(layer, x).values()) <= TOL
     assert_matches_torch(layer, lambda x, params: F.layer_norm(x, (6,), params["weight"], params["bias"]), x)
+
+
+@pytest.mark.parametrize("parameters", ["float32", "float16"])
+@pytest.mark.parametrize("make, torch_layer", [(lambda: mnn.LayerNormLayer(4), torch.nn.LayerNorm(4)),
+                                               (lambda: mnn.BatchNormLayer(4), torch.nn.BatchNorm1d(4))],
+                         ids=["layer norm", "batch norm"])
+def test_normalisation_of_float16_takes_its_statistics_in_float32(make, torch_layer, parameters):
+    """Squares of float16 overflow past 256: the variance would be inf and the output the bias alone.
+    The output keeps float16 where the parameters are float16 too."""
+    x = numpy.array([[-300, 0, 300, 10], [1, 2, 3, 4], [7, -5, 60, 0]], numpy.float16)
+    mnn.backend.set_default_dtype(parameters)
+    try:
+        layer = make()
+    finally:
+        mnn.backend.set_default_dtype("float32")
+    y = layer.forward(x)
+    assert y.dtype == numpy.result_type(x, layer.params["weight"])
+    expected = torch_layer(torch.tensor(x, dtype=torch.float32)).detach().numpy()
+    numpy.testing.assert_allclose(y.astype(numpy.float32), expected, rtol=2e-3, atol=2e-3)
+    assert numpy.isfinite(layer.backward(numpy.ones_like(y))).all()
+
+
+@pytest.mark.parametrize("make", [lambda: mnn.MaxPool2dLayer(2), lambda: mnn.Conv2dLayer(2, 3, 3, padding=1)],
+                         ids=["max pooling", "convolution"])
+def test_a_float16_gradient_into_a_float32_layer(make, kernel_mode):
+    """The kernels have no float16: the gradient is widened for them, and the input gradient is the
+    reference lines' (as fine as float16's gradient allows)."""
+    rng = numpy.random.default_rng(4)
+    x, layer = rng.standard_normal((2, 2, 6, 6)).astype(numpy.float32), make()
+    y = layer.forward(x)
+    g = rng.standard_normal(y.shape).astype(numpy.float16)
+    grad = layer.backward(g)
+    assert grad.dtype == numpy.float32
+    torch_layer = torch.nn.MaxPool2d(2) if isinstance(layer, mnn.MaxPool2dLayer) else F.conv2d
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch_layer(tx) if isinstance(layer, mnn.MaxPool2dLayer) else torch_layer(
+        tx, torch.tensor(layer.params["w"]), torch.tensor(layer.params["b"]), padding=1)
+    ty.backward(torch.tensor(g.astype(numpy.float32)))
+    numpy.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_larger_than_padded_input():

@@ -287,6 +287,30 @@ def test_betas_may_be_an_array_of_two():
             optim.AdamW(net, betas=betas)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_numpy_float32_settings_step_as_python_floats_and_as_after_a_reload(name, rng):
+    """A NumPy float32 beta or momentum would round 1 - beta and beta ** t to float32 at every step;
+    a saved state comes back as Python floats, so a resumed run would step differently."""
+    f32 = numpy.float32
+    factories = {
+        "sgd": lambda kind: lambda p: optim.SGD(p, lr=kind(0.1), momentum=kind(0.9), dampening=kind(0.3)),
+        "adam": lambda kind: lambda p: optim.AdamW(p, lr=kind(0.1), betas=(kind(0.9), kind(0.99)), eps=kind(1e-8),
+                                                   weight_decay=kind(0.01))}
+    with_float32, with_python = (stepped(factories[name](kind), numpy.random.default_rng(1), steps=3)
+                                 for kind in (f32, lambda value: float(f32(value))))
+    assert all(type(value) in (bool, int, float) for value in with_float32.settings().values())
+    for (_, ours, _), (_, theirs, _) in zip(with_float32.parameters, with_python.parameters):
+        numpy.testing.assert_array_equal(ours, theirs)
+    resumed = fresh(factories[name](f32), numpy.random.default_rng(1))
+    resumed.load_state_dict(with_float32.state_dict())
+    assert resumed.settings() == with_float32.settings()
+
+
+def test_a_numpy_scalar_is_no_parameter():
+    with pytest.raises(TypeError, match="s: a NumPy scalar, which cannot change in place"):
+        optim.SGD([("s", numpy.float64(1.0), numpy.float64(0.5))], lr=0.1)
+
+
 def test_a_triple_that_does_not_fit_is_told_what_is_wrong():
     w = numpy.zeros((2, 2))
     cases = [(("0.w", w, numpy.zeros((5, 5))), r"0.w: a parameter of shape \(2, 2\) and a gradient of shape \(5, 5\)"),

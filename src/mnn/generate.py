@@ -50,6 +50,9 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
         for _ in range(tokens):
             window = backend.to_device(numpy.array(ids[-context:])[None])
             logits = backend.to_numpy(net(window)[0, -1])
+            if len(logits) != len(tokenizer):
+                raise ValueError(f"the network scores {len(logits)} tokens and the tokenizer has {len(tokenizer)}: "
+                                 "generate with the tokenizer of the text the network was trained on")
             ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
             emit(tokenizer.decode(ids[-1:]))
     return tokenizer.decode(ids)

@@ -85,6 +85,8 @@ def triple_problem(item):
         return f"a name of type {type(name).__name__}"
     if not (backend.is_array(param) and backend.is_array(grad)):
         return f"{name}: a {type(param).__name__} and a {type(grad).__name__}, where two arrays belong"
+    if isinstance(param, numpy.generic) or isinstance(grad, numpy.generic):
+        return f"{name}: a NumPy scalar, which cannot change in place (a 0-d array, numpy.array(x), can)"
     if param.shape != grad.shape:
         return f"{name}: a parameter of shape {tuple(param.shape)} and a gradient of shape {tuple(grad.shape)}"
     return None
@@ -122,6 +124,16 @@ class Optimizer:
     def settings(self):
         """Every setting named in ``rules``, by name."""
         return {name: getattr(self, name) for name in self.rules}
+
+    def take_settings(self, settings):
+        """Set ``settings`` (checked), each number as a Python number: a NumPy float32 beta would round
+        ``1 - beta`` and ``beta ** t`` to float32 at every step, where a saved state, read back as Python
+        floats, would not."""
+        self.check_settings(settings)
+        for name, value in settings.items():
+            if not isinstance(value, bool):
+                value = int(value) if is_integer(value) else float(value)
+            setattr(self, name, value)
 
     def buffer_names(self, name, settings):
         """The buffers that a step with ``settings`` keeps for parameter ``name``."""
@@ -177,10 +189,8 @@ class Optimizer:
         """
         settings, buffers = state["settings"], state["buffers"]
         self.check_settings(settings)
-        loaded = self.check_buffers(buffers, settings)
-        for name, value in settings.items():
-            setattr(self, name, value)
-        self.buffers = loaded
+        self.buffers = self.check_buffers(buffers, settings)
+        self.take_settings(settings)
 
     def check_buffers(self, buffers, settings):
         """The buffers copied to their parameters' dtypes and devices, after checking names, shapes and
@@ -239,7 +249,7 @@ class SGD(Optimizer):
         super().__init__(parameters, lr, decay_vectors)
         self.momentum, self.dampening = momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
-        self.check_settings(self.settings())
+        self.take_settings(self.settings())
 
     @classmethod
     def check_settings(cls, settings):
@@ -288,12 +298,12 @@ class Adam(Optimizer):
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_vectors=True):
         super().__init__(parameters, lr, decay_vectors)
         if isinstance(betas, numpy.ndarray) and betas.ndim == 1:
-            betas = betas.tolist()  # Python floats: beta ** t then runs in double precision
+            betas = betas.tolist()
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"{type(self).__name__}: betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
-        self.check_settings(self.settings())
+        self.take_settings(self.settings())
         self.flat_cache = None  # FlatMoments, once a step made them
 
     def load_state_dict(self, state):

@@ -260,10 +260,12 @@ template <typename T> __device__ void layer_norm_row_backward(const T* g, const 
 LAYER_NORM_ROWS_BACKWARD = Raw("mnn_layer_norm_rows_backward", LAYER_NORM_ROWS.code)
 
 # Cross-entropy's Eq. (1) and Eq. (2) (mnn.layers.losses.CrossEntropyLossLayer), rows of n classes:
-# the softmax p and each row's loss -log p_t in one launch; (p - onehot(t)) / N in another.
+# the softmax p and each row's loss -log p_t in one launch; (p - onehot(t)) / N in another. The
+# forward counts the labels outside [0, n) (leaving their rows' losses unwritten), so that the layer's
+# range check is one read from the device, where a minimum and a maximum would be two launches and two.
 CROSS_ENTROPY_ROWS = Raw("mnn_cross_entropy_rows", ROWS + r"""
-template <typename T> __device__ void cross_entropy_row(const T* x, const long long* labels, T* p, T* loss, int n,
-                                                        long long rows) {
+template <typename T> __device__ void cross_entropy_row(const T* x, const long long* labels, T* p, T* loss,
+                                                        unsigned long long* outside, int n, long long rows) {
     long long row = row_index();
     if (row >= rows) return;
     int lane = threadIdx.x;
@@ -276,7 +278,9 @@ template <typename T> __device__ void cross_entropy_row(const T* x, const long l
     for (int j = lane; j < n; j += LANES) total += exp(x[j] - top);
     T log_total = log(lanes_sum(total));
     for (int j = lane; j < n; j += LANES) p[j] = exp(x[j] - top - log_total);  /* exp(log p) */
-    if (lane == 0) loss[row] = log_total - (x[labels[row]] - top);  /* -log p_t */
+    long long label = labels[row];
+    if (lane == 0 && label >= 0 && label < n) loss[row] = log_total - (x[label] - top);  /* -log p_t */
+    else if (lane == 0) atomicAdd(outside, 1ull);
 }
 template <typename T> __device__ void cross_entropy_row_backward(const T* p, const long long* labels, T* grad, int n,
                                                                  T inv_count, long long rows) {
@@ -287,10 +291,28 @@ template <typename T> __device__ void cross_entropy_row_backward(const T* p, con
     for (int j = threadIdx.x; j < n; j += LANES) grad[j] = (p[j] - (j == labels[row] ? (T)1 : (T)0)) * inv_count;
 }
 """ + entries("mnn_cross_entropy_rows", "cross_entropy_row",
-              "const T* x, const long long* labels, T* p, T* loss, int n, long long rows")
+              "const T* x, const long long* labels, T* p, T* loss, unsigned long long* outside, int n, long long rows")
     + entries("mnn_cross_entropy_rows_backward", "cross_entropy_row_backward",
               "const T* p, const long long* labels, T* grad, int n, T inv_count, long long rows"))
 CROSS_ENTROPY_ROWS_BACKWARD = Raw("mnn_cross_entropy_rows_backward", CROSS_ENTROPY_ROWS.code)
+
+# The embedding's Eq. (1) (mnn.layers.embedding.EmbeddingLayer): a warp copies each index's row of the
+# table, and counts the indices outside [0, V) (their rows left unwritten): one read for the range check.
+EMBEDDING_ROWS = Raw("mnn_embedding_rows", ROWS + r"""
+template <typename T> __device__ void embedding_row(const T* table, const long long* indices, T* y,
+                                                    unsigned long long* outside, int n, long long vocabulary,
+                                                    long long rows) {
+    long long row = row_index();
+    if (row >= rows) return;
+    long long index = indices[row];
+    if (index < 0 || index >= vocabulary) {
+        if (threadIdx.x == 0) atomicAdd(outside, 1ull);
+        return;
+    }
+    for (int j = threadIdx.x; j < n; j += LANES) y[row * n + j] = table[index * n + j];
+}
+""" + entries("mnn_embedding_rows", "embedding_row", "const T* table, const long long* indices, T* y, "
+              "unsigned long long* outside, int n, long long vocabulary, long long rows"))
 
 # -- element kernels: threads striding over all elements -------------------------------------------
 
@@ -720,13 +742,26 @@ def device_labels(labels):
 
 
 def cross_entropy(rows, labels):
-    """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and ``device_labels`` (N,)."""
+    """Cross-entropy's softmax p and per-row losses for CuPy scores (N, C) and ``device_labels`` (N,), and how
+    many labels lie outside [0, C) (a uint64 on the device)."""
     import cupy
 
     rows = cupy.ascontiguousarray(rows)
-    p, losses = empty(rows), cupy.empty(rows.shape[0], dtype=rows.dtype)
-    launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, numpy.int32(rows.shape[1])))
-    return p, losses
+    p, losses, outside = empty(rows), cupy.empty(rows.shape[0], dtype=rows.dtype), cupy.zeros(1, dtype=cupy.uint64)
+    launch_rows(CROSS_ENTROPY_ROWS, rows, (rows, labels, p, losses, outside, numpy.int32(rows.shape[1])))
+    return p, losses, outside[0]
+
+
+def embedding(table, indices):
+    """Rows of a CuPy table (V, n) for int64 ``device_labels`` indices (any shape): (rows, how many indices
+    lie outside [0, V), a uint64 on the device)."""
+    import cupy
+
+    table = cupy.ascontiguousarray(table)
+    rows, outside = cupy.empty((*indices.shape, table.shape[1]), dtype=table.dtype), cupy.zeros(1, dtype=cupy.uint64)
+    launch_rows(EMBEDDING_ROWS, rows, (table, indices, rows, outside, numpy.int32(table.shape[1]),
+                                       numpy.int64(table.shape[0])))
+    return rows, outside[0]
 
 
 def cross_entropy_backward(p, labels):

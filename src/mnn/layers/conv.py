@@ -90,9 +90,6 @@ class Conv2dLayer(Layer):
                 ("in_channels", in_channels), ("out_channels", out_channels), ("kernel height", kh),
                 ("kernel width", kw), ("stride", stride)])
         padding = check_size("Conv2dLayer", "padding", padding, minimum=0)
-        if not 0 <= padding < min(kh, kw) or stride < 1:
-            raise ValueError(f"Conv2dLayer: padding {padding} must lie in [0, kernel size {min(kh, kw)}) "
-                             f"and stride {stride} must be at least 1")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         self.bias = check_flag("Conv2dLayer", "bias", bias)
@@ -127,11 +124,10 @@ class Conv2dLayer(Layer):
         else:
             padded = pad_channels_last(x, pad) if pad else channels_last(x)
             cols, (batch, out_h, out_w) = im2col(padded, kh, kw, self.stride)
-        w_col = self.w_col()  # a copy where the input has channels: kept for Eq. (6)
-        y = cols @ w_col.T  # Eq. (4)
+        y = cols @ self.w_col().T  # Eq. (4)
         if self.bias:
             y += self.params["b"]
-        self.save("reference", cols, x.shape, w_col)
+        self.save("reference", cols, x.shape)
         return channels_first(y.reshape(batch, out_h, out_w, self.out_channels))
 
     def w_col(self):
@@ -139,9 +135,9 @@ class Conv2dLayer(Layer):
         return self.params["w"].transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
 
     def backward(self, g):
-        path, cols, input_shape, w_col = self.saved()
+        path, cols, input_shape = self.saved()
         if path == "fused":  # cols: the input
-            return self.backward_by_chunks(g, cols, w_col)
+            return self.backward_by_chunks(kernels.compiled_dtype(g), cols)
         g_col = channels_last(g).reshape(-1, self.out_channels)  # free when g is channels-last
         (kh, kw), cin = self.kernel_size, self.in_channels
         d_w = self.grads["w"]
@@ -151,19 +147,20 @@ class Conv2dLayer(Layer):
             d_w += (g_col.T @ cols).reshape(self.out_channels, kh, kw, cin).transpose(0, 3, 1, 2)  # Eq. (5)
         if self.bias:
             add_column_sums(self.grads["b"], g_col)  # Eq. (5)
-        return self.input_gradient(g_col, w_col, input_shape, g.shape[2:]) if self.input_grad else None
+        return self.input_gradient(g_col, input_shape, g.shape[2:]) if self.input_grad else None
 
-    def input_gradient(self, g_col, w_col, input_shape, out_size):
+    def input_gradient(self, g_col, input_shape, out_size):
         """Eq. (6): per kernel offset, a GEMM added onto the strided pixels it reaches."""
         xp = backend.array_module(g_col)
         (kh, kw), s, pad = self.kernel_size, self.stride, self.padding
         batch, channels, height, width = input_shape
         if kernels.fused_gpu(g_col, self.params["w"]) and g_col.dtype == self.params["w"].dtype:
-            d_cols = g_col @ w_col  # one GEMM for every offset; col2im sums its rows back in one launch
+            d_cols = g_col @ self.w_col()  # one GEMM for every offset; col2im sums its rows back in one launch
             return channels_first(kernels.cuda.col2im(d_cols, kh, kw, s, pad, (batch, height, width, channels),
                                                       out_size))
         out_h, out_w = out_size
-        grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=g_col.dtype)
+        dtype = xp.result_type(g_col, self.params["w"])
+        grad = xp.zeros((batch, height + 2 * pad, width + 2 * pad, channels), dtype=dtype)
         for p in range(kh):
             for q in range(kw):
                 pixels = grad[:, p:p + s * out_h:s, q:q + s * out_w:s]
@@ -185,19 +182,19 @@ class Conv2dLayer(Layer):
         """Eq. (4), with the fused im2col, chunk by chunk into one (B, Ho, Wo, O) output."""
         (kh, kw), xp, images = self.kernel_size, backend.array_module(x), channels_last(x)
         out_h, out_w = self.out_size(x.shape)
-        y, w_col = xp.empty((x.shape[0], out_h, out_w, self.out_channels), dtype=x.dtype), self.w_col()
+        y, w_col_t = xp.empty((x.shape[0], out_h, out_w, self.out_channels), dtype=x.dtype), self.w_col().T
         for chunk in self.image_chunks(x.shape[0], (out_h, out_w)):
             cols = kernels.cpu.im2col(images[chunk], kh, kw, self.stride, self.padding)
-            xp.matmul(cols, w_col.T, out=y[chunk].reshape(-1, self.out_channels))  # Eq. (4)
+            xp.matmul(cols, w_col_t, out=y[chunk].reshape(-1, self.out_channels))  # Eq. (4)
         if self.bias:
             y += self.params["b"]
-        self.save("fused", x, x.shape, w_col)
+        self.save("fused", x, x.shape)
         return channels_first(y)
 
-    def backward_by_chunks(self, g, x, w_col):
+    def backward_by_chunks(self, g, x):
         """Eqs. (5) and (6), chunk by chunk: the windows copied again from the input, col2im for Eq. (6)."""
         (kh, kw), xp, images = self.kernel_size, backend.array_module(g), channels_last(x)
-        g_rows = channels_last(g)
+        g_rows, w_col = channels_last(g), self.w_col()
         d_w_col, d_b = xp.zeros_like(w_col), xp.zeros(self.out_channels, dtype=g.dtype)
         grad = xp.empty(images.shape, dtype=g.dtype) if self.input_grad else None
         for chunk in self.image_chunks(x.shape[0], g.shape[2:]):

@@ -3,7 +3,7 @@ import math
 
 from .. import backend, kernels
 from .base import Layer, check_array, check_size
-from .sums import column_sums
+from .sums import add_column_sums, column_sums
 
 
 class EmbeddingLayer(Layer):
@@ -33,11 +33,22 @@ class EmbeddingLayer(Layer):
         check_array(self, indices, dtype="int64")
         if indices.dtype.kind not in "iu":
             raise ValueError(f"{self!r}: input must be integer token indices, got {indices.dtype}")
-        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
-            raise ValueError(f"{self!r}: token indices must lie in [0, {self.num_embeddings}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        if kernels.fused_gpu(self.params["weight"]):  # Eq. (1) in one launch, which counts the indices outside
+            y, outside = kernels.cuda.embedding(self.params["weight"], kernels.cuda.device_labels(indices))
+            self.check_indices(indices, outside)
+            self.save(indices)
+            return y
+        self.check_indices(indices, indices.size and (int(indices.min()) < 0 or
+                                                      int(indices.max()) >= self.num_embeddings))
         self.save(indices)
         return self.params["weight"][indices]  # Eq. (1)
+
+    def check_indices(self, indices, outside):
+        """Refuse indices if ``outside`` (a flag, or a count on the device: reading it waits for the device)
+        says some lie outside [0, V)."""
+        if int(outside):
+            raise ValueError(f"{self!r}: token indices must lie in [0, {self.num_embeddings}), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
 
     def backward(self, g):
         (indices,) = self.saved()
@@ -79,5 +90,9 @@ class PositionalEmbeddingLayer(Layer):
     def backward(self, g):
         (length,) = self.saved()
         rows = g.reshape(len(g), math.prod(g.shape[1:]))  # not -1, which an empty batch leaves undefined
-        self.grads["weight"][:length] += column_sums(rows).reshape(g.shape[1:])  # Eq. (2)
+        used = self.grads["weight"][:length]
+        if used.flags.c_contiguous:
+            add_column_sums(used.reshape(-1), rows)  # Eq. (2), into a view of the gradient
+        else:
+            used += column_sums(rows).reshape(g.shape[1:])  # Eq. (2)
         return g

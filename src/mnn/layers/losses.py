@@ -36,8 +36,9 @@ class MSELossLayer(LossLayer):
         return diff * (2 / diff.size)  # Eq. (2)
 
 
-def check_labels(layer, x, labels):
-    """Labels must be integers shaped like the input without its class axis, in [0, C)."""
+def check_labels(layer, x, labels, in_range=True):
+    """Labels must be integers shaped like the input without its class axis, in [0, C) (unless ``in_range``
+    is False: a GPU kernel counts the labels outside as it reads them, ``check_outside``)."""
     check_floating(layer, x)
     check_array(layer, labels, "targets", dtype="int64")
     if x.ndim < 2 or tuple(labels.shape) != tuple(x.shape[:-1]):
@@ -46,8 +47,15 @@ def check_labels(layer, x, labels):
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{layer!r}: targets must be integer class labels, got {labels.dtype}")
     check_not_empty(layer, x)
-    classes = x.shape[-1]
-    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+    if in_range:
+        classes = x.shape[-1]
+        check_outside(layer, labels, classes, int(labels.min()) < 0 or int(labels.max()) >= classes)
+
+
+def check_outside(layer, labels, classes, outside):
+    """Refuse labels if ``outside`` (a flag, or a count on the device: reading it waits for the device) says
+    some lie outside [0, classes)."""
+    if int(outside):
         raise ValueError(f"{layer!r}: target labels must lie in [0, {classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
 
@@ -112,11 +120,13 @@ class CrossEntropyLossLayer(LossLayer):
     """
 
     def forward(self, x, labels):
-        check_labels(self, x, labels)
+        on_gpu = kernels.fused_gpu(x)
+        check_labels(self, x, labels, in_range=not on_gpu)
         xp = backend.array_module(x)
-        if kernels.fused_gpu(x):  # Eq. (1) and the softmax that Eq. (2) needs, in one launch
+        if on_gpu:  # Eq. (1) and the softmax that Eq. (2) needs, in one launch, which checks the labels too
             labels = kernels.cuda.device_labels(labels.reshape(-1))
-            p, losses = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
+            p, losses, outside = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
+            check_outside(self, labels, x.shape[-1], outside)
             self.save(x.shape, p, labels)
             return losses.mean()
         labels = labels.reshape(-1)

@@ -18,9 +18,15 @@ from .sums import add_column_sums, column_dots, column_sums
 from .windows import channels_first, channels_last
 
 
+def at_least_float32(x):
+    """float16's squares overflow past 256 (the variance would be inf, x_hat 0): the statistics are taken in
+    float32, as PyTorch's are."""
+    return x.astype("float32") if x.dtype.itemsize < 4 else x
+
+
 def normalize(x, axis, eps):
-    """(x_hat, 1/sigma, mean, biased variance) along ``axis``."""
-    xp = backend.array_module(x)
+    """(x_hat, 1/sigma, mean, biased variance) along ``axis``, in float32 at least."""
+    xp, x = backend.array_module(x), at_least_float32(x)
     mean = x.mean(axis=axis, keepdims=True)
     x_hat = x - mean
     var = (x_hat * x_hat).mean(axis=axis, keepdims=True)
@@ -33,8 +39,8 @@ def normalize_rows(rows, eps, total=None, count=None):
     """``normalize`` along axis 0 of a (N, C) array, with BLAS sums: (x_hat, 1/sigma, mean, var).
 
     ``total`` (synchronised batch norm) turns each sum over these rows into the sum over every
-    rank's rows, ``count`` of them in all."""
-    xp, total = backend.array_module(rows), total or (lambda sums: sums)
+    rank's rows, ``count`` of them in all. In float32 at least."""
+    xp, total, rows = backend.array_module(rows), total or (lambda sums: sums), at_least_float32(rows)
     count = count or rows.shape[0]
     mean = total(column_sums(rows)) / count
     x_hat = rows - mean
@@ -146,6 +152,7 @@ class BatchNormLayer(Layer):
         self.save(x_hat, inv_std, self.training, x.shape, count)
         y = x_hat * self.params["weight"]
         y += self.params["bias"]
+        y = y.astype(backend.array_module(x).result_type(x, self.params["weight"]), copy=False)  # float16 out
         return self.from_rows(y, x.shape)
 
     def fused_kernels(self, rows, *saved):
@@ -264,7 +271,7 @@ class LayerNormLayer(Layer):
         y = x_hat * self.params["weight"]
         if self.bias:
             y += self.params["bias"]
-        return y
+        return y.astype(backend.array_module(x).result_type(x, weight), copy=False)  # float16 in, float16 out
 
     def backward(self, g):
         x_hat, inv_std = self.saved()
