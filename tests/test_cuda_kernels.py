@@ -208,11 +208,14 @@ def test_the_layer_norm_kernels_give_the_numpy_lines(dtype, width):
     compile_raw_for_cpu(cuda.LAYER_NORM_ROWS, f"mnn_layer_norm_rows_{name}",
                         [pointer] * 6 + [ctypes.c_int, scalar, count])(
         rows, x, weight, bias, y, x_hat, inv_std, width, scalar(1e-5), rows)
+    products = numpy.empty_like(x)
     compile_raw_for_cpu(cuda.LAYER_NORM_ROWS_BACKWARD, f"mnn_layer_norm_rows_backward_{name}",
-                        [pointer] * 5 + [ctypes.c_int, count])(rows, g, x_hat, weight, inv_std, grad, width, rows)
+                        [pointer] * 6 + [ctypes.c_int, count])(rows, g, x_hat, weight, inv_std, grad, products, width,
+                                                               rows)
     tolerance = 1e-12 if dtype == numpy.float64 else 1e-5
     numpy.testing.assert_allclose(y, reference_y, rtol=tolerance, atol=tolerance)
     numpy.testing.assert_allclose(grad, reference_grad, rtol=tolerance, atol=tolerance)
+    numpy.testing.assert_array_equal(products, g * x_hat)  # Eq. (2)'s terms
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -237,16 +237,20 @@ template <typename T> __device__ void layer_norm_row(const T* x, const T* weight
     if (lane == 0) inv_std[row] = scale;
 }
 /* g_hat = weight g; grad = (g_hat - mean(g_hat) - x_hat mean(g_hat x_hat)) / sigma, along the row. */
+/* Eq. (3), and g x_hat (products), whose sum over the rows is Eq. (2)'s weight gradient */
 template <typename T> __device__ void layer_norm_row_backward(const T* g, const T* x_hat, const T* weight,
-                                                              const T* inv_std, T* grad, int n, long long rows) {
+                                                              const T* inv_std, T* grad, T* products, int n,
+                                                              long long rows) {
     long long row = row_index();
     if (row >= rows) return;
     int lane = threadIdx.x;
     g += row * n;
     x_hat += row * n;
     grad += row * n;
+    products += row * n;
     T sum_g = 0, sum_gx = 0;
     for (int j = lane; j < n; j += LANES) {
+        products[j] = g[j] * x_hat[j];
         sum_g += g[j] * weight[j];
         sum_gx += g[j] * weight[j] * x_hat[j];
     }
@@ -256,7 +260,8 @@ template <typename T> __device__ void layer_norm_row_backward(const T* g, const 
 """ + entries("mnn_layer_norm_rows", "layer_norm_row",
               "const T* x, const T* weight, const T* bias, T* y, T* x_hat, T* inv_std, int n, T eps, long long rows")
     + entries("mnn_layer_norm_rows_backward", "layer_norm_row_backward",
-              "const T* g, const T* x_hat, const T* weight, const T* inv_std, T* grad, int n, long long rows"))
+              "const T* g, const T* x_hat, const T* weight, const T* inv_std, T* grad, T* products, int n, "
+              "long long rows"))
 LAYER_NORM_ROWS_BACKWARD = Raw("mnn_layer_norm_rows_backward", LAYER_NORM_ROWS.code)
 
 # Cross-entropy's Eq. (1) and Eq. (2) (mnn.layers.losses.CrossEntropyLossLayer), rows of n classes:
@@ -725,13 +730,14 @@ def layer_norm(x, weight, bias, eps):
 
 
 def layer_norm_backward(g, x_hat, weight, inv_std):
-    """Layer norm's Eq. (3) on CuPy arrays, in one launch (the weight's and the bias's sums are the caller's)."""
+    """Layer norm's Eq. (3) on CuPy arrays, and g x_hat, in one launch: (dL/dx, g x_hat) (the weight's and the
+    bias's sums over rows are the caller's)."""
     import cupy
 
     g = cupy.ascontiguousarray(g)
-    grad = empty(g)
-    launch_rows(LAYER_NORM_ROWS_BACKWARD, g, (g, x_hat, weight, inv_std, grad, numpy.int32(g.shape[-1])))
-    return grad
+    grad, products = empty(g), empty(g)
+    launch_rows(LAYER_NORM_ROWS_BACKWARD, g, (g, x_hat, weight, inv_std, grad, products, numpy.int32(g.shape[-1])))
+    return grad, products
 
 
 def device_labels(labels):

@@ -282,12 +282,12 @@ class LayerNormLayer(Layer):
             if self.bias:
                 self.grads["bias"] += d_bias
             return grad
-        if kernels.fused_gpu(g, x_hat) and one_dtype:
-            rows_g, rows_x = g.reshape(-1, self.dim), x_hat.reshape(-1, self.dim)
-            add_column_sums(self.grads["weight"], rows_g * rows_x)  # Eq. (2)
+        if kernels.fused_gpu(g, x_hat) and one_dtype:  # Eq. (3) and g x_hat in one launch, Eq. (2) two GEMVs
+            grad, products = kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)
+            add_column_sums(self.grads["weight"], products.reshape(-1, self.dim))  # Eq. (2)
             if self.bias:
-                add_column_sums(self.grads["bias"], rows_g)
-            return kernels.cuda.layer_norm_backward(g, x_hat, self.params["weight"], inv_std)  # Eq. (3), one launch
+                add_column_sums(self.grads["bias"], g.reshape(-1, self.dim))
+            return grad
         rows = (g * x_hat).reshape(-1, self.dim)
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
         if self.bias:
