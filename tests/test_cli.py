@@ -577,3 +577,17 @@ def test_epochs_beyond_any_run_are_refused_where_the_flag_is_parsed(capsys):
     config = TrainConfig(limit=400, batch_size=50, epochs=1e308, model_kwargs={"hidden": [8]})
     with pytest.raises(ValueError, match=r"TrainConfig.epochs: must be a finite number > 0 and <= 1000000"):
         Trainer(config, "never-written")  # the Python API too: no checkpoint it writes may be refused on loading
+
+
+def test_a_printed_command_quotes_its_paths_and_a_tilde_after_the_equals_sign_is_home(tmp_path, capsys, monkeypatch):
+    """--out=~/runs/x: the shell leaves that ~ alone, and mnn made a folder named '~'. The commands printed
+    to paste (mnn test RUN) quote a path with a space, which pasted unquoted was two arguments."""
+    import shlex
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cli.main(["train", "--limit", "300", "--epochs", "1", "--out=~/my runs/a", "--quiet"]) == 0
+    run = tmp_path / "my runs" / "a"
+    assert (run / "checkpoint.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert f"mnn test {shlex.quote(str(run))}" in printed
+    assert cli.main(shlex.split(printed.split("evaluate on the test set: ")[1])[1:]) == 0

@@ -612,6 +612,18 @@ def test_class_names_no_font_has_draw_without_warnings(tmp_path):
     assert (tmp_path / "confusion.png").stat().st_size > 0 and not [w for w in caught if "Glyph" in str(w.message)]
 
 
+def test_a_confusion_matrix_of_many_classes_is_drawn_without_a_text_per_cell(tmp_path, monkeypatch):
+    """400 classes: 160,000 cells, each a text, took a minute and a half to draw."""
+    import matplotlib.axes
+    from mnn.plots import plot_confusion
+    texts = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, *args, **kwargs: texts.append(args))
+    plot_confusion(numpy.eye(400, dtype=int), [str(k) for k in range(400)], tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and texts == []
+    plot_confusion(numpy.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "small.png")
+    assert len(texts) == 9
+
+
 def test_testing_a_run_whose_data_moved_says_how_to_point_to_it(tmp_path, rng, capsys):
     write_npz(tmp_path / "data.npz", rng)
     run = tmp_path / "run"

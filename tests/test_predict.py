@@ -71,6 +71,19 @@ def test_a_sixteen_bit_image_is_read_as_its_eight_bit_pixels(mlp_run, test_image
     assert numpy.array_equal(model.predict_proba([tmp_path / "deep.png"]), model.predict_proba(images[:1]))
 
 
+def huge_png_header(path):
+    """A PNG that says it is 20,000 x 10,000 pixels (Pillow refuses more than 179 M at opening), no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b""))
+    return path
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda tmp: tmp / "missing.png", "missing.png"),
     (lambda tmp: (tmp / "text.png").write_text("not an image") and tmp / "text.png", "not an image that can be read"),
@@ -85,6 +98,7 @@ def test_a_sixteen_bit_image_is_read_as_its_eight_bit_pixels(mlp_run, test_image
     (lambda tmp: (tmp / "noise.npy").write_bytes(bytes(range(256))) and tmp / "noise.npy",
      "noise.npy: not a .npy array (numpy.save writes one): its first bytes are not NumPy's format"),
     (lambda tmp: tmp, "a folder, not a file"),
+    (lambda tmp: huge_png_header(tmp / "huge.png"), "huge.png: not an image that can be read (Image size (200000000"),
 ])
 def test_predict_bad_inputs_are_one_line(mlp_run, tmp_path, capsys, make, message):
     path = make(tmp_path)

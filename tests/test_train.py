@@ -1,4 +1,6 @@
 """The trainer and the command line, on real Fashion-MNIST."""
+import sys
+
 import numpy
 import pytest
 
@@ -125,6 +127,47 @@ def test_ctrl_c_on_the_command_line_saves_and_resumes(tmp_path):
     assert 0 < step < 20000
     resumed = Trainer.resume(run, quiet=True)
     assert resumed.step == step
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["trains-on", "ctrl-c"])
+def test_a_reader_of_the_progress_that_goes_away_stops_nothing(tmp_path, interrupt):
+    """mnn train 2>&1 | head -1: the progress bar's writes to a pipe whose reader left raised, and the run
+    stopped, said 0, and lost what it trained since its last checkpoint. It trains on (and a Ctrl-C then
+    still saves the step reached and says 130)."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    steps = 200000 if interrupt else 60
+    command = [sys.executable, "-m", "mnn.cli", "train", "--limit", "2000", "--steps", str(steps), "--batch-size", "20",
+               "--hidden", "8", "--eval-every", "1000000", "--out", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout.readline().startswith("training mlp")
+    process.stdout.close()  # the reader goes away: head -1
+    if interrupt:
+        time.sleep(1.5)
+        process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == (130 if interrupt else 0)
+    step = read_checkpoint(run / CHECKPOINT)[1]["step"]
+    assert 0 < step < steps if interrupt else step == steps
+
+
+def test_progress_output_that_cannot_be_written_goes_quiet(monkeypatch):
+    from mnn.files import Progress
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        flush = write
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    progress = Progress()
+    assert progress.write("12%") == 3 and progress.stream is None
+    progress.flush()
+    monkeypatch.setattr(sys, "stderr", None)  # started with standard error closed (2>&-)
+    assert Progress().write("x") == 1 and not Progress().isatty()
 
 
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):

@@ -5,6 +5,7 @@ argparse calls a flag's ``type`` on the text given; an ``ArgumentTypeError`` bec
 """
 import argparse
 import math
+import os
 
 
 def integer(minimum, maximum=None):
@@ -23,11 +24,12 @@ def integer(minimum, maximum=None):
     return parse
 
 
-def non_empty(value):
-    """A non-empty string (a path: an empty one would mean the current folder)."""
+def path_argument(value):
+    """A path: not empty (that would mean the current folder), a leading ``~`` made the home folder, as a
+    shell does where the ``~`` starts a word but not after ``--out=``."""
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return value
+    return os.path.expanduser(value)
 
 
 def number(low, high=math.inf, low_inclusive=False, high_inclusive=False):

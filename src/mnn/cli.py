@@ -4,6 +4,7 @@ Only light modules are imported here; NumPy, the layers and the trainer are impo
 inside ``main``, where a Ctrl-C while they load ends in one line, not a traceback.
 """
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .arguments import count, integer, non_empty, non_negative, positive_int
+from .arguments import count, integer, non_negative, path_argument, positive_int
 from .runs import checkpoint_file
 from .train_command import add_train_arguments, command_train
 
@@ -141,7 +142,7 @@ def main(argv=None):
         backend.tune_cpu(args.threads)
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        print(f"mnn {args.command}: interrupted", file=sys.stderr)
+        print_error(f"mnn {args.command}: interrupted")
         return stop_other_ranks(130)
     except BrokenPipeError:  # mnn generate | head: the reader has what it wanted (mnn train prints on, nowhere)
         from .files import silence_stdout
@@ -159,7 +160,7 @@ def main(argv=None):
         if debug:
             traceback.print_exc()
         else:
-            print(f"mnn {args.command}{f' ({ranks})' if ranks else ''}: error: {describe(error)}", file=sys.stderr)
+            print_error(f"mnn {args.command}{f' ({ranks})' if ranks else ''}: error: {describe(error)}")
         return stop_other_ranks(2)
 
 
@@ -181,9 +182,18 @@ def stop_other_ranks(code):
     return code
 
 
+def print_error(text):
+    """``text`` on standard error, if it is there to take it (closed, or its reader gone: nothing to tell)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(text, file=sys.stderr)
+
+
 def describe(error):
     """One line for an error: the message, with its type where the type says what went wrong."""
     text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:  # not "[Errno 28] ..."
+        text = error.strerror + (f": {error.filename}" if error.filename is not None else "")
     if isinstance(error, (ValueError, OSError, RuntimeError, TypeError, FloatingPointError)):
         return text
     return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"
@@ -218,15 +228,15 @@ def parser():
     add_train_arguments(train)
     add_common_arguments(train)
     test = commands.add_parser("test", help="test accuracy of an image-classifier checkpoint")
-    test.add_argument("checkpoint", help="a run folder or its checkpoint file")
-    test.add_argument("--data-dir", type=non_empty, help="folder with the built-in data set's files")
-    test.add_argument("--data", type=non_empty, metavar="PATH",
+    test.add_argument("checkpoint", type=path_argument, help="a run folder or its checkpoint file")
+    test.add_argument("--data-dir", type=path_argument, help="folder with the built-in data set's files")
+    test.add_argument("--data", type=path_argument, metavar="PATH",
                       help="test on these images (a folder of class folders, an .npz's x_test and y_test, or a "
                       ".csv), labels matched to the model's classes by name")
     add_common_arguments(test)
     generate = commands.add_parser("generate", help="sample text from a GPT or LSTM checkpoint",
                                    formatter_class=DefaultsShown)
-    generate.add_argument("checkpoint", help="a run folder or its checkpoint file")
+    generate.add_argument("checkpoint", type=path_argument, help="a run folder or its checkpoint file")
     generate.add_argument("--prompt", help="text to continue (default: a newline, or the vocabulary's first "
                           "character where the text had none)")
     generate.add_argument("--tokens", type=count, default=500, help="characters to sample")
@@ -236,7 +246,7 @@ def parser():
     add_common_arguments(generate)
     predict = commands.add_parser("predict", help="classify image files or .npy arrays with a trained model",
                                   formatter_class=DefaultsShown)
-    predict.add_argument("checkpoint", help="a run folder or its checkpoint file")
+    predict.add_argument("checkpoint", type=path_argument, help="a run folder or its checkpoint file")
     predict.add_argument("files", nargs="+", metavar="FILE", help="PNG/JPEG images (resized and converted to the "
                          "model's input) or .npy arrays of raw pixels (0-255)")
     predict.add_argument("--top", type=positive_int, default=3, help="classes to show per image")

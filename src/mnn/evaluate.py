@@ -7,7 +7,7 @@ import numpy
 from .checkpoint import load_checkpoint
 from .data.custom import has_test_split, load_custom
 from .data.images import Normalizer
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, quoted, remove_stale_temporaries
 from .runs import CONFUSION, TEST_NUMBERS
 from .plots import plot_confusion
 from .predict import input_shape
@@ -38,7 +38,7 @@ def test_checkpoint(path, data_dir=None, out=None, data=None):
     except FileNotFoundError as error:
         if data_dir is not None or data is not None:
             raise
-        raise FileNotFoundError(f"{error}; if it moved, give its new place: mnn test {path} --data-dir FOLDER "
+        raise FileNotFoundError(f"{error}; if it moved, give its new place: mnn test {quoted(path)} --data-dir FOLDER "
                                 "(a built-in data set) or --data PATH (your own test images)") from error
     images = Normalizer(**document["normalizer"])(dataset.images)
     loss, accuracy, predicted = classify(net, images, dataset.labels)

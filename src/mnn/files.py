@@ -8,6 +8,7 @@ import contextlib
 import errno
 import glob
 import os
+import shlex
 import stat
 import sys
 import tempfile
@@ -103,21 +104,69 @@ def is_regular_file(path):
 
 
 def print_to_a_reader(text, write=print):
-    """``write(text)``, then flush: where the reader of standard output went away (``mnn train | head``),
-    what follows is printed nowhere, and the work goes on (a pipe that breaks raises at the flush,
-    and at the exit, not at the write, where output is buffered)."""
+    """``write(text)``, then flush: where standard output cannot take it (its reader went away, ``mnn train |
+    head``; a full disk; closed), what follows is printed nowhere, and the work goes on (a pipe that breaks
+    raises at the flush, and at the exit, not at the write, where output is buffered)."""
     try:
         write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
         silence_stdout()
 
 
 def silence_stdout():
     """Send what is printed from now on nowhere: the reader of standard output went away."""
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    with contextlib.suppress(OSError, ValueError):  # a closed or replaced stream has no descriptor to point
+        os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+class Progress:
+    """Standard error as the progress bars write to it, going quiet, never raising, where it cannot take
+    more (its reader went away, ``mnn train 2>&1 | head``; closed; a full disk): a bar is no reason to stop
+    the work it shows, nor to lose what was trained since the last checkpoint."""
+
+    def __init__(self):
+        self.stream = sys.stderr
+
+    def write(self, text):
+        self.call("write", text)
+        return len(text)
+
+    def flush(self):
+        self.call("flush")
+
+    def call(self, method, *arguments):
+        if self.stream is None:
+            return
+        try:
+            getattr(self.stream, method)(*arguments)
+        except (OSError, ValueError):  # ValueError: a closed file
+            self.stream = None
+
+    def fileno(self):  # tqdm asks for the terminal's width
+        if self.stream is None:
+            raise OSError("progress output is closed")
+        return self.stream.fileno()
+
+    def isatty(self):
+        return self.stream is not None and self.stream.isatty()
+
+
+def tell(text):
+    """Write ``text`` to standard error straight to its descriptor (safe in a signal handler, where print()
+    may be halfway through a write), saying nothing where standard error is gone."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
+def quoted(path):
+    """``path`` as a shell takes it back, for a command printed to be pasted: quoted where it must be."""
+    return shlex.quote(str(path))
 
 
 def counted(count, noun):

@@ -28,16 +28,22 @@ def plot_curves(metrics, path):
     save_figure(figure, path)
 
 
+LABELLED_CLASSES = 30  # beyond, a cell's count and a class's name no longer fit: the colours alone tell
+
+
 def plot_confusion(matrix, classes, path):
-    """Rows: true class; columns: predicted class; each cell its count."""
+    """Rows: true class; columns: predicted class; each cell its count (for up to ``LABELLED_CLASSES``)."""
     figure, axis = plt.subplots(figsize=(8, 7))
     axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (test set)")
-    for (row, column), count in numpy.ndenumerate(matrix):
-        axis.text(column, row, int(count), ha="center", va="center",
-                  color="white" if count > matrix.max() / 2 else "black", fontsize=8)
+    if len(classes) > LABELLED_CLASSES:  # 160,000 texts for 400 classes took a minute and a half to draw
+        figure.colorbar(axis.images[0], ax=axis, label="count")
+    else:
+        axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        axis.set_yticks(range(len(classes)), classes)
+        for (row, column), count in numpy.ndenumerate(matrix):
+            axis.text(column, row, int(count), ha="center", va="center",
+                      color="white" if count > matrix.max() / 2 else "black", fontsize=8)
     with warnings.catch_warnings():  # a class name in a script the font lacks is drawn as boxes, not told twice
         warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)
         figure.tight_layout()

@@ -8,6 +8,7 @@
 The model is in eval mode (no dropout, batch norm's running statistics) and brings the
 normaliser or the tokenizer it was trained with, so inputs need no preparation.
 """
+import warnings
 from pathlib import Path
 
 import numpy
@@ -17,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .data.custom import IMAGE_EXTENSIONS, ImageModeError, eight_bit
 from .data.images import Normalizer
 from .data.text import CharTokenizer
-from .files import numpy_format
+from .files import numpy_format, one_line
 from .generate import generate
 from .layers.softmax import softmax
 from .runs import checkpoint_file
@@ -125,7 +126,7 @@ def batch_of(images, shape):
 
 def read_image(path, shape):
     """An image file as raw pixels ``(C, H, W)``: grey or RGB as the model takes, resized to its size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     require_regular_file(path)
     channels, height, width = shape
@@ -133,13 +134,15 @@ def read_image(path, shape):
         raise ValueError(f"{path}: an image file gives grey or RGB pixels, and the model takes {channels} channels: "
                          f"give them as a .npy array ({channels}, {height}, {width}) or a batch of them")
     try:
-        with Image.open(path) as image:
-            image = eight_bit(image, channels).resize((width, height), Image.BILINEAR)
-            pixels = numpy.asarray(image, dtype=numpy.uint8)
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"{path}: not an image that can be read ({error})") from error
+        with warnings.catch_warnings():  # Pillow warns of a very large image: the file was asked for by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = eight_bit(image, channels).resize((width, height), Image.BILINEAR)
+                pixels = numpy.asarray(image, dtype=numpy.uint8)
     except ImageModeError as error:
         raise ValueError(f"{path}: {error}") from error
+    except Exception as error:  # Pillow raises many kinds for a file it cannot decode (or refuses, too large)
+        raise ValueError(f"{path}: not an image that can be read ({one_line(error)})") from error
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 

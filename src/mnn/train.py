@@ -8,7 +8,6 @@ each trains on its share of every batch, and rank 0 alone prints and writes.
 import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -22,7 +21,8 @@ from . import backend, checkpoint_schema, models, optim
 from .distributed import ONE_PROCESS
 from .checkpoint import (CheckpointError, check_resume_step, load_checkpoint, read_resume_checkpoint,
                          save_checkpoint)
-from .files import atomic_write, counted, print_to_a_reader, remove_stale_temporaries
+from .files import (Progress, atomic_write, counted, print_to_a_reader, quoted, remove_stale_temporaries,
+                    tell)
 from .plots import plot_curves
 from .runs import BEST, CHECKPOINT, CURVES, METRICS, make_run_folder
 from .tasks import ImageClassification
@@ -173,7 +173,7 @@ class Trainer:
         # NumPy's overflow warnings would come before the one-line error; divergence is caught by the checks
         with self.stop_signals_caught(), numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             with tqdm(total=self.total_steps, initial=self.step, disable=self.quiet, unit="step",
-                      dynamic_ncols=True) as bar:
+                      dynamic_ncols=True, file=Progress()) as bar:
                 while True:
                     if self.evaluation_due():
                         self.evaluate(bar)
@@ -188,7 +188,7 @@ class Trainer:
                 self.check_state_is_finite()
                 self.save()
             self.say(f"interrupted: checkpoint saved at step {self.step}; continue with "
-                     f"`mnn train --resume {self.run_dir}`")
+                     f"`mnn train --resume {quoted(self.run_dir)}`")
         return self.metrics
 
     def finished(self):
@@ -219,9 +219,8 @@ class Trainer:
         An evaluation in progress is abandoned. A second Ctrl-C stops at once, without saving."""
         self.stop_signalled = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if signum is not None and self.ranks.is_root:  # os.write: print() may be in the middle of a write this signal interrupted
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit "
-                        "without saving)\n".encode())
+        if signum is not None and self.ranks.is_root:
+            tell(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)\n")
 
     def train_step(self, bar):
         started = time.perf_counter()

@@ -7,8 +7,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from .arguments import count, non_empty, non_negative, number, positive, positive_int, probability, widths
-from .files import counted, print_to_a_reader
+from .arguments import (count, non_negative, number, path_argument, positive, positive_int, probability,
+                        widths)
+from .files import counted, print_to_a_reader, quoted
 from .runs import CHECKPOINT, MAX_EPOCHS, RUN_FILES, held_run_folder, require_folder_or_nothing
 
 MODEL_DEFAULTS = {
@@ -28,7 +29,7 @@ MODEL_DEFAULTS = {
 def add_train_arguments(parser):
     parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), help="default: mlp")
     parser.add_argument("--dataset", choices=["fashion-mnist", "mnist", "cifar10", "tinyshakespeare"])
-    parser.add_argument("--data", type=non_empty, metavar="PATH",
+    parser.add_argument("--data", type=path_argument, metavar="PATH",
                         help="your own data: images for mlp and cnn (a folder of class folders, an .npz with "
                         "x_train, y_train[, x_test, y_test], or a .csv: a label column, then pixels), any UTF-8 text "
                         "file for gpt and lstm")
@@ -50,12 +51,12 @@ def add_train_arguments(parser):
                         "validation score (0, the default: never); best.safetensors keeps the best")
     parser.add_argument("--eval-every", type=positive_int, help="steps between evaluations (each epoch; gpt, lstm 250)")
     parser.add_argument("--seed", type=count, help="default: 0")
-    parser.add_argument("--data-dir", type=non_empty,
+    parser.add_argument("--data-dir", type=path_argument,
                         help="folder with the data set's files (else cache, system, download)")
     parser.add_argument("--limit", type=positive_int, help="train on only this many samples (quick runs)")
-    parser.add_argument("--out", type=non_empty, help="run folder (default runs/<model>-<time>)")
+    parser.add_argument("--out", type=path_argument, help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in --out")
-    parser.add_argument("--resume", type=non_empty, metavar="RUN",
+    parser.add_argument("--resume", type=path_argument, metavar="RUN",
                         help="continue the run in RUN (its folder or checkpoint); "
                         "--steps or --epochs extend it")
     size = parser.add_argument_group("model size")
@@ -153,9 +154,9 @@ def command_train(args):
     say(f"{time.perf_counter() - started:.1f} s; checkpoint {trainer.run_dir / CHECKPOINT}")
     if trainer.metrics and trainer.step == trainer.total_steps:
         image_model = "val_accuracy" in trainer.metrics[-1]
-        test = f"mnn test {trainer.run_dir}{test_data_flag(trainer.config)}"
+        test = f"mnn test {quoted(trainer.run_dir)}{test_data_flag(trainer.config)}"
         say(f"evaluate on the test set: {test}" if image_model else
-            f"sample from it: mnn generate {trainer.run_dir} --tokens 500 --top-k 20"
+            f"sample from it: mnn generate {quoted(trainer.run_dir)} --tokens 500 --top-k 20"
             + (' --prompt "ROMEO:"' if set("ROMEO:") <= set(trainer.task.tokenizer.chars) else ""))
     return 130 if trainer.stop_requested else 0
 
@@ -180,7 +181,7 @@ def start_run(args, ranks, say, folder):
         folder.enter_context(held_run_folder(run_dir))
     earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
     if earlier and not args.overwrite:
-        resume = f"continue it with --resume {run_dir}, " if CHECKPOINT in earlier else ""
+        resume = f"continue it with --resume {quoted(run_dir)}, " if CHECKPOINT in earlier else ""
         raise ValueError(f"{run_dir} already holds a run ({', '.join(earlier)}); {resume}replace it with "
                          "--overwrite, or choose another --out")
     from .train import Trainer
@@ -236,8 +237,8 @@ def resume_run(args, ranks, say, folder):
     except FileNotFoundError as error:
         if data_at is not None:
             raise
-        raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume {run_dir} "
-                                "--data PATH (or --data-dir FOLDER for a built-in data set)") from error
+        raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume "
+                                f"{quoted(run_dir)} --data PATH (or --data-dir FOLDER for a built-in data set)") from error
     if trainer.finished():
         say(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")

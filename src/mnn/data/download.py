@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import atomic_write, one_line
+from ..files import Progress, atomic_write, one_line
 
 READ_TIMEOUT = 60  # seconds one read may wait for the server (the default; download() takes others)
 DEADLINE = 600  # seconds the whole download may take
@@ -56,7 +56,7 @@ def download(url, path, sha256, deadline=None, read_timeout=None, quiet=False):
             total = declared_length(response)
             read_some = getattr(response, "read1", response.read)  # read1: what has arrived, not a full chunk
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}", leave=False,
-                      disable=quiet) as bar:
+                      disable=quiet, file=Progress()) as bar:
                 for chunk in iter(lambda: read_some(1 << 16), b""):
                     if time.monotonic() > give_up_at:
                         raise DownloadTimeout(f"{url}: download unfinished after {deadline:g} s "
