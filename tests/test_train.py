@@ -170,6 +170,24 @@ def test_progress_output_that_cannot_be_written_goes_quiet(monkeypatch):
     assert Progress().write("x") == 1 and not Progress().isatty()
 
 
+def test_a_message_during_training_clears_the_progress_bar_first(monkeypatch):
+    """tqdm clears its bar before a message where the bar's stream is sys.stderr: Progress, which wraps it,
+    must count as it, or each epoch's line is printed on the end of the bar."""
+    import io
+
+    from tqdm import tqdm
+
+    from mnn.files import Progress
+
+    terminal = io.StringIO()  # stdout and stderr on one terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with tqdm(total=3, file=Progress(), mininterval=0, ascii=False) as bar:
+        bar.update(1)
+        bar.write("step 1 epoch 1")
+    assert "\rstep 1 epoch 1\n" in terminal.getvalue() and "%|" in terminal.getvalue()
+
+
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):
     assert cli.main(["train", "--model", "cnn", "--dataset", "tinyshakespeare"]) == 2
     assert ("model 'cnn' trains on fashion-mnist, mnist, cifar10 or your own images (--data), not 'tinyshakespeare'"

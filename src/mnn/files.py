@@ -156,6 +156,15 @@ class Progress:
     def isatty(self):
         return self.stream is not None and self.stream.isatty()
 
+    @property
+    def encoding(self):  # tqdm draws its bar in Unicode where the stream takes it
+        return getattr(self.stream, "encoding", None)
+
+    def __eq__(self, other):  # tqdm clears the bar before a message only where its stream is sys.stderr
+        return other is self or (self.stream is not None and other is self.stream)
+
+    __hash__ = object.__hash__  # one object, however it compares
+
 
 def tell(text):
     """Write ``text`` to standard error straight to its descriptor (safe in a signal handler, where print()

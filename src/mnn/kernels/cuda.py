@@ -892,17 +892,19 @@ def batch_norm(rows, weight, bias, eps):
 
 def batch_norm_backward(g, x_hat, weight, inv_std, d_weight, d_bias):
     """Batch norm's Eqs. (2)-(3) for CuPy (N, C) rows: dL/dx, with dL/dgamma and dL/dbeta added into ``d_weight``
-    and ``d_bias`` (C-contiguous), as ``mnn.kernels.cpu.batch_norm_backward``, in three launches and a GEMV."""
+    and ``d_bias``, as ``mnn.kernels.cpu.batch_norm_backward``, in three launches and a GEMV."""
     import cupy
 
     g, x_hat, weight, inv_std = (cupy.ascontiguousarray(a) for a in (g, x_hat, weight, inv_std))
-    if not (d_weight.flags.c_contiguous and d_bias.flags.c_contiguous):
-        raise ValueError("batch norm's backward kernel adds into C-contiguous gradients")
     count, channels = g.shape
     sums = chunk_sums(BATCH_NORM_BACKWARD_SUMS, (g, x_hat), count, channels)
     means, grad = cupy.empty((2, channels), dtype=g.dtype), empty(g)
-    launch_elements(BATCH_NORM_BACKWARD_MEANS, g, channels, (sums, means, d_weight, d_bias, numpy.int64(count),
+    added = [into if into.flags.c_contiguous else cupy.zeros(into.shape, into.dtype) for into in (d_weight, d_bias)]
+    launch_elements(BATCH_NORM_BACKWARD_MEANS, g, channels, (sums, means, *added, numpy.int64(count),
                                                              numpy.int32(channels)))
+    for gradient, into in zip((d_weight, d_bias), added):
+        if into is not gradient:  # a gradient with gaps (a view a user put there): added to through a buffer
+            gradient += into
     launch_elements(BATCH_NORM_BACKWARD_APPLY, g, g.size, (g, x_hat, means, weight, inv_std, grad, numpy.int64(count),
                                                            numpy.int32(channels)))
     return grad

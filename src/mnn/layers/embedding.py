@@ -37,7 +37,7 @@ class EmbeddingLayer(Layer):
             y, outside = kernels.cuda.embedding(self.params["weight"], kernels.cuda.device_labels(indices))
             self.check_indices(indices, outside)
             self.save(indices)
-            return y
+            return y.reshape(*indices.shape, self.dim)  # one index (0-d) was made a vector of one
         self.check_indices(indices, indices.size and (int(indices.min()) < 0 or
                                                       int(indices.max()) >= self.num_embeddings))
         self.save(indices)

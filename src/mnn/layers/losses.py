@@ -124,10 +124,10 @@ class CrossEntropyLossLayer(LossLayer):
         check_labels(self, x, labels, in_range=not on_gpu)
         xp = backend.array_module(x)
         if on_gpu:  # Eq. (1) and the softmax that Eq. (2) needs, in one launch, which checks the labels too
-            labels = kernels.cuda.device_labels(labels.reshape(-1))
-            p, losses, outside = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), labels)
+            rows_labels = kernels.cuda.device_labels(labels.reshape(-1))
+            p, losses, outside = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), rows_labels)
             check_outside(self, labels, x.shape[-1], outside)
-            self.save(x.shape, p, labels)
+            self.save(x.shape, p, rows_labels)
             return losses.mean()
         labels = labels.reshape(-1)
         if kernels.fused(x):  # the same, the softmax and each row's loss in three passes

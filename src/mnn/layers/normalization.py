@@ -24,6 +24,12 @@ def at_least_float32(x):
     return x.astype("float32") if x.dtype.itemsize < 4 else x
 
 
+def gradient_dtype(g, weight):
+    """The input gradient's dtype: the gradient's and the parameters' (float16 ones give float16 back, though
+    the statistics, ``at_least_float32``, were float32)."""
+    return backend.array_module(g).result_type(g, weight)
+
+
 def normalize(x, axis, eps):
     """(x_hat, 1/sigma, mean, biased variance) along ``axis``, in float32 at least."""
     xp, x = backend.array_module(x), at_least_float32(x)
@@ -202,7 +208,7 @@ class BatchNormLayer(Layer):
         grad = x_hat * (-scale * d_weight / count)  # Eq. (3), term by term
         grad += scale * -d_bias / count
         grad += g * scale
-        return self.from_rows(grad, shape)
+        return self.from_rows(grad.astype(gradient_dtype(g, self.params["weight"]), copy=False), shape)
 
 
 class BatchNorm2dLayer(BatchNormLayer):
@@ -292,7 +298,8 @@ class LayerNormLayer(Layer):
         self.grads["weight"] += rows.sum(axis=0)  # Eq. (2)
         if self.bias:
             self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
-        return normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)
+        grad = normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)
+        return grad.astype(gradient_dtype(g, self.params["weight"]), copy=False)
 
 
 def check_eps(layer, eps):
