@@ -193,7 +193,8 @@ def describe(error):
     """One line for an error: the message, with its type where the type says what went wrong."""
     text = str(error).strip() or type(error).__name__
     if isinstance(error, OSError) and error.errno is not None and error.strerror:  # not "[Errno 28] ..."
-        text = error.strerror + (f": {error.filename}" if error.filename is not None else "")
+        files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        text = error.strerror + (f": {' -> '.join(files)}" if files else "")
     if isinstance(error, (ValueError, OSError, RuntimeError, TypeError, FloatingPointError)):
         return text
     return f"{type(error).__name__}: {text} (run again with --debug for the traceback)"

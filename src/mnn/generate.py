@@ -4,8 +4,10 @@ import numpy
 from . import backend
 from .checkpoint import load_checkpoint
 from .data.text import CharTokenizer, newlines
+from .layers.embedding import EmbeddingLayer
 from .layers.softmax import softmax
 from .optim import COUNT, NON_NEGATIVE, POSITIVE_COUNT, require
+from .seq_layers import walk
 from .tasks import evaluating
 
 
@@ -43,6 +45,10 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise ValueError("the prompt must hold at least one character")
+    for _, layer in walk(net):
+        if isinstance(layer, EmbeddingLayer):  # told before its range check would speak of token indices
+            check_vocabulary(layer.num_embeddings, tokenizer)
+            break
     rng = numpy.random.default_rng(seed)
     emit = on_text or (lambda text: None)
     emit(prompt)
@@ -50,12 +56,16 @@ def generate(net, tokenizer, prompt, tokens, context, temperature=0.8, top_k=0, 
         for _ in range(tokens):
             window = backend.to_device(numpy.array(ids[-context:])[None])
             logits = backend.to_numpy(net(window)[0, -1])
-            if len(logits) != len(tokenizer):
-                raise ValueError(f"the network scores {len(logits)} tokens and the tokenizer has {len(tokenizer)}: "
-                                 "generate with the tokenizer of the text the network was trained on")
+            check_vocabulary(len(logits), tokenizer)
             ids.append(int(rng.choice(len(tokenizer), p=next_token_probabilities(logits, temperature, top_k))))
             emit(tokenizer.decode(ids[-1:]))
     return tokenizer.decode(ids)
+
+
+def check_vocabulary(size, tokenizer):
+    if size != len(tokenizer):
+        raise ValueError(f"the network knows {size} tokens and the tokenizer has {len(tokenizer)}: generate with "
+                         "the tokenizer of the text the network was trained on")
 
 
 def check_sampling(prompt, tokens, context, temperature, top_k, seed):

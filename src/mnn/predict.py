@@ -141,6 +141,8 @@ def read_image(path, shape):
                 pixels = numpy.asarray(image, dtype=numpy.uint8)
     except ImageModeError as error:
         raise ValueError(f"{path}: {error}") from error
+    except MemoryError:
+        raise
     except Exception as error:  # Pillow raises many kinds for a file it cannot decode (or refuses, too large)
         raise ValueError(f"{path}: not an image that can be read ({one_line(error)})") from error
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
