@@ -1,5 +1,11 @@
+import os
 import sys
 
 from .run import main
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except (OSError, RuntimeError, ValueError) as error:  # one line, as mnn bench gives, unless MNN_DEBUG asks for more
+    if os.environ.get("MNN_DEBUG", "") not in ("", "0"):
+        raise
+    sys.exit(f"python -m bench: error: {error}")

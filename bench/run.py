@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import platform
 import statistics
 import subprocess
@@ -266,13 +267,29 @@ def main(argv=None, prog="python -m bench"):
     unknown = sorted(set(args.models.split(",")) - set(CASES))
     if unknown:
         parser.error(f"argument --models: no case {', '.join(map(repr, unknown))}; the cases are {', '.join(CASES)}")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"argument --json: no folder {os.path.dirname(os.path.abspath(args.json))} to write it in")
+    if args.json:
+        problem = unwritable(args.json)
+        if problem:
+            parser.error(f"argument --json: {problem}")
     device = Device(args.device)
     try:
         return run(args, device, argv)
     finally:
         device.close()
+
+
+def unwritable(path):
+    """Why the results could not be written to ``path`` after the run, or None: told before it, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no folder {folder} to write it in"
+    if os.path.isdir(path):
+        return f"{path} is a folder; name a file in it"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror})"
 
 
 def run(args, device, argv):

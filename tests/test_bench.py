@@ -74,7 +74,8 @@ def test_bad_benchmark_flags_are_one_line(tmp_path, capsys):
              (["--repeats", "0"], "--repeats: must be an integer >= 1"),
              (["--warmup", "-1"], "--warmup: must be an integer >= 0"),
              (["--models", "nonsense"], "no case 'nonsense'"),
-             (["--json", str(tmp_path / "missing" / "r.json")], "no folder")]
+             (["--json", str(tmp_path / "missing" / "r.json")], "no folder"),
+             (["--json", str(tmp_path)], "is a folder; name a file in it")]  # told before the run, not after
     cases += [] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA GPU")]
     cases += [(["--attention", "fast"], "invalid choice: 'fast'")]
     for flags, message in cases:

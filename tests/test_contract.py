@@ -144,6 +144,41 @@ def test_gradcheck_leaves_the_layer_as_it_found_it(float64):
         numpy.testing.assert_array_equal(grad, before[name][1])
 
 
+def test_gradcheck_wants_a_gradient_for_every_input(float64):
+    """y = a b whose backward forgets b's gradient passed, the check of input1 silently dropped."""
+    class Product(mnn.Layer):
+        def forward(self, a, b):
+            self.save(a, b)
+            return a * b
+
+        def backward(self, g):
+            a, b = self.saved()
+            return g * b  # and g * a for b: forgotten
+
+    ones = numpy.ones((2, 3))
+    with pytest.raises(ValueError, match=r"backward returned 1 gradient\(s\) for 2 inputs"):
+        check_layer(Product(), ones, ones)
+    layer = mnn.LinearLayer(3, 2)
+    layer.input_grad = False  # as mnn train leaves a network's first layer
+    with pytest.raises(ValueError, match="no gradient for input0 .*set layer.input_grad = True"):
+        check_layer(layer, ones)
+    assert max(check_layer(layer, ones, check_inputs=False).values()) < 1e-7
+
+
+def test_gradcheck_passes_a_right_layer_whatever_the_random_directions(float64):
+    """A direction nearly orthogonal to the gradient made the directional derivative nearly 0, and rounding
+    divided by it failed batch norm for about 1 seed in 50."""
+    x = numpy.random.default_rng(7).standard_normal((4, 3))
+    worst = max(max(check_layer(mnn.BatchNormLayer(3), x, seed=seed).values()) for seed in range(60))
+    assert worst < 1e-6
+
+
+def test_a_composite_layer_refuses_a_parameter_of_its_own():
+    block = mnn.ResidualBlock(mnn.SequentialLayers([mnn.LinearLayer(2, 2)]))
+    with pytest.raises(TypeError, match="a composite layer's parameters are its sub-layers'"):
+        block.add_param("s", numpy.ones(2))
+
+
 def test_gradcheck_refuses_targets_for_a_layer_that_is_no_loss():
     with pytest.raises(ValueError, match="targets are for a loss layer, and SequentialLayers is none"):
         check_layer(mnn.SequentialLayers([mnn.ReluLayer(), mnn.MSELossLayer()]), numpy.ones((2, 3)),
@@ -229,9 +264,11 @@ def test_backward_after_a_forward_without_targets_is_an_error(rng):
                                 mnn.CrossEntropyLossLayer()])
     x, x2 = rng.standard_normal((6, 3)).astype(numpy.float32), rng.standard_normal((6, 3)).astype(numpy.float32)
     y = rng.integers(0, 2, 6)
+    with pytest.raises(RuntimeError, match=r"no loss to back-propagate \(no forward pass yet"):
+        net.backward()
     net(x, y)
     net(x2)
-    with pytest.raises(RuntimeError, match="computed no loss"):
+    with pytest.raises(RuntimeError, match="or the last one had no targets"):
         net.backward()
     net(x2, y)  # with the loss again, backward is allowed and right
     net.zero_grads()

@@ -56,6 +56,34 @@ def test_a_flattened_network_trains_exactly_as_before(optimizer_first):
         numpy.testing.assert_array_equal(finals[0][name], finals[1][name])
 
 
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_a_copy_of_a_flattened_network_trains_as_the_network(copy_by):
+    """A copy's parameters and gradients came apart from its buffers: zero_grads cleared the buffers alone,
+    and the copy's gradients added up step after step (tied weights: one place, still)."""
+    import copy
+    import pickle
+
+    x, y = (numpy.random.default_rng(seed).integers(0, 11, (4, 8)) for seed in (0, 1))
+
+    def three_steps(net):
+        for _ in range(3):
+            net.zero_grads()
+            net(x, y)
+            net.backward()
+            net.step()
+        return net.state_dict()
+
+    net = small_gpt(tie_weights=True)
+    net.optimizer = optim.AdamW(net, lr=1e-2)
+    net.flatten()
+    three_steps(net)
+    clone = copy.deepcopy(net) if copy_by == "deepcopy" else pickle.loads(pickle.dumps(net))
+    ours, theirs = three_steps(net), three_steps(clone)
+    for name in ours:
+        numpy.testing.assert_array_equal(ours[name], theirs[name])
+    assert flat.buffers_behind(clone.named_parameters()) is not None
+
+
 def test_zero_grads_clears_the_whole_buffer():
     net = small_gpt()
     flat = net.flatten()

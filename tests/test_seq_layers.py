@@ -131,6 +131,10 @@ def test_debug_prints_shapes(rng, capsys):
     net.backward(debug=True)
     out = capsys.readouterr().out
     assert "LinearLayer: (5, 6) -> (5, 8)" in out and "grad (5, 6)" in out
+    net.input_grad = False  # the first layer's parameter gradients are still made, and told
+    net(rng.standard_normal((5, 6)).astype(numpy.float32), rng.integers(0, 4, 5))
+    net.backward(debug=True)
+    assert "LinearLayer: no input gradient params {'w': (8, 6), 'b': (8,)}" in capsys.readouterr().out
 
 
 def test_state_dict_round_trip(rng):

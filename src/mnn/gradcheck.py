@@ -9,6 +9,15 @@ $$\frac{s(x + \epsilon u) - s(x - \epsilon u)}{2\epsilon} = \langle \nabla_x s, 
 must then agree with $\langle$ ``backward(v)`` $, u\rangle$, and likewise for every
 parameter. A few such random probes test the whole Jacobian without building it.
 Run in float64: in float32 the rounding error swamps $O(\epsilon^2)$.
+
+The two numbers are compared relative to the larger of them and of $\lVert \nabla_x s \rVert$, the
+spread of $\langle \nabla_x s, u \rangle$ over random directions: a direction that happens to be
+nearly orthogonal to the gradient would otherwise divide rounding by almost nothing. And the
+difference of two values of $s$ resolves no less than about $|s|\, 2^{-52}/\epsilon$: an error of that
+size is rounding, and counts as ``ROUNDING`` (1e-8), however small the gradient (batch norm's input
+gradient for a handful of rows is small beside $s$ itself).
+At a kink (ReLU at exactly 0, a tie in a max-pooling window) the central difference straddles two
+slopes, and an error near 0.5 or 1 there says nothing about ``backward``: draw inputs away from kinks.
 """
 import numpy
 
@@ -57,6 +66,15 @@ def _accumulation_errors(layer, inputs, targets, weights):
 
 def relative_error(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+ROUNDING = 1e-8  # what an error at the finite difference's own resolution counts as
+
+
+def directional_error(analytic, numeric, gradient_norm, resolution):
+    """|analytic - numeric| relative to the larger of the two, of the gradient's norm, and of the finite
+    difference's ``resolution`` / ``ROUNDING`` (the module's note)."""
+    return abs(analytic - numeric) / max(abs(analytic), abs(numeric), gradient_norm, resolution / ROUNDING, 1e-300)
 
 
 def require_float64(layer, inputs):
@@ -116,6 +134,7 @@ def _errors(layer, inputs, targets, probes, eps, check_inputs, rng):
         input_grads, param_grads = _analytic(layer, inputs, targets, weights)
         tensors = {f"input{i}": (x, g) for i, (x, g) in enumerate(zip(inputs, input_grads))
                    if check_inputs and x.dtype.kind == "f"}
+        check_input_gradients(layer, inputs, input_grads, tensors)
         tensors.update({name: (layer.params[name], param_grads[name]) for name in layer.params})
         for name, (tensor, grad) in tensors.items():
             direction = rng.standard_normal(tensor.shape)
@@ -125,9 +144,22 @@ def _errors(layer, inputs, targets, probes, eps, check_inputs, rng):
             minus = _scalar(layer, inputs, targets, weights)
             tensor += eps * direction
             numeric = (plus - minus) / (2 * eps)
-            error = relative_error(float((grad * direction).sum()), numeric)
+            resolution = max(abs(plus), abs(minus)) * numpy.finfo(numpy.float64).eps / eps
+            error = directional_error(float((grad * direction).sum()), numeric, float(numpy.linalg.norm(grad)),
+                                      resolution)
             errors[name] = max(errors.get(name, 0.0), error)
     return {**errors, **_accumulation_errors(layer, inputs, targets, rng.standard_normal(shape))}
+
+
+def check_input_gradients(layer, inputs, input_grads, checked):
+    """One gradient for each input (None for an integer one), each to be checked an array."""
+    if len(input_grads) != len(inputs):
+        raise ValueError(f"check_layer: {layer!r}.backward returned {len(input_grads)} gradient(s) for "
+                         f"{len(inputs)} inputs; it must return one for each (a tuple, for several)")
+    for name, (_, grad) in checked.items():
+        if grad is None:
+            raise ValueError(f"check_layer: {layer!r}.backward returned no gradient for {name} (is its input_grad "
+                             "False? set layer.input_grad = True), or pass check_inputs=False")
 
 
 def standard_cases(rng):

@@ -71,6 +71,15 @@ class SequentialLayers(CompositeLayer):
         self.loss_is_current = False  # did the last forward pass end in the loss?
         self.flat = None  # the flat buffers, once flatten() made them
 
+    def __setstate__(self, state):
+        """A copy of a flattened network (``copy.deepcopy``, pickle): its parameters and gradients come apart
+        from the buffers they were views into, so ``zero_grads`` would clear the buffers alone and the
+        gradients add up; they are laid out in buffers of their own again."""
+        self.__dict__.update(state)
+        if self.flat is not None:
+            self.flat = None
+            self.flatten()
+
     def __repr__(self):
         inner = "".join(f"\n  ({i}) " + repr(layer).replace("\n", "\n  ") for i, layer in enumerate(self.layers))
         return f"SequentialLayers({inner}\n)"
@@ -126,7 +135,8 @@ class SequentialLayers(CompositeLayer):
         return loss
 
     def forward(self, inputs, debug=False):
-        """The output of every layer before the loss, in order (``debug``: print each one's shapes)."""
+        """The output of the last layer before the loss, each layer applied in order (``debug``: print each
+        one's shapes)."""
         self.loss_is_current = False
         x = inputs
         for layer in self.body:
@@ -150,21 +160,21 @@ class SequentialLayers(CompositeLayer):
             if self.loss_layer is None:
                 raise RuntimeError("SequentialLayers.backward() without a gradient needs a loss layer last")
             if not self.loss_is_current:
-                raise RuntimeError("SequentialLayers.backward(): the last forward pass computed no loss "
-                                   "(it had no targets), so there is nothing to back-propagate; "
-                                   "call net(inputs, targets) first")
+                raise RuntimeError("SequentialLayers.backward(): no loss to back-propagate (no forward pass yet, "
+                                   "or the last one had no targets); call net(inputs, targets) first")
             gradients = self.loss_layer.backward()
             if debug:
                 print(f"{type(self.loss_layer).__name__}: grad {tuple(gradients.shape)}")
         passed = [gradients]
         for layer in reversed(self.body[self.first_needed:]):
             gradients = layer.backward(gradients)
+            if debug:
+                shapes = {name: tuple(g.shape) for name, g in layer.grads.items()}
+                given = "no input gradient" if gradients is None else f"grad {tuple(gradients.shape)}"
+                print(f"{type(layer).__name__}: {given} params {shapes}")
             if gradients is None:  # the first trained layer, its input gradient not wanted
                 break
             passed.append(gradients)
-            if debug:
-                shapes = {name: tuple(g.shape) for name, g in layer.grads.items()}
-                print(f"{type(layer).__name__}: grad {tuple(gradients.shape)} params {shapes}")
         return passed if start else gradients
 
     @property

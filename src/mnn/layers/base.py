@@ -163,6 +163,10 @@ class CompositeLayer(Layer):
     def named_buffers(self, prefix=""):
         return [item for name, layer in self.sublayers().items() for item in layer.named_buffers(f"{prefix}{name}.")]
 
+    def add_param(self, name, value):
+        raise TypeError(f"{type(self).__name__}: a composite layer's parameters are its sub-layers'; give "
+                        f"{name!r} to a sub-layer (a layer of its own, with forward and backward)")
+
     @property
     def params(self):
         return {name: param for name, param, _ in self.named_parameters()}

@@ -53,23 +53,27 @@ class DropoutLayer(Layer):
     def forward(self, x):
         self.check_input(x)
         if not self.training or self.p == 0:
-            self.save(None)
+            self.save(None, x.dtype)
             return x
         key, threshold = backend.random_key(), keep_threshold(1 - self.p)
-        scale = x.dtype.type(1 / (1 - self.p))
         if kernels.fused(x):  # Eqs. (3), (4), (1) in one pass
-            y, scaled_mask = kernels.cpu.dropout(x, key, threshold, scale)
+            y, scaled_mask = kernels.cpu.dropout(x, key, threshold, x.dtype.type(1 / (1 - self.p)))
         elif kernels.fused_gpu(x):
-            y, scaled_mask = kernels.cuda.dropout(x, key, threshold, scale)
-        else:
-            scaled_mask = keep_mask(key, threshold, x.shape, backend.array_module(x)) * scale  # m / (1 - p)
-            y = x * scaled_mask  # Eq. (1)
-        self.save(scaled_mask)
+            y, scaled_mask = kernels.cuda.dropout(x, key, threshold, x.dtype.type(1 / (1 - self.p)))
+        else:  # in float32 at least: float16's 1 / (1 - p) overflows from p = 0.99998 on, and 0 * inf is NaN
+            xp = backend.array_module(x)
+            wide = xp.dtype(xp.promote_types(x.dtype, xp.float32)).type
+            scaled_mask = keep_mask(key, threshold, x.shape, xp) * wide(1 / (1 - self.p))  # m / (1 - p)
+            y = (x * scaled_mask).astype(x.dtype, copy=False)  # Eq. (1)
+        self.save(scaled_mask, x.dtype)
         return y
 
     def backward(self, g):
-        (scaled_mask,) = self.saved()
-        return g if scaled_mask is None else g * scaled_mask  # Eq. (2)
+        scaled_mask, dtype = self.saved()
+        if scaled_mask is None:
+            return g
+        xp = backend.array_module(g)
+        return (g * scaled_mask).astype(xp.result_type(g, dtype), copy=False)  # Eq. (2)
 
 
 def keep_threshold(keep):
