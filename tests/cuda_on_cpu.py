@@ -349,6 +349,20 @@ def nvrtc_library():
     return ctypes.CDLL(str(found[-1])) if found else None
 
 
+def require_nvrtc():
+    """NVRTC, for a test that compiles device code: on Linux, where the test extra installs it, a missing one
+    is a failure (the check must not vanish quietly); elsewhere the test skips."""
+    import platform
+
+    import pytest
+
+    library = nvrtc_library()
+    if library is None:
+        message = "NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux"
+        (pytest.fail if platform.system() == "Linux" else pytest.skip)(message)
+    return library
+
+
 def nvrtc_errors(code):
     """None when NVRTC compiles ``code`` to machine code for sm_90 (so that the assembler's limits hold:
     48 KB of static shared memory a block, registers) with CuPy's options, else its log."""

@@ -4,6 +4,7 @@ Through ``LSTMLayer`` (float32) they must give the reference lines' numbers to f
 each sample's numbers must not depend on how the batch is split between threads, nor on whether it
 is multiplied in a tile of eight or alone; their tanh must be within one unit in the last place.
 """
+import contextlib
 import runpy
 import threading
 from pathlib import Path
@@ -34,13 +35,35 @@ def fused_and_two_threads():
 
 def run_layer(mode, x, state, g, final_grad, bias=True):
     """(output, input gradient, final h, final c, initial h and c gradients, weight gradients...) of a fresh
-    LSTMLayer, by the reference lines or the fused kernels."""
+    LSTMLayer, by the reference lines or the fused kernels (which must be the sequence kernels, both ways)."""
     kernels.use(mode)
     backend.seed(0)
     layer = LSTMLayer(x.shape[2], g.shape[2], bias=bias)
-    y = layer.forward(x, state=state)
-    dx = layer.backward(g, final_state_grad=final_grad)
+    with sequence_kernels_counted() as ran:
+        y = layer.forward(x, state=state)
+        dx = layer.backward(g, final_state_grad=final_grad)
+    assert ran == ([] if mode == "numpy" else ["lstm_forward", "lstm_backward"]), ran
     return (y, dx, *layer.final_state, *layer.state_grad, *(grad.copy() for grad in layer.grads.values()))
+
+
+@contextlib.contextmanager
+def sequence_kernels_counted():
+    """The names of the sequence kernels called inside, in order."""
+    ran, kept = [], {name: getattr(cpu_sequence, name) for name in ("lstm_forward", "lstm_backward")}
+
+    def counted(name):
+        def call(*args):
+            ran.append(name)
+            return kept[name](*args)
+        return call
+
+    try:
+        for name in kept:
+            setattr(cpu_sequence, name, counted(name))
+        yield ran
+    finally:
+        for name, kernel in kept.items():
+            setattr(cpu_sequence, name, kernel)
 
 
 def lstm_arrays(rng, batch, length, inputs, hidden):

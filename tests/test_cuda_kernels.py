@@ -5,7 +5,7 @@ import ctypes
 import numpy
 import pytest
 
-from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvrtc_errors, nvrtc_library
+from cuda_on_cpu import compile_for_cpu, compile_for_gpu, compile_raw_for_cpu, nvrtc_errors, require_nvrtc
 from mnn import backend, flat, kernels, models, optim
 from mnn.kernels import cuda
 from mnn.layers import BatchNormLayer, CrossEntropyLossLayer, GeluLayer, LayerNormLayer
@@ -316,8 +316,7 @@ def test_the_lists_name_every_gpu_kernel():
 def test_every_gpu_kernel_compiles_as_device_code(dtype):
     """What g++ cannot check: that the source is CUDA that NVRTC, CuPy's compiler, takes without
     headers (device functions, math overloads for T, warp shuffles)."""
-    if nvrtc_library() is None:
-        pytest.skip("NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux")
+    require_nvrtc()
     errors = compile_for_gpu(GPU_KERNELS, dtype)
     assert errors is None, errors
     for source in RAW_KERNELS:  # each holds its float and its double entry
@@ -327,8 +326,7 @@ def test_every_gpu_kernel_compiles_as_device_code(dtype):
 
 def test_nvrtc_refuses_what_a_gpu_cannot_run():
     """The check above can fail: a host function called from a kernel, a macro only headers define."""
-    if nvrtc_library() is None:
-        pytest.skip("NVRTC is not installed: the test extra installs nvidia-cuda-nvrtc on Linux")
+    require_nvrtc()
     assert "INFINITY" in nvrtc_errors('extern "C" __global__ void f(float* y) { y[0] = INFINITY; }')
     assert nvrtc_errors('int host() { return 1; } extern "C" __global__ void f(int* y) { y[0] = host(); }')
     too_much = 'extern "C" __global__ void f(double* y) { __shared__ double s[8192]; s[threadIdx.x] = 1; y[0] = s[5]; }'

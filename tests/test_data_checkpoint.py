@@ -145,5 +145,9 @@ def test_a_per_channel_normaliser_is_what_predict_applies(colour_run):
     model = mnn.load(colour_run)
     raw = numpy.load(read_checkpoint(colour_run / CHECKPOINT)[1]["config"]["data"])["x_test"][:4]
     mean, std = (numpy.array(model.normalizer.__dict__[k], numpy.float32)[:, None, None] for k in ("mean", "std"))
-    assert numpy.allclose(model.normalizer(raw), (raw / numpy.float32(255) - mean) / std, atol=1e-6)
-    assert model.predict_proba(raw).shape == (4, 3)
+    normalised = (raw / numpy.float32(255) - mean) / std
+    assert numpy.allclose(model.normalizer(raw), normalised, atol=1e-6)
+    logits = model.net(normalised.astype(numpy.float32)).astype(numpy.float64)
+    expected = numpy.exp(logits - logits.max(axis=1, keepdims=True))
+    numpy.testing.assert_allclose(model.predict_proba(raw), expected / expected.sum(axis=1, keepdims=True),
+                                  rtol=1e-5, atol=1e-6)

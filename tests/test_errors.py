@@ -168,7 +168,9 @@ def test_a_loss_of_an_empty_batch_is_refused_not_nan(loss, targets):
 def test_a_flag_must_be_true_or_false(build):
     with pytest.raises(ValueError, match=r"must be True or False, got 'False'"):
         build("False")  # a non-empty string is true: it would have built the bias
-    assert build(numpy.bool_(False)) is not None
+    for flag in (False, True):  # NumPy's booleans are taken as Python's: the same layer either way
+        assert build(numpy.bool_(flag)).config() == build(flag).config()
+    assert build(numpy.bool_(False)).config() != build(True).config()
 
 
 def test_attention_refuses_an_empty_batch_or_sequence():

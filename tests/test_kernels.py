@@ -3,6 +3,7 @@
 float64 agrees to ~1e-12 (sums may be taken in another order), float32 to its rounding;
 max-pooling and Adam's update take the same steps as the reference, so they agree exactly.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,9 +28,12 @@ def restore_mode():
     kernels.use(before)
 
 
-def both_ways(make_layer, x, dtype, seed=1, step=None):
+def both_ways(make_layer, x, dtype, seed=1, step=None, kernels_expected=True):
     """What ``step(layer)`` returns for a fresh layer, by the reference and fused; by default
-    (output, input gradient, parameter gradients, layer) after a forward and a backward pass."""
+    (output, input gradient, parameter gradients, layer) after a forward and a backward pass. Where the
+    CPU kernels apply to ``dtype``, the fused side must call one (unless ``kernels_expected`` is False)
+    and the reference side none: a layer that quietly took its reference lines would compare them with
+    themselves."""
     def forward_and_backward(layer):
         y = layer.forward(x.astype(dtype) if x.dtype.kind == "f" else x)  # token indices stay integers
         grad = layer.backward(numpy.random.default_rng(seed).standard_normal(y.shape).astype(dtype))
@@ -41,10 +45,43 @@ def both_ways(make_layer, x, dtype, seed=1, step=None):
         for mode in ("numpy", "fused"):
             kernels.use(mode)
             backend.seed(0)
-            results.append((step or forward_and_backward)(make_layer()))
+            with kernel_calls() as called:
+                results.append((step or forward_and_backward)(make_layer()))
+            if mode == "numpy":
+                assert not called, f"the reference lines called {called}"
+            elif kernels_expected and kernels.fused(numpy.zeros(1, dtype)):
+                assert called, "the fused side called no kernel of mnn.kernels.cpu or cpu_sequence"
     finally:
         backend.set_default_dtype(numpy.float32)
     return results
+
+
+@contextlib.contextmanager
+def kernel_calls():
+    """The names of the functions of ``mnn.kernels.cpu`` and ``cpu_sequence`` that the layers call inside."""
+    called, modules = [], {name: getattr(kernels, name) for name in ("cpu", "cpu_sequence")}
+
+    class Counting:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, attribute):
+            value = getattr(self.module, attribute)
+            if not callable(value):
+                return value
+
+            def call(*args, **kwargs):
+                called.append(attribute)
+                return value(*args, **kwargs)
+            return call
+
+    try:
+        for name, module in modules.items():
+            setattr(kernels, name, Counting(module))
+        yield called
+    finally:
+        for name, module in modules.items():
+            setattr(kernels, name, module)
 
 
 def lstm_step(x, state, final_state_grad, gradient_dtype=numpy.float64):
@@ -402,7 +439,12 @@ def test_the_fused_convolution_gives_the_same_numbers_in_chunks_of_one_image(mon
 
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 @pytest.mark.parametrize("hidden, bias", [(5, True), (8, False), (17, True)])  # 4H: a tile and a rest, whole tiles
-def test_lstm_step_kernels_equal_the_reference(dtype, hidden, bias):
+def test_lstm_step_kernels_equal_the_reference(dtype, hidden, bias, monkeypatch):
+    """The step kernels in both dtypes: a float32 layer takes the sequence kernels (tests/test_cpu_sequence.py),
+    unless told there are none for it."""
+    from mnn.layers import recurrent
+
+    monkeypatch.setattr(recurrent, "sequence_parts", lambda batch, *arrays: None)
     x = numpy.random.default_rng(0).standard_normal((3, 6, 4))
     reference, fused = both_ways(lambda: LSTMLayer(4, hidden, bias=bias), x, dtype)
     assert_close(reference[0], fused[0], dtype, "output")
@@ -425,8 +467,9 @@ def test_lstm_with_mixed_dtypes_takes_the_reference_numbers(weights, state, grad
     x = rng.standard_normal((2, 4, 3)).astype(weights)
     initial = tuple(rng.standard_normal((2, 5)).astype(state) for _ in range(2))
     final_grad = tuple(rng.standard_normal((2, 5)).astype(final) for _ in range(2))
-    results = both_ways(lambda: LSTMLayer(3, 5), x, weights, step=lstm_step(x, initial, final_grad, gradient))
     forward_fused = final == numpy.float16  # the backward's float16 runs the reference on the fused forward's
+    results = both_ways(lambda: LSTMLayer(3, 5), x, weights, step=lstm_step(x, initial, final_grad, gradient),
+                        kernels_expected=forward_fused)
     for reference, fused in zip(*results):
         assert reference.dtype == fused.dtype
         if forward_fused:
