@@ -82,6 +82,12 @@ def test_a_copy_of_a_flattened_network_trains_as_the_network(copy_by):
     for name in ours:
         numpy.testing.assert_array_equal(ours[name], theirs[name])
     assert flat.buffers_behind(clone.named_parameters()) is not None
+    shallow = copy.copy(net)  # the same layers: the network's own buffers still behind them
+    assert shallow.flat is net.flat and flat.buffers_behind(net.named_parameters()) is not None
+    three_steps(shallow)
+    three_steps(net)
+    net.zero_grads()
+    assert all(not grad.any() for grad in net.grads.values())
 
 
 def test_zero_grads_clears_the_whole_buffer():

@@ -80,6 +80,12 @@ class SequentialLayers(CompositeLayer):
             self.flat = None
             self.flatten()
 
+    def __copy__(self):
+        """``copy.copy``: the same layers, and so the same buffers (nothing to lay out again)."""
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        return copy
+
     def __repr__(self):
         inner = "".join(f"\n  ({i}) " + repr(layer).replace("\n", "\n  ") for i, layer in enumerate(self.layers))
         return f"SequentialLayers({inner}\n)"
