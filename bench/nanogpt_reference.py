@@ -114,14 +114,18 @@ def estimate_loss(model, splits, c):
 
 @torch.no_grad()
 def whole_split_loss(model, data, context):
-    """Mean loss over every non-overlapping window of the split."""
+    """Mean loss over every non-overlapping window of the split and a last, shorter one (as mnn's
+    ``TextTask.evaluate``: every character after the split's first predicted once)."""
     model.eval()
-    count = (len(data) - 1) // context
+    count, rest = divmod(len(data) - 1, context)
     device = next(model.parameters()).device
     x = torch.from_numpy(data[:count * context].astype(numpy.int64)).view(count, context).to(device)
     y = torch.from_numpy(data[1:count * context + 1].astype(numpy.int64)).view(count, context).to(device)
-    losses = [float(model(x[i:i + 256], y[i:i + 256])) * len(x[i:i + 256]) for i in range(0, count, 256)]
-    return sum(losses) / count
+    losses = [float(model(x[i:i + 256], y[i:i + 256])) * len(x[i:i + 256]) * context for i in range(0, count, 256)]
+    if rest:
+        tail = torch.from_numpy(data[count * context:].astype(numpy.int64)).to(device)
+        losses.append(float(model(tail[None, :-1], tail[None, 1:])) * rest)
+    return sum(losses) / (count * context + rest)
 
 
 def optimizer_for(model, c):

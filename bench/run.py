@@ -285,6 +285,8 @@ def unwritable(path):
         return f"no folder {folder} to write it in"
     if os.path.isdir(path):
         return f"{path} is a folder; name a file in it"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f"cannot write {path} (Permission denied)"
     try:
         with tempfile.TemporaryFile(dir=folder):
             return None

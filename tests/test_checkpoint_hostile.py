@@ -519,7 +519,7 @@ def test_a_folder_is_refused(tmp_path):
 def test_a_fifo_is_refused_without_blocking(tmp_path):
     path = tmp_path / "fifo"
     os.mkfifo(path)
-    assert_refused(path, "a FIFO, not a regular file", read_checkpoint)  # no writer: a read would block forever
+    assert_refused(path, "a FIFO (a pipe), not a regular file", read_checkpoint)  # no writer: a read would block
 
 
 def test_a_socket_is_refused(tmp_path):

@@ -163,6 +163,18 @@ def test_gradcheck_wants_a_gradient_for_every_input(float64):
     with pytest.raises(ValueError, match="no gradient for input0 .*set layer.input_grad = True"):
         check_layer(layer, ones)
     assert max(check_layer(layer, ones, check_inputs=False).values()) < 1e-7
+    rnn = mnn.RNNLayer(3, 2)  # its state's gradient is in state_grad: the parameters alone are checked
+    state = numpy.random.default_rng(0).standard_normal((2, 2))
+    assert max(check_layer(rnn, numpy.ones((2, 4, 3)), state, check_inputs=False).values()) < 1e-7
+
+
+def test_gradcheck_fails_a_nan_gradient(float64):
+    """max(0.0, nan) is 0.0: a backward giving NaN passed with an error of 0."""
+    class NanBackward(mnn.ReluLayer):
+        def backward(self, g):
+            return g * numpy.nan
+
+    assert check_layer(NanBackward(), numpy.ones((2, 3)))["input0"] == numpy.inf
 
 
 def test_gradcheck_passes_a_right_layer_whatever_the_random_directions(float64):

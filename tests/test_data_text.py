@@ -160,3 +160,27 @@ def test_an_evaluation_asked_to_stop_is_abandoned(tmp_path):
     net = small_gpt()
     assert task.evaluate(net, stop=lambda: True) is None
     assert task.evaluate(net, stop=lambda: False) == task.evaluate(net)
+
+
+@pytest.mark.parametrize("make", ["fifo", "process substitution"])
+def test_a_text_that_is_a_pipe_is_refused_naming_it(tmp_path, make, capsys):
+    """A FIFO was searched as a folder ("no text at FIFO/input.txt"), and <(cat text) became a path that does
+    not exist (/proc/N/fd/pipe:[...]): either is told as the pipe it is."""
+    import os
+
+    from mnn import cli
+    if make == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    else:
+        read, write = os.pipe()  # what <(...) hands a command: /dev/fd/N
+        path = f"/dev/fd/{read}"
+    try:
+        assert cli.main(["train", "--model", "gpt", "--data", str(path), "--steps", "1", "--quiet",
+                         "--out", str(tmp_path / "run")]) == 2
+    finally:
+        if make != "fifo":
+            os.close(read)
+            os.close(write)
+    assert f"{path}: a FIFO (a pipe), not a regular file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

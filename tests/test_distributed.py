@@ -201,3 +201,14 @@ def test_a_rank_that_fails_ends_the_job_and_the_last_checkpoint_stays(tmp_path, 
     if "raise" in failure:
         assert "mnn train (rank 1 of 2): error: injected failure" in result.stderr, (result.returncode, result.stdout)
     assert weights(tmp_path / "run")[1]["step"] == 10  # written whole at step 10, before the failure at 15
+
+
+@pytest.mark.parametrize("command", [["test", "RUN"], ["generate", "RUN"], ["predict", "RUN", "x.png"], ["gradcheck"]])
+def test_the_commands_of_one_process_refuse_mpiexec(monkeypatch, capsys, command):
+    """Under mpiexec every rank ran mnn test whole: the report printed once a rank, the ranks' files racing."""
+    monkeypatch.setenv("PMI_SIZE", "2")
+    for rank, told in (("0", True), ("1", False)):
+        monkeypatch.setenv("PMI_RANK", rank)
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert (f"mnn {command[0]}: runs in one process; run it without mpiexec" in err) == told and err.count("\n") <= 1

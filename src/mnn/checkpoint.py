@@ -37,7 +37,7 @@ from safetensors.numpy import save as save_safetensors
 
 from . import __version__, backend, models
 from .checkpoint_schema import FieldError, check_document, check_resume_document, choice, integer, list_of, record
-from .files import atomic_write, one_line, remove_stale_temporaries
+from .files import atomic_write, kind_of, one_line, remove_stale_temporaries
 
 PICKLE_SIGNATURES = (b"\x80", b"PK\x03\x04")  # a pickle protocol header, or torch.save's zip
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself applies
@@ -139,14 +139,9 @@ def read_regular_file(path):
         return os_call(path, "read", handle.read, info.st_size)
 
 
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
 def check_regular(path, mode):
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a plain file")
-        raise CheckpointError(f"{path}: {kind}, not a regular file; a checkpoint is a .safetensors file")
+        raise CheckpointError(f"{path}: {kind_of(mode)}, not a regular file; a checkpoint is a .safetensors file")
 
 
 def os_call(path, doing, function, *args):

@@ -88,7 +88,8 @@ def numpy_top(probabilities, k):
 def command_gradcheck(args):
     from .gradcheck import ACCUMULATED, check_all_layers
 
-    print(f"finite differences in float64; a layer passes when every relative error is below {GRADCHECK_TOLERANCE:g}")
+    print(f"finite differences in float64; a layer passes when every error (relative to the gradient's scale: "
+          f"mnn.gradcheck) is below {GRADCHECK_TOLERANCE:g}")
     failed = []
     for name, errors in check_all_layers():
         passed = max(errors.values()) < GRADCHECK_TOLERANCE
@@ -133,6 +134,13 @@ def main(argv=None):
     if unknown:  # told by the subcommand, whose --help lists its flags
         main_parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = args.debug or os.environ.get("MNN_DEBUG", "") not in ("", "0")
+    from .distributed import launched_rank, world_size
+
+    if args.command != "train" and world_size() > 1:  # each rank would print it all, and race on its files
+        if launched_rank() == 0:
+            print_error(f"mnn {args.command}: runs in one process; run it without mpiexec (mnn train alone "
+                        "trains on several)")
+        return 2
     handlers = {"train": command_train, "test": command_test, "generate": command_generate, "predict": command_predict,
                 "gradcheck": command_gradcheck}
     try:

@@ -173,6 +173,15 @@ def tell(text):
         os.write(2, text.encode())
 
 
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (a pipe)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def kind_of(mode):
+    """What a file that is no regular file is ('a FIFO (a pipe)', ...), from its ``st_mode``."""
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a plain file")
+
+
 def quoted(path):
     """``path`` as a shell takes it back, for a command printed to be pasted: quoted where it must be."""
     return shlex.quote(str(path))

@@ -119,6 +119,24 @@ def buffers_behind(triples):
     return list(groups.values())
 
 
+def copy_into_memo(triples, memo):
+    """For ``copy.deepcopy``: copy the buffers behind ``triples`` into ``memo``, and map each tensor to its
+    view in the copies, so that whatever the deep copy reaches (the layers, an optimizer copied with
+    them) holds views into the copied buffers, as the originals do into theirs. False where the tensors
+    lie in no such buffers (nothing is then put in ``memo``)."""
+    import copy
+
+    groups = buffers_behind(triples)
+    if groups is None:
+        return False
+    for flat_param, flat_grad, members in groups:
+        param_copy, grad_copy = copy.deepcopy(flat_param, memo), copy.deepcopy(flat_grad, memo)
+        for index, offset in members:
+            _, param, grad = triples[index]
+            memo[id(param)], memo[id(grad)] = view(param_copy, offset, param), view(grad_copy, offset, grad)
+    return True
+
+
 def offset_in(flat, view):
     """The index in 1-D ``flat`` of ``view``'s first entry (NumPy or CuPy arrays)."""
     start = flat.data.ptr if hasattr(flat.data, "ptr") else flat.ctypes.data

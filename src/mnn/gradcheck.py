@@ -91,7 +91,8 @@ def require_float64(layer, inputs):
 
 
 def check_layer(layer, *inputs, targets=None, probes=3, eps=1e-6, seed=0, check_inputs=True):
-    """Worst relative error of the layer's input and parameter gradients, by name.
+    """Worst error of the layer's input and parameter gradients, by name, relative to their scale (the
+    module's note; a NaN or infinite gradient gives inf).
 
     Floating ``inputs`` and the layer's parameters must be float64 (integer inputs, such as
     token indices, are passed through unperturbed); for a loss layer pass ``targets``. Returns a dict such
@@ -147,13 +148,14 @@ def _errors(layer, inputs, targets, probes, eps, check_inputs, rng):
             resolution = max(abs(plus), abs(minus)) * numpy.finfo(numpy.float64).eps / eps
             error = directional_error(float((grad * direction).sum()), numeric, float(numpy.linalg.norm(grad)),
                                       resolution)
-            errors[name] = max(errors.get(name, 0.0), error)
+            errors[name] = max(errors.get(name, 0.0), numpy.inf if numpy.isnan(error) else error)  # NaN: a failure
     return {**errors, **_accumulation_errors(layer, inputs, targets, rng.standard_normal(shape))}
 
 
 def check_input_gradients(layer, inputs, input_grads, checked):
-    """One gradient for each input (None for an integer one), each to be checked an array."""
-    if len(input_grads) != len(inputs):
+    """One gradient for each input (None for an integer one), each to be checked an array (with
+    ``check_inputs`` False, none: a recurrent layer's state has its gradient in ``state_grad``)."""
+    if checked and len(input_grads) != len(inputs):
         raise ValueError(f"check_layer: {layer!r}.backward returned {len(input_grads)} gradient(s) for "
                          f"{len(inputs)} inputs; it must return one for each (a tuple, for several)")
     for name, (_, grad) in checked.items():

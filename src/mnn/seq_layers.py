@@ -1,4 +1,6 @@
 r"""``SequentialLayers``: a network as a list of layers, and back-propagation through it."""
+import copy
+
 from .layers.base import CompositeLayer, Layer, LossLayer
 from .layers.residual import ResidualBlock
 
@@ -71,14 +73,27 @@ class SequentialLayers(CompositeLayer):
         self.loss_is_current = False  # did the last forward pass end in the loss?
         self.flat = None  # the flat buffers, once flatten() made them
 
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy``: a flattened network's copy is flat too, its tensors views into copies of the
+        buffers (``flat.copy_into_memo``), and so are the tensors of an optimizer copied with it
+        (``copy.deepcopy((net, optimizer))``). Copied apart, they would be views of nothing: ``zero_grads``
+        would clear the buffers alone, and the gradients add up step after step."""
+        from .flat import copy_into_memo
+
+        flat = self.flat is not None and copy_into_memo(self.named_parameters(), memo)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, copy.deepcopy(value, memo))
+        if not flat:  # buffers that no longer hold the parameters (one was replaced since): not flat
+            clone.flat = None
+        return clone
+
     def __setstate__(self, state):
-        """A copy of a flattened network (``copy.deepcopy``, pickle): its parameters and gradients come apart
-        from the buffers they were views into, so ``zero_grads`` would clear the buffers alone and the
-        gradients add up; they are laid out in buffers of their own again."""
+        """pickle keeps no views: a flattened network comes back with its tensors apart from the buffers, so
+        it is no longer flat (``zero_grads`` clears each gradient; ``flatten()`` lays them out again)."""
         self.__dict__.update(state)
-        if self.flat is not None:
-            self.flat = None
-            self.flatten()
+        self.flat = None
 
     def __copy__(self):
         """``copy.copy``: the same layers, and so the same buffers (nothing to lay out again)."""

@@ -3,7 +3,7 @@ import numpy
 
 from .data.text import CharTokenizer, locate_text, read_text
 from .distributed import ONE_PROCESS
-from .tasks import chunk_sums, fingerprint, to_batch
+from .tasks import chunk_sums, evaluating, fingerprint, to_batch
 
 EVAL_CHUNK = 128  # validation windows per forward pass
 
@@ -54,13 +54,13 @@ class TextTask:
         return self.windows(self.train, numpy.random.default_rng([self.seed, step]), share)
 
     def evaluate(self, net, stop=None, ranks=ONE_PROCESS):
-        """Mean loss over the whole validation split, cut into non-overlapping context windows;
-        None where ``stop()`` turns true between two chunks (the evaluation is abandoned).
-        With several ``ranks``, each evaluates its own chunks and the sums are added up.
+        """Mean loss over the whole validation split, cut into non-overlapping context windows and a
+        last, shorter one; None where ``stop()`` turns true between two chunks (the evaluation is
+        abandoned). With several ``ranks``, each evaluates its own chunks and the sums are added up.
 
-        Every character after the first of its window is predicted once, so the number has
-        no sampling noise (nanoGPT's 20 random batches move by about 0.02 from run to run)."""
-        count = (len(self.val) - 1) // self.context
+        Every character after the split's first is predicted once, so the number has no sampling
+        noise (nanoGPT's 20 random batches move by about 0.02 from run to run)."""
+        count, rest = divmod(len(self.val) - 1, self.context)
         inputs = self.val[:count * self.context].reshape(count, self.context)
         targets = self.val[1:count * self.context + 1].reshape(count, self.context)
 
@@ -68,4 +68,17 @@ class TextTask:
             return [float(net(*to_batch(inputs[start:end], targets[start:end]))) * (end - start)]
 
         totals = chunk_sums(net, count, EVAL_CHUNK, loss, 1, ranks, stop)
-        return None if totals is None else {"val_loss": float(totals[0]) / count}
+        if totals is None:
+            return None
+        summed = float(totals[0]) * self.context + self.last_window_sum(net, count * self.context, rest, ranks)
+        return {"val_loss": summed / (count * self.context + rest)}
+
+    def last_window_sum(self, net, start, rest, ranks):
+        """The loss summed over the split's last ``rest`` targets, fewer than a window: one shorter window,
+        evaluated by the first rank."""
+        total = 0.0
+        if rest and ranks.is_root:
+            with evaluating(net):
+                window = to_batch(self.val[None, start:start + rest], self.val[None, start + 1:start + rest + 1])
+                total = float(net(*window)) * rest
+        return float(ranks.sum(total))

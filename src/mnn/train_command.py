@@ -4,6 +4,7 @@ Light at import, as ``cli`` is: the trainer and the models are imported when a r
 """
 import argparse
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def config_from(args):
     if values.get("data") is not None:
         values.update(own_data(args, model, values.pop("data")))
     elif values.get("data_dir") is not None:  # recorded whole, so that --resume and mnn test find it from anywhere
-        values["data_dir"] = str(Path(values["data_dir"]).resolve())
+        values["data_dir"] = os.path.abspath(values["data_dir"])
     from .train import TrainConfig
 
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
@@ -127,7 +128,7 @@ def own_data(args, model, path):
     if given:
         raise ValueError(f"--data is your own data set; leave out --{given[0].replace('_', '-')}, which names "
                          "a built-in one")
-    path = str(Path(path).resolve())
+    path = os.path.abspath(path)  # not resolve(): a pipe (<(...)) would become /proc/N/fd/pipe:[...], no path at all
     return {"dataset": "text", "data_dir": path} if model in TEXT_MODELS else {"dataset": "custom", "data": path}
 
 
@@ -230,7 +231,7 @@ def resume_run(args, ranks, say, folder):
         folder.enter_context(held_run_folder(run_dir, make=False))
     from .train import Trainer
 
-    data_at = str(Path(places[0]).resolve()) if places else None
+    data_at = os.path.abspath(places[0]) if places else None
     try:
         trainer = Trainer.resume(run_dir, quiet=args.quiet, steps=args.steps, epochs=args.epochs, ranks=ranks,
                                  data_at=data_at)

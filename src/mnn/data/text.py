@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy
 
+from ..files import kind_of
 from .download import ChecksumError, cache_dir, download, file_digest
 
 SHIPPED_TEXT = Path(__file__).with_name("tinyshakespeare.txt")  # package data: no download, works offline
@@ -27,6 +28,9 @@ def locate_text(path=None, url=None, sha256=None):
 def text_file_at(path):
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
+    if not (path.is_file() or path.is_dir()):  # read twice (the text, then its checks): a pipe would be empty
+        raise ValueError(f"{path}: {kind_of(path.stat().st_mode)}, not a regular file; a text is a UTF-8 file "
+                         "(save what a pipe gives to a file first)")
     candidates = [path] if path.is_file() else [path / name for name in FILE_NAMES]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
