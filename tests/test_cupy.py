@@ -283,3 +283,17 @@ def test_gradients_added_into_on_gpu_follow_the_cpu(on_gpu, layer):
     backend.use("cupy")
     for key, grad in results[1].items():
         numpy.testing.assert_allclose(results[0][key], grad, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_labels_and_token_indices_outside_are_refused_on_gpu_as_on_the_cpu(on_gpu):
+    """The kernels count them as they read them (one read back): the reference lines' errors, word for word."""
+    from mnn.layers import CrossEntropyLossLayer, EmbeddingLayer
+
+    scores = cupy.zeros((3, 4), dtype=cupy.float32)
+    for labels in ([0, 4, 1], [-1, 0, 2]):
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 4\), got \[{min(labels)}, {max(labels)}\]"):
+            CrossEntropyLossLayer().forward(scores, cupy.asarray(labels))
+    table = EmbeddingLayer(5, 3)
+    with pytest.raises(ValueError, match=r"token indices must lie in \[0, 5\), got \[0, 5\]"):
+        table.forward(cupy.asarray([[0, 5]]))
+    assert table.forward(cupy.asarray(2)).shape == (3,)  # one index: one row
