@@ -141,6 +141,24 @@ def test_the_flash_kernels_keep_huge_scores_finite():
     numpy.testing.assert_allclose(out, expected_out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_first_tile_of_keys_scored_minus_infinity_weighs_nothing(causal):
+    """Queries 32-39 score the first 32 keys -inf (q.k overflowed) and the last 8 finitely: the running
+    maximum was -inf through the first tile, and exp(-inf - -inf) made the rows NaN."""
+    big, width, length = 1e20, 8, 40
+    qkv = numpy.zeros((1, length, 3 * width), numpy.float32)
+    qkv[0, 32:, 0] = big  # the queries
+    qkv[0, :32, width] = -big  # the first tile's keys
+    qkv[0, :, 2 * width:] = numpy.random.default_rng(3).standard_normal((length, width))
+    grad_out = numpy.random.default_rng(4).standard_normal((1, length, width)).astype(numpy.float32)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        out, _, grad_qkv = run_kernels(qkv, grad_out, 1, causal, None)
+        expected_out, _ = reference(qkv.astype(numpy.float64), grad_out.astype(numpy.float64), 1, causal,
+                                    numpy.ones((1, 1, length, length)))
+    assert numpy.isfinite(out).all() and numpy.isfinite(grad_qkv[..., 2 * width:]).all()
+    numpy.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("head_width, dtype, tile", [(1, "float32", 32), (32, "float32", 32), (33, "float64", 64),
                                                      (128, "float32", 128), (128, "float64", None),
                                                      (129, "float32", None), (8, "float16", None)])

@@ -5,6 +5,7 @@ that ask for all its lanes (``cuda_on_cpu.LANES_SHIMS``: every thread of a block
 shuffles between them). On a GPU, ``tests/test_cupy.py``."""
 import numpy
 import pytest
+from _pytest.monkeypatch import MonkeyPatch
 
 from cuda_on_cpu import CublasOnCpu, run_gpu_lines_on_cpu
 from device_operations import READ_BACK, count_on_gpu_lines, step_operations
@@ -74,6 +75,18 @@ def test_batch_norm_on_the_gpu_lines_equals_the_reference(layer_class, shape, dt
     assert launched == [cuda.BATCH_NORM_SUMS.name, cuda.BATCH_NORM_STATISTICS.name, cuda.BATCH_NORM_APPLY.name,
                         cuda.RUNNING_STATISTICS.name, cuda.BATCH_NORM_BACKWARD_SUMS.name,
                         cuda.BATCH_NORM_BACKWARD_MEANS.name, cuda.BATCH_NORM_BACKWARD_APPLY.name]
+
+
+def test_batch_norm_on_the_gpu_lines_of_a_spread_past_the_squares_range(launched):
+    """float64 values 1e160 apart: their squares overflow, and the statistics kernel's S2/N - offset^2 was
+    inf - inf = NaN, NaN everywhere (the running variance too). The reference's: an infinite variance."""
+    x = numpy.array([[1e160], [3e160], [2e160], [0.0]])
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        reference, gpu = both_ways(lambda: BatchNormLayer(1), x, numpy.float64)
+    assert cuda.BATCH_NORM_STATISTICS.name in launched
+    for index in (0, 1):
+        numpy.testing.assert_array_equal(reference[index], gpu[index])
+    assert gpu[3].buffers["running_var"][0] == numpy.inf
 
 
 def test_batch_norm_on_the_gpu_lines_adds_into_gradients_with_gaps(launched):
@@ -375,3 +388,37 @@ def test_a_training_step_on_the_gpu_lines_reads_back_once_a_range_check(name, ch
     operations, lines = step_operations(TINY[name])
     assert operations.count(READ_BACK) == checks, [line for line in lines if line[0] == READ_BACK]
     assert any(operation.startswith("mnn_") for operation in operations)
+
+
+@pytest.mark.parametrize("dtype, big", [(numpy.float32, 1e20), (numpy.float64, 1e160)])
+def test_a_future_score_that_overflows_leaves_the_past_as_it_is(dtype, big, monkeypatch):
+    """Causal attention where q_t . k_3 overflows to +inf for t < 3, a key the mask hides: the mask was added,
+    inf + (-inf) = NaN, and the rows came out NaN on the CPU. Written in, as the GPU kernel skips the key,
+    every path gives each row what the future does not touch (and torch's scaled_dot_product_attention)."""
+    x = numpy.array([[[1, 0, 0, 0], [2, 0, 0, 0], [0.5, 0, 0, 0], [0, big, 0, 0]]], dtype)
+
+    def forward_and_backward(layer):
+        w = numpy.zeros((12, 4), dtype)
+        w[0, 0], w[4, 1] = big, 1.0  # q_t[0] = big x_t[0], k_t[0] = x_t[1]: only q_t . k_3 is huge
+        layer.qkv.params["w"][...] = w
+        layer.qkv.params["b"][...] = numpy.r_[numpy.zeros(8), numpy.arange(1, 5)]  # v: the bias alone
+        y = layer.forward(x)
+        return y, layer.backward(numpy.ones_like(y))
+
+    results = {}
+    for way in ("reference", "CPU kernels", "GPU lines"):
+        with MonkeyPatch.context() as patches:
+            if way == "GPU lines":
+                run_gpu_lines_on_cpu(patches)
+            kernels.use("numpy" if way == "reference" else "fused")
+            backend.set_default_dtype(dtype)
+            backend.seed(0)  # the same output projection every way
+            try:
+                with numpy.errstate(over="ignore"):  # the scenario: q_t . k_3 overflows
+                    results[way] = forward_and_backward(MultiHeadAttention(4, 2))
+            finally:
+                backend.set_default_dtype(numpy.float32)
+                kernels.use("fused")
+    for way, (y, grad) in results.items():
+        assert numpy.isfinite(y).all() and numpy.isfinite(grad).all(), way
+        numpy.testing.assert_allclose(y, results["reference"][0], rtol=1e-6, err_msg=way)

@@ -351,3 +351,27 @@ def test_a_state_whose_schedule_ended_at_zero_loads():
     adam = optim.AdamW(net, lr=1e-3)
     adam.lr = optim.CosineSchedule(1e-3, 10)(10)  # 0.0 at the end, min_lr 0
     optim.AdamW(net, lr=1e-3).load_state_dict(adam.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["numpy", "fused"])
+def test_adam_takes_a_gradient_whose_square_overflows_as_torch_does(mode):
+    """g = 1e20 in float32: g g is inf, but (1 - beta2) g g is 1e37. Squared first, v stayed infinite and the
+    weight never moved again; PyTorch multiplies (1 - beta2) g first."""
+    from mnn import kernels
+
+    before = kernels.mode()
+    kernels.use(mode)
+    try:
+        param, grad = numpy.full(3, 0.5, numpy.float32), numpy.zeros(3, numpy.float32)
+        ours = optim.Adam([("w", param, grad)], lr=0.01)
+        tensor = torch.tensor(param.copy(), requires_grad=True)
+        theirs = torch.optim.Adam([tensor], lr=0.01)
+        for value in (1e20, 1.0, 1.0):
+            grad[...] = value
+            tensor.grad = torch.tensor(grad.copy())
+            ours.step()
+            theirs.step()
+            numpy.testing.assert_allclose(param, tensor.detach().numpy(), rtol=1e-6)
+        assert numpy.isfinite(ours.buffers["w.v"]).all()
+    finally:
+        kernels.use(before)

@@ -361,8 +361,8 @@ class Adam(Optimizer):
         m *= self.beta1
         m += xp.multiply(grad, 1 - self.beta1, out=work)  # Eq. (2)
         v *= self.beta2
-        xp.multiply(grad, grad, out=work)
-        work *= 1 - self.beta2
+        xp.multiply(grad, 1 - self.beta2, out=work)  # (1 - beta2) g first, as PyTorch: g g overflows sooner
+        work *= grad
         v += work
         xp.sqrt(v, out=work)  # Eq. (3), from the inside out
         work *= unbias

@@ -295,7 +295,7 @@ def adam_update_flat(grad, beta1, one_minus_beta1, beta2, one_minus_beta2, step_
                      v):
     for k in range(param.size):
         m[k] = m[k] * beta1 + grad[k] * one_minus_beta1
-        v[k] = v[k] * beta2 + grad[k] * grad[k] * one_minus_beta2
+        v[k] = v[k] * beta2 + grad[k] * one_minus_beta2 * grad[k]  # (1 - beta2) g first: g g may overflow
         param[k] = param[k] * shrink - m[k] / (numpy.sqrt(v[k]) * unbias + eps) * step_size
 
 

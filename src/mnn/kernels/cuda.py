@@ -101,7 +101,7 @@ def entries(name, template, params):
 # as there (double arithmetic would also be slow on GPUs with few float64 units).
 ADAM_SETTINGS = "T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T unbias, T eps, T shrink"
 ADAM_STEP = ("m = m * beta1 + g * one_minus_beta1;"
-             " v = v * beta2 + g * g * one_minus_beta2;"
+             " v = v * beta2 + g * one_minus_beta2 * g;"
              " theta -= m / (sqrt(v) * unbias + eps) * step_size;")
 ADAM_UPDATE = Elementwise("mnn_adam_update", "T g, " + ADAM_SETTINGS, "T theta, T m, T v",
                           "theta = theta * shrink; " + ADAM_STEP)
@@ -533,7 +533,8 @@ template <typename T> __device__ void batch_norm_sums(const T* rows, double* sum
 template <typename T> __device__ void batch_norm_statistics(const T* rows, const double* sums, T* mean, T* var,
                                                             T* inv_std, long long count, int channels, double eps) {
     EACH_ELEMENT(c, channels) {  /* sums (2, C): over every chunk */
-        double offset = sums[c] / count, variance = sums[channels + c] / count - offset * offset;
+        double offset = sums[c] / count, squares = sums[channels + c] / count;
+        double variance = isinf(squares) ? squares : squares - offset * offset;  /* not inf - inf = NaN */
         variance = variance < 0 ? 0 : variance;  /* rounding may take it below 0; a NaN stays */
         mean[c] = (T)(rows[c] + offset);
         var[c] = (T)variance;

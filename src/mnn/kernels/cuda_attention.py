@@ -108,8 +108,10 @@ template <typename T, int D> __device__ void flash_forward(
         T first_score = __shfl_sync(FULL_MASK, score, 0);  /* every lane shuffles, as every shuffle needs */
         T tile_top = lanes_max(lane < count ? score : first_score);
         T new_top = s0 == 0 ? tile_top : max(top, tile_top);
-        T alpha = s0 == 0 ? (T)0 : exp(top - new_top);  /* Eq. (9)'s rescaling of what came before */
-        T p = lane < count ? exp(score - new_top) : (T)0;
+        bool none_yet = isinf(new_top) && new_top < 0;  /* every score so far -inf (overflowed): none weighs */
+        bool none_before = s0 == 0 || (isinf(top) && top < 0);  /* -inf - -inf would be NaN */
+        T alpha = none_before ? (T)0 : exp(top - new_top);  /* Eq. (9)'s rescaling of what came before */
+        T p = lane < count && !none_yet ? exp(score - new_top) : (T)0;
         total = total * alpha + p;
         top = new_top;
         if (dropout && lane < count) p *= kept(key, bh, length, t, s0 + lane, threshold, keep_scale);

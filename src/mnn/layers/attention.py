@@ -38,7 +38,8 @@ class MultiHeadAttention(CompositeLayer):
       \quad (\texttt{MatrixProduct}), \tag{7}$$
 
     then $\partial L/\partial X$ from Eq. (1) through the QKV ``LinearLayer``. The mask is a
-    constant added to $S$: masked entries have $A = 0$, so Eq. (6) gives them zero
+    constant added to $S$ (the code writes $-\infty$ in, since a score that overflowed to $+\infty$
+    plus $-\infty$ would be NaN): masked entries have $A = 0$, so Eq. (6) gives them zero
     gradient with no special case. All heads and the whole batch go through each step as
     one stacked product of shape $(B, h, T, \cdot)$. On a GPU (``mnn.kernels.cuda``) the scale,
     the mask and the softmax of Eq. (2) are one launch, reading $QK^\top$ once and writing
@@ -145,9 +146,9 @@ class MultiHeadAttention(CompositeLayer):
             self.softmax.save(a)  # what SoftmaxLayer's forward keeps for its backward
         else:
             s *= scale
-            if self.causal:
+            if self.causal:  # M of Eq. (2), written rather than added: a score overflowed to +inf plus -inf is NaN
                 length = x.shape[1]
-                s += xp.triu(xp.full((length, length), -xp.inf, dtype=s.dtype), k=1)
+                s[..., xp.triu(xp.ones((length, length), dtype=bool), k=1)] = -xp.inf
             a = self.softmax.forward(s)
         if self.dropout:
             a = self.dropout.forward(a)  # the identity in eval mode
