@@ -4,7 +4,6 @@ Through ``LSTMLayer`` (float32) they must give the reference lines' numbers to f
 each sample's numbers must not depend on how the batch is split between threads, nor on whether it
 is multiplied in a tile of eight or alone; their tanh must be within one unit in the last place.
 """
-import contextlib
 import runpy
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from mnn import backend, kernels
 from mnn.kernels import cpu_sequence, threads, vectors
 from mnn.layers import LSTMLayer
-from test_kernels import assert_close
+from test_kernels import assert_close, kernel_calls
 
 TWO_THREADS = pytest.mark.skipif(threads.numpy_openblas() is None,
                                  reason="NumPy's BLAS is not the OpenBLAS of a NumPy wheel: it lends no threads")
@@ -39,31 +38,12 @@ def run_layer(mode, x, state, g, final_grad, bias=True):
     kernels.use(mode)
     backend.seed(0)
     layer = LSTMLayer(x.shape[2], g.shape[2], bias=bias)
-    with sequence_kernels_counted() as ran:
+    with kernel_calls() as called:
         y = layer.forward(x, state=state)
         dx = layer.backward(g, final_state_grad=final_grad)
-    assert ran == ([] if mode == "numpy" else ["lstm_forward", "lstm_backward"]), ran
+    ran = [name for name in called if name in ("lstm_forward", "lstm_backward")]
+    assert ran == ([] if mode == "numpy" else ["lstm_forward", "lstm_backward"]), called
     return (y, dx, *layer.final_state, *layer.state_grad, *(grad.copy() for grad in layer.grads.values()))
-
-
-@contextlib.contextmanager
-def sequence_kernels_counted():
-    """The names of the sequence kernels called inside, in order."""
-    ran, kept = [], {name: getattr(cpu_sequence, name) for name in ("lstm_forward", "lstm_backward")}
-
-    def counted(name):
-        def call(*args):
-            ran.append(name)
-            return kept[name](*args)
-        return call
-
-    try:
-        for name in kept:
-            setattr(cpu_sequence, name, counted(name))
-        yield ran
-    finally:
-        for name, kernel in kept.items():
-            setattr(cpu_sequence, name, kernel)
 
 
 def lstm_arrays(rng, batch, length, inputs, hidden):

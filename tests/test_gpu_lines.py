@@ -149,7 +149,8 @@ def test_the_lstm_on_the_gpu_lines_carries_a_state_as_the_reference(dtype, batch
     x = rng.standard_normal((batch, 5, 3)).astype(dtype)
     state, final_grad = (tuple(rng.standard_normal((batch, hidden)).astype(dtype) for _ in range(2)) for _ in range(2))
     results = both_ways(lambda: LSTMLayer(3, hidden, bias=bias), x, dtype, step=lstm_step(x, state, final_grad, dtype))
-    assert launched == [cuda.LSTM_STEP.name] * 5 + [cuda.LSTM_STEP_BACKWARD.name] * 5 + ["cublas.gemm"] * 2  # W_ih, W_hh
+    steps = [cuda.LSTM_STEP.name] * 5 + [cuda.LSTM_STEP_BACKWARD.name] * 5
+    assert launched == steps + ["cublas.gemm"] * 2  # W_ih's gradient and W_hh's
     what = ("output", "input gradient", "final h", "final c", "initial h gradient", "initial c gradient")
     for reference, gpu, name in zip(*results, what):
         assert_close(reference, gpu, dtype, name)

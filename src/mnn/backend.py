@@ -99,6 +99,12 @@ def to_numpy(array):
     return numpy.asarray(array)
 
 
+def at_least_float32(x):
+    """``x`` widened to float32 if it is float16 (or narrower): where float16's range ends too soon (its squares
+    overflow past 256), and where the compiled kernels, which have no float16, take it."""
+    return x.astype("float32") if x.dtype.itemsize < 4 else x
+
+
 def kept_vector(xp, value, count, dtype):
     """A read-only vector of ``count`` entries equal to ``value``, in module ``xp`` (on the current GPU),
     made once and kept: a GPU would spend a launch filling a new one at every use (the ones of a sum

@@ -239,7 +239,8 @@ def resume_run(args, ranks, say, folder):
         if data_at is not None:
             raise
         raise FileNotFoundError(f"{error}; if the data moved, give its new place: mnn train --resume "
-                                f"{quoted(run_dir)} --data PATH (or --data-dir FOLDER for a built-in data set)") from error
+                                f"{quoted(run_dir)} --data PATH (or --data-dir FOLDER for a built-in data set)"
+                                ) from error
     if trainer.finished():
         say(f"{run_dir} has finished: step {trainer.step} of {trainer.total_steps}; "
               "extend it with --steps or --epochs")

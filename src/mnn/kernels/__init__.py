@@ -75,12 +75,6 @@ def fused_gpu(*arrays):
                                      for array in arrays)
 
 
-def compiled_dtype(array):
-    """``array`` in a dtype the kernels are compiled for: float16 widened to float32. For a gradient that
-    reaches a layer whose forward took the kernels (a float16 gradient into a float32 layer)."""
-    return array if array.dtype in _COMPILED else array.astype("float32")
-
-
 def __getattr__(name):  # kernels.cpu, kernels.cuda, ...: numba is imported on first use
     if name in ("cpu", "cpu_sequence", "cuda", "cuda_attention", "threads"):
         return importlib.import_module(f".{name}", __name__)

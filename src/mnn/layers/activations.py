@@ -140,8 +140,8 @@ class GeluLayer(ElementwiseLayer):
         if kernels.fused_gpu(g, x) and g.dtype == x.dtype:
             return kernels.cuda.gelu_backward(g, x, self.C, self.K)  # Eqs. (2)-(3)
         dtype = backend.array_module(x).result_type(g, x)
-        if x.dtype.itemsize < 4:  # float16: 3K x^2 overflows past |x| = 256, and inf * (1 - t^2) = NaN;
-            x = x.astype("float32")  # so Eq. (2) runs in float32, as PyTorch's does
+        # float16: 3K x^2 overflows past |x| = 256, and inf * (1 - t^2) = NaN; so Eq. (2) runs in float32, as PyTorch's
+        x = backend.at_least_float32(x)
         t = self.tanh_argument(x)
         if kernels.fused(g, x):
             return kernels.cpu.gelu_backward(g, x, t, self.C, self.K)  # Eqs. (2)-(3)

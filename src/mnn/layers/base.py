@@ -277,6 +277,16 @@ def check_floating(layer, x, name="input"):
                          f"{getattr(x, 'dtype', type(x).__name__)}")
 
 
+def check_in_range(layer, values, upper, what, outside=None):
+    """Refuse integer ``values`` (labels, token indices) outside [0, ``upper``). ``outside`` is how many a GPU
+    kernel counted as it read them (reading it waits for the device); without it they are looked at here."""
+    if outside is None:
+        outside = values.size and (int(values.min()) < 0 or int(values.max()) >= upper)
+    if int(outside):
+        raise ValueError(f"{describe(layer)}: {what} must lie in [0, {upper}), got "
+                         f"[{int(values.min())}, {int(values.max())}]")
+
+
 class LossLayer(Layer):
     """A layer that ends the network: ``forward(inputs, targets)`` returns the mean loss."""
 

@@ -137,7 +137,7 @@ class Conv2dLayer(Layer):
     def backward(self, g):
         path, cols, input_shape = self.saved()
         if path == "fused":  # cols: the input
-            return self.backward_by_chunks(kernels.compiled_dtype(g), cols)
+            return self.backward_by_chunks(backend.at_least_float32(g), cols)  # the kernels have no float16
         g_col = channels_last(g).reshape(-1, self.out_channels)  # free when g is channels-last
         (kh, kw), cin = self.kernel_size, self.in_channels
         d_w = self.grads["w"]

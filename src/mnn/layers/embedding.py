@@ -2,7 +2,7 @@ r"""Embeddings: a table lookup for tokens, and learned positions added to them."
 import math
 
 from .. import backend, kernels
-from .base import Layer, check_array, check_size
+from .base import Layer, check_array, check_in_range, check_size
 from .sums import add_column_sums, column_sums
 
 
@@ -35,20 +35,12 @@ class EmbeddingLayer(Layer):
             raise ValueError(f"{self!r}: input must be integer token indices, got {indices.dtype}")
         if kernels.fused_gpu(self.params["weight"]):  # Eq. (1) in one launch, which counts the indices outside
             y, outside = kernels.cuda.embedding(self.params["weight"], kernels.cuda.device_labels(indices))
-            self.check_indices(indices, outside)
+            check_in_range(self, indices, self.num_embeddings, "token indices", outside)
             self.save(indices)
             return y.reshape(*indices.shape, self.dim)  # one index (0-d) was made a vector of one
-        self.check_indices(indices, indices.size and (int(indices.min()) < 0 or
-                                                      int(indices.max()) >= self.num_embeddings))
+        check_in_range(self, indices, self.num_embeddings, "token indices")
         self.save(indices)
         return self.params["weight"][indices]  # Eq. (1)
-
-    def check_indices(self, indices, outside):
-        """Refuse indices if ``outside`` (a flag, or a count on the device: reading it waits for the device)
-        says some lie outside [0, V)."""
-        if int(outside):
-            raise ValueError(f"{self!r}: token indices must lie in [0, {self.num_embeddings}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
 
     def backward(self, g):
         (indices,) = self.saved()

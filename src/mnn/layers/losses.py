@@ -4,7 +4,7 @@ Each returns the **mean** loss over the batch, so the $1/N$ lives here and every
 parameter gradient further down is a plain sum over the batch.
 """
 from .. import backend, kernels
-from .base import LossLayer, check_array, check_floating
+from .base import LossLayer, check_array, check_floating, check_in_range
 from .softmax import log_softmax
 
 
@@ -38,7 +38,7 @@ class MSELossLayer(LossLayer):
 
 def check_labels(layer, x, labels, in_range=True):
     """Labels must be integers shaped like the input without its class axis, in [0, C) (unless ``in_range``
-    is False: a GPU kernel counts the labels outside as it reads them, ``check_outside``)."""
+    is False: a GPU kernel counts the labels outside as it reads them, for ``check_in_range``)."""
     check_floating(layer, x)
     check_array(layer, labels, "targets", dtype="int64")
     if x.ndim < 2 or tuple(labels.shape) != tuple(x.shape[:-1]):
@@ -48,16 +48,7 @@ def check_labels(layer, x, labels, in_range=True):
         raise ValueError(f"{layer!r}: targets must be integer class labels, got {labels.dtype}")
     check_not_empty(layer, x)
     if in_range:
-        classes = x.shape[-1]
-        check_outside(layer, labels, classes, int(labels.min()) < 0 or int(labels.max()) >= classes)
-
-
-def check_outside(layer, labels, classes, outside):
-    """Refuse labels if ``outside`` (a flag, or a count on the device: reading it waits for the device) says
-    some lie outside [0, classes)."""
-    if int(outside):
-        raise ValueError(f"{layer!r}: target labels must lie in [0, {classes}), got "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        check_in_range(layer, labels, x.shape[-1], "target labels")
 
 
 def check_not_empty(layer, x):
@@ -126,7 +117,7 @@ class CrossEntropyLossLayer(LossLayer):
         if on_gpu:  # Eq. (1) and the softmax that Eq. (2) needs, in one launch, which checks the labels too
             rows_labels = kernels.cuda.device_labels(labels.reshape(-1))
             p, losses, outside = kernels.cuda.cross_entropy(x.reshape(-1, x.shape[-1]), rows_labels)
-            check_outside(self, labels, x.shape[-1], outside)
+            check_in_range(self, labels, x.shape[-1], "target labels", outside)
             self.save(x.shape, p, rows_labels)
             return losses.mean()
         labels = labels.reshape(-1)

@@ -18,21 +18,16 @@ from .sums import add_column_sums, column_dots, column_sums
 from .windows import channels_first, channels_last
 
 
-def at_least_float32(x):
-    """float16's squares overflow past 256 (the variance would be inf, x_hat 0): the statistics are taken in
-    float32, as PyTorch's are."""
-    return x.astype("float32") if x.dtype.itemsize < 4 else x
-
-
 def gradient_dtype(g, weight):
     """The input gradient's dtype: the gradient's and the parameters' (float16 ones give float16 back, though
-    the statistics, ``at_least_float32``, were float32)."""
+    the statistics, ``backend.at_least_float32``, were float32)."""
     return backend.array_module(g).result_type(g, weight)
 
 
 def normalize(x, axis, eps):
-    """(x_hat, 1/sigma, mean, biased variance) along ``axis``, in float32 at least."""
-    xp, x = backend.array_module(x), at_least_float32(x)
+    """(x_hat, 1/sigma, mean, biased variance) along ``axis``, in float32 at least (float16's squares overflow
+    past 256: the variance would be inf, x_hat 0; PyTorch's statistics are float32 too)."""
+    xp, x = backend.array_module(x), backend.at_least_float32(x)
     mean = x.mean(axis=axis, keepdims=True)
     x_hat = x - mean
     var = (x_hat * x_hat).mean(axis=axis, keepdims=True)
@@ -46,7 +41,7 @@ def normalize_rows(rows, eps, total=None, count=None):
 
     ``total`` (synchronised batch norm) turns each sum over these rows into the sum over every
     rank's rows, ``count`` of them in all. In float32 at least."""
-    xp, total, rows = backend.array_module(rows), total or (lambda sums: sums), at_least_float32(rows)
+    xp, total, rows = backend.array_module(rows), total or (lambda sums: sums), backend.at_least_float32(rows)
     count = count or rows.shape[0]
     mean = total(column_sums(rows)) / count
     x_hat = rows - mean

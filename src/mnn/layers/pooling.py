@@ -74,8 +74,8 @@ class MaxPool2dLayer(PoolLayer):
 
     def backward(self, g):
         path, x, y = self.saved()
-        if path != "reference":
-            g = kernels.compiled_dtype(g)
+        if path != "reference":  # the kernels took the forward pass, and have no float16
+            g = backend.at_least_float32(g)
         if path == "fused":  # x: the arg-max, y: the input's shape
             return kernels.cpu.max_pool_backward(g, x, self.kernel_size, self.stride, y)  # Eq. (2)
         if path == "gpu":  # the same, as channels-last arrays; one launch
