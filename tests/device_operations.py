@@ -2,9 +2,9 @@
 (a ufunc, a reduction, a product, a copy) or as a cuBLAS call, every one of mnn's own kernels, and
 every value read back to the host (the host then waits for the device).
 
-On a GPU a small model's step waits on the host, which pays for each launch (``README.md``, "On a
-GPU"), so the count is what a change to the GPU lines can save. The layers take their GPU lines
-with ``cuda_on_cpu``'s stand-ins, and NumPy stands in for CuPy through ``Counted`` arrays, which
+On a GPU a small model's step waits on the host, which pays for each launch (``docs/performance.md``,
+"Host time, launches and what changed"), so the count is what a change to the GPU lines can save.
+The layers take their GPU lines with ``cuda_on_cpu``'s stand-ins, and NumPy stands in for CuPy through ``Counted`` arrays, which
 note each operation and the line of ``src/mnn`` that asked for it. An allocation (``empty``) and
 a view are not operations; a ``zeros`` is (a memset). The counts are of calls: a call may run more
 than one kernel on a GPU (CuPy copies a stack of matrices that is not contiguous before a product,

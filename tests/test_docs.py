@@ -56,7 +56,7 @@ def test_the_writing_a_layer_guide_runs():
 
 def test_readme_links_reach_pages_and_sections():
     readme = (ROOT / "README.md").read_text()
-    links = re.findall(r"\]\(((?:docs|src)/[^)#]+)(?:#([^)]+))?\)", readme)
+    links = re.findall(r"\]\(((?:docs/api|src)/[^)#]+)(?:#([^)]+))?\)", readme)
     assert len(links) > 20
     for path, anchor in links:
         assert (ROOT / path).exists(), path
@@ -64,6 +64,27 @@ def test_readme_links_reach_pages_and_sections():
             kind, name = anchor.split("-", 1)
             headings = re.findall(rf"## <kbd>{kind}</kbd> `(\w+)`", (ROOT / path).read_text())
             assert name in [h.lower() for h in headings], f"{path}#{anchor}"
+
+
+def heading_anchors(markdown):
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/performance.md"])
+def test_links_between_the_guides_reach_files_and_headings(page):
+    source = ROOT / page
+    links = re.findall(r"\]\(([^)\s]*)\)", source.read_text())
+    assert links, page
+    for link in links:
+        path, _, anchor = link.partition("#")
+        if path.startswith("http") or (path.startswith("docs/api") or "/api/" in path) and anchor:
+            continue  # the web, and the reference pages' <kbd> anchors, checked above
+        target = (source.parent / path).resolve() if path else source
+        assert target.exists(), f"{page}: {link} reaches no file"
+        if anchor and target.suffix == ".md":
+            assert anchor in heading_anchors(target.read_text()), f"{page}: {link} reaches no heading"
 
 
 def test_the_readme_example_runs():
