@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy
 
+from mnn.kernels.cuda_products import Stack
+
 C_TYPES = {"float64": ("double", ctypes.c_double), "float32": ("float", ctypes.c_float),
            "uint64": ("unsigned long long", ctypes.c_ulonglong), "int64": ("long long", ctypes.c_longlong),
            "uint32": ("unsigned int", ctypes.c_uint), "int32": ("int", ctypes.c_int),
@@ -510,6 +512,36 @@ class CublasOnCpu:
         y[...] = alpha * (op_a @ x) + beta * y
 
 
+    def strided_batched_gemm(self, transpose_p, transpose_q, m, n, k, p, p_stack, q, q_stack, c, count):
+        """``cuda_products.strided_batched_gemm``: cuBLAS's column-major ``C_i = op(P_i) op(Q_i)``, read from the
+        operands' memory as the ``Stack``s describe it, which must reach each operand's entries and no others."""
+        assert p.dtype == q.dtype == c.dtype and c.flags.c_contiguous and c.size == count * m * n
+        p_matrices = stored_by_columns(p, p_stack, (k, m) if transpose_p else (m, k), count)
+        q_matrices = stored_by_columns(q, q_stack, (n, k) if transpose_q else (k, n), count)
+        op_p = p_matrices.transpose(0, 2, 1) if transpose_p else p_matrices
+        op_q = q_matrices.transpose(0, 2, 1) if transpose_q else q_matrices
+        self.launched.append("cublas.gemmStridedBatched")
+        stored_by_columns(c, Stack(m * n, m, False), (m, n), count)[...] = op_p @ op_q
+
+
+def stored_by_columns(x, stack, shape, count):
+    """The ``count`` (rows, cols) matrices that cuBLAS reads from ``x``'s first entry: columns ``stack.leading``
+    entries apart (at least ``rows``, as cuBLAS requires), matrices ``stack.batch`` apart. They must be
+    ``x``'s own entries, each once."""
+    rows, cols = shape
+    assert stack.leading >= max(1, rows), (stack, shape)
+    size = x.itemsize
+    view = numpy.lib.stride_tricks.as_strided(x, (count, rows, cols), (stack.batch * size, size, stack.leading * size))
+    assert sorted(entry_offsets(view)) == sorted(entry_offsets(x)), "the stack reaches entries not the operand's"
+    return view
+
+
+def entry_offsets(x):
+    """Each entry's distance in bytes from ``x``'s first entry."""
+    return sum(numpy.arange(size).reshape((-1,) + (1,) * (x.ndim - axis - 1)) * stride
+               for axis, (size, stride) in enumerate(zip(x.shape, x.strides))).ravel().tolist()
+
+
 def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
     """Make the layers take their GPU lines, with the GPU kernels compiled for the CPU, on NumPy arrays.
     Returns the list to which each launch appends its kernel's name. A ``Raw`` kernel runs with one
@@ -517,7 +549,7 @@ def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
     import sys
 
     from mnn import kernels
-    from mnn.kernels import cuda
+    from mnn.kernels import cuda, cuda_products
 
     launched = []
 
@@ -539,6 +571,7 @@ def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
 
     monkeypatch.setitem(sys.modules, "cupy", numpy)
     monkeypatch.setattr(numpy, "cublas", CublasOnCpu(launched), raising=False)  # from cupy import cublas
+    monkeypatch.setattr(cuda_products, "strided_batched_gemm", CublasOnCpu(launched).strided_batched_gemm)
     monkeypatch.setattr(cuda, "compiled", compiled)
     monkeypatch.setattr(cuda, "compiled_raw", compiled_raw)
     monkeypatch.setattr(kernels, "fused", lambda *arrays: False)

@@ -4,11 +4,12 @@ every value read back to the host (the host then waits for the device).
 
 On a GPU a small model's step waits on the host, which pays for each launch (``docs/performance.md``,
 "Host time, launches and what changed"), so the count is what a change to the GPU lines can save.
-The layers take their GPU lines with ``cuda_on_cpu``'s stand-ins, and NumPy stands in for CuPy through ``Counted`` arrays, which
-note each operation and the line of ``src/mnn`` that asked for it. An allocation (``empty``) and
-a view are not operations; a ``zeros`` is (a memset). The counts are of calls: a call may run more
-than one kernel on a GPU (CuPy copies a stack of matrices that is not contiguous before a product,
-cuBLAS may split a product in two), which the GPU's profiler counts (``python -m bench.launches``).
+The layers take their GPU lines with ``cuda_on_cpu``'s stand-ins, and NumPy stands in for CuPy through
+``Counted`` arrays, which note each operation and the line of ``src/mnn`` that asked for it. An
+allocation (``empty``) and a view are not operations; a ``zeros`` is (a memset), and so is each copy
+CuPy's ``matmul`` makes of an operand before the product (``matmul`` below). The counts are of calls:
+a call may run more than one kernel on a GPU (cuBLAS may split a product in two), which the GPU's
+profiler counts (``python -m bench.launches``).
 
     python tests/device_operations.py cnn-128 gpt-12     # the counts, then each line's share
 """
@@ -25,7 +26,7 @@ from cuda_on_cpu import run_gpu_lines_on_cpu
 NOT_OPERATIONS = {"empty", "empty_like", "asarray", "broadcast_to", "moveaxis", "transpose", "expand_dims",
                   "swapaxes", "reshape", "ravel", "squeeze", "shares_memory", "may_share_memory", "result_type",
                   "ndim", "shape", "isscalar", "issubdtype", "dtype", "can_cast", "broadcast_shapes", "iinfo", "finfo",
-                  "as_strided", "atleast_1d"}
+                  "as_strided", "atleast_1d", "split"}
 
 
 class Operations:
@@ -75,8 +76,8 @@ def counted(value):
         value = numpy.asarray(value)
     if type(value) is numpy.ndarray:
         return value.view(Counted)
-    if isinstance(value, tuple):
-        return tuple(counted(item) for item in value)
+    if isinstance(value, (tuple, list)):  # split's arrays come as a list
+        return type(value)(counted(item) for item in value)
     return value
 
 
@@ -139,12 +140,22 @@ class Counted(numpy.ndarray):
         numpy.ndarray.__setitem__(self, key, plain(value))
 
     def __matmul__(self, other):
-        OPERATIONS.note("matmul")
-        return counted(numpy.matmul(plain(self), plain(other)))
+        return matmul(self, other)
 
     def __rmatmul__(self, other):
-        OPERATIONS.note("matmul")
-        return counted(numpy.matmul(plain(other), plain(self)))
+        return matmul(other, self)
+
+
+def matmul(a, b):
+    """``a @ b`` as CuPy runs it: first a copy of each operand cuBLAS is not given as it lies (in a stack of
+    matrices, one that is not C-contiguous; alone, a matrix in neither order), then the product."""
+    a, b = plain(a), plain(b)
+    stacked = a.ndim > 2 or b.ndim > 2
+    for operand in (a, b):
+        if not operand.flags.c_contiguous and (stacked or not operand.flags.f_contiguous):
+            OPERATIONS.note("copy (matmul's operand)")
+    OPERATIONS.note("matmul")
+    return counted(numpy.matmul(a, b))
 
 
 Counted.__module__ = "cupy.counted"  # backend.array_module takes it for a CuPy array: the stand-in below
@@ -173,6 +184,15 @@ class CountingCupy(types.ModuleType):
         return made_counted
 
 
+def quietly(name, call):
+    """``call``, one operation named ``name`` (its NumPy work is the GPU's one launch)."""
+    def counted_call(*args, **kwargs):
+        OPERATIONS.note(name)
+        with OPERATIONS.quiet():
+            return call(*args, **kwargs)
+    return counted_call
+
+
 class QuietCublas:
     """The stand-in for ``cupy.cublas``, one operation a call."""
 
@@ -180,19 +200,17 @@ class QuietCublas:
         self.cublas = cublas
 
     def __getattr__(self, name):
-        def call(*args, **kwargs):
-            OPERATIONS.note(f"cublas.{name}")
-            with OPERATIONS.quiet():
-                return getattr(self.cublas, name)(*args, **kwargs)
-        return call
+        return quietly(f"cublas.{name}", getattr(self.cublas, name))
 
 
 def count_on_gpu_lines(monkeypatch):
     """Make the layers take their GPU lines on ``Counted`` arrays; returns the ``cupy`` stand-in."""
     from mnn import backend
-    from mnn.kernels import cuda
+    from mnn.kernels import cuda, cuda_products
 
     launched = run_gpu_lines_on_cpu(monkeypatch)
+    monkeypatch.setattr(cuda_products, "strided_batched_gemm", quietly("cublas.gemmStridedBatched",
+                                                                       cuda_products.strided_batched_gemm))
     cupy = CountingCupy("cupy")
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(numpy, "cublas", QuietCublas(numpy.cublas))

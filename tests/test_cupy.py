@@ -297,3 +297,31 @@ def test_labels_and_token_indices_outside_are_refused_on_gpu_as_on_the_cpu(on_gp
     with pytest.raises(ValueError, match=r"token indices must lie in \[0, 5\), got \[0, 5\]"):
         table.forward(cupy.asarray([[0, 5]]))
     assert table.forward(cupy.asarray(2)).shape == (3,)  # one index: one row
+
+
+@pytest.mark.parametrize("case", ["contiguous", "b transposed", "a transposed", "both transposed, a stack of (2, 3)",
+                                  "rows cut from wider rows", "every other matrix", "a new axis in the stack",
+                                  "heads cut from a projection", "a broadcast stack", "a side of one",
+                                  "matrices in reverse"])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_stacked_products_read_in_place_on_gpu_equal_the_cpu(on_gpu, case, dtype, monkeypatch):
+    """``MatrixProduct`` on stacks laid out every way attention lays them (cuda_products): one cuBLAS call each
+    where both operands can be read where they lie, CuPy's matmul where not; every result as NumPy's."""
+    from mnn.kernels import cuda_products
+    from mnn.layers import MatrixProduct
+    from test_gpu_lines import product_and_gradients, product_operands
+
+    calls = []
+    gemm = cuda_products.strided_batched_gemm
+    monkeypatch.setattr(cuda_products, "strided_batched_gemm", lambda *args: calls.append(1) or gemm(*args))
+    rng = numpy.random.default_rng(3)
+    a, b, in_place = product_operands(case, rng, dtype, xp=cupy)
+    layer = MatrixProduct()
+    y = layer.forward(a, b)
+    g = cupy.asarray(rng.standard_normal(y.shape).astype(dtype))
+    grad_a, grad_b = layer.backward(g)
+    tolerance = 1e-5 if dtype == numpy.float32 else 1e-12
+    for (name, expected), got in zip(product_and_gradients(*map(cupy.asnumpy, (a, b, g))), (y, grad_a, grad_b)):
+        assert got.dtype == dtype, name
+        numpy.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=tolerance, atol=tolerance, err_msg=name)
+    assert len(calls) == in_place

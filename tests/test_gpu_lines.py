@@ -10,14 +10,16 @@ from _pytest.monkeypatch import MonkeyPatch
 from cuda_on_cpu import CublasOnCpu, run_gpu_lines_on_cpu
 from device_operations import READ_BACK, count_on_gpu_lines, step_operations
 from mnn import backend, kernels, models, optim
-from mnn.kernels import cuda
+from mnn.kernels import cuda, cuda_products
 from mnn.layers import (BatchNorm2dLayer, BatchNormLayer, Conv2dLayer, CrossEntropyLossLayer, EmbeddingLayer,
-                        LayerNormLayer, LinearLayer, LSTMLayer, MultiHeadAttention, PositionalEmbeddingLayer,
-                        ReluLayer)
+                        LayerNormLayer, LinearLayer, LSTMLayer, MatrixProduct, MultiHeadAttention,
+                        PositionalEmbeddingLayer, ReluLayer)
+from mnn.layers.linear import sum_to_shape
 import test_kernels
 from test_kernels import POOLS, assert_close, both_ways, channels_last_batch, lstm_step
 
 RAW_NAMES = {value.name for value in vars(cuda).values() if isinstance(value, cuda.Raw)}
+CUBLAS = {"cublas.gemm", "cublas.gemv", "cublas.gemmStridedBatched"}
 CONVOLUTIONS = [(3, 5, (9, 9), 3, 1, 1), (2, 4, (10, 10), 3, 2, 1), (2, 3, (7, 7), 2, 2, 0), (1, 2, (6, 6), 5, 1, 2),
                 (4, 3, (8, 8), (3, 2), 1, 0), (5, 3, (7, 10), 3, 2, 2), (3, 2, (11, 6), (2, 4), 3, 1),
                 (2, 3, (3, 4), (1, 3), 2, 3)]  # (H, W)
@@ -225,7 +227,7 @@ def test_the_row_kernels_with_all_their_lanes_on_long_rows_and_odd_row_counts(ro
         make, shape = ROW_LAYERS[layer]
         results = both_ways(lambda: make(width) if layer == "layer norm" else make(),
                             3 * rng.standard_normal(shape(rows, width)), numpy.float32)
-    assert set(launched) & RAW_NAMES and set(launched) <= RAW_NAMES | {"cublas.gemm", "cublas.gemv"}, launched
+    assert set(launched) & RAW_NAMES and set(launched) <= RAW_NAMES | CUBLAS, launched
     for reference, gpu in zip(results[0][:2], results[1][:2]):
         assert_close(reference, gpu, numpy.float32, layer)
 
@@ -293,6 +295,68 @@ def test_the_stand_in_for_cublas_refuses_what_cublas_refuses():
         cublas.gemv("T", 1.0, numpy.ones((4, 3)), numpy.ones(8)[::2], 1.0, numpy.zeros(3))
 
 
+def product_operands(case, rng, dtype, xp=numpy):
+    """``MatrixProduct``'s operands (``xp`` arrays) laid out as ``case`` says, and how many of its three
+    products (forward, then each operand's gradient) cuBLAS reads in place."""
+    def normal(*shape):
+        return xp.asarray(rng.standard_normal(shape).astype(dtype))
+    heads = normal(2, 7, 36).reshape(2, 7, 3, 3, 4).transpose(2, 0, 3, 1, 4)  # attention's Q, K, V as views
+    return {
+        "contiguous": (normal(3, 5, 4), normal(3, 4, 6), 3),
+        "b transposed": (normal(3, 5, 4), normal(3, 6, 4).swapaxes(-1, -2), 3),
+        "a transposed": (normal(3, 4, 5).swapaxes(-1, -2), normal(3, 4, 6), 3),
+        "both transposed, a stack of (2, 3)": (normal(2, 3, 4, 5).swapaxes(-1, -2),
+                                                normal(2, 3, 6, 4).swapaxes(-1, -2), 3),
+        "rows cut from wider rows": (normal(3, 5, 10)[..., 2:6], normal(3, 9, 6)[:, 3:7], 3),
+        "every other matrix": (normal(6, 5, 4)[::2], normal(3, 4, 6), 3),
+        "a new axis in the stack": (normal(3, 5, 4)[None], normal(1, 3, 4, 6), 3),
+        "heads cut from a projection": (heads[0], heads[1].swapaxes(-1, -2), 0),
+        "a broadcast stack": (normal(1, 5, 4), normal(3, 4, 6), 1),  # dL/dA's product: (3, 5, 6) (3, 6, 4)
+        "a side of one": (normal(3, 1, 4), normal(3, 4, 6), 0),
+        "matrices in reverse": (normal(3, 5, 4)[::-1], normal(3, 4, 6), 1),  # dL/dA's: g and B read in place
+    }[case]
+
+
+PRODUCT_CASES = ["contiguous", "b transposed", "a transposed", "both transposed, a stack of (2, 3)",
+                 "rows cut from wider rows", "every other matrix", "a new axis in the stack",
+                 "heads cut from a projection", "a broadcast stack", "a side of one", "matrices in reverse"]
+
+
+def product_and_gradients(a, b, g):
+    """Eqs. (1)-(3) of ``MatrixProduct`` in float64 NumPy, named: the reference for the lines under test."""
+    a, b, g = (numpy.asarray(x, dtype=numpy.float64) for x in (a, b, g))
+    return [("C", a @ b), ("dL/dA", sum_to_shape(g @ b.swapaxes(-1, -2), a.shape)),
+            ("dL/dB", sum_to_shape(a.swapaxes(-1, -2) @ g, b.shape))]
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES)
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_stacked_products_read_in_place_equal_the_reference(case, dtype, launched):
+    """Eqs. (1)-(3) of ``MatrixProduct``: one strided batched GEMM each where both stacks can be read in
+    place (``cuda_products.stack_layout``), CuPy's ``matmul`` (here NumPy's) where not."""
+    rng = numpy.random.default_rng(len(case))
+    a, b, in_place = product_operands(case, rng, dtype)
+    layer = MatrixProduct()
+    y = layer.forward(a, b)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    grad_a, grad_b = layer.backward(g)
+    for (name, expected), got in zip(product_and_gradients(a, b, g), (y, grad_a, grad_b)):
+        assert got.shape == expected.shape and got.dtype == dtype, name
+        assert_close(expected, got, dtype, f"{case}: {name}")
+    assert launched == ["cublas.gemmStridedBatched"] * in_place
+
+
+def test_the_stand_in_for_the_batched_product_refuses_a_stack_off_its_operand():
+    """A wrong leading dimension or batch stride reads entries that are not the operand's: refused."""
+    cublas = CublasOnCpu([])
+    a, b, c = numpy.ones((3, 4, 5)), numpy.ones((3, 5, 6)), numpy.empty((3, 4, 6))
+    good_a, good_b = cuda_products.stack_layout(a), cuda_products.stack_layout(b)
+    cublas.strided_batched_gemm(False, False, 6, 4, 5, b, good_b, a, good_a, c, 3)
+    for wrong_b in (good_b._replace(leading=7), good_b._replace(batch=29)):
+        with pytest.raises(AssertionError, match="not the operand's"):
+            cublas.strided_batched_gemm(False, False, 6, 4, 5, b, wrong_b, a, good_a, c, 3)
+
+
 @pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
 def test_relu_on_the_gpu_lines_equals_the_reference(dtype, launched):
     x = numpy.random.default_rng(0).standard_normal((6, 7))
@@ -330,7 +394,9 @@ KERNELS = {
                           cuda.BATCH_NORM_BACKWARD_SUMS.name, cuda.BATCH_NORM_BACKWARD_MEANS.name,
                           cuda.BATCH_NORM_BACKWARD_APPLY.name},
     "gpt": EVERY_MODEL | {cuda.EMBEDDING_ROWS.name, cuda.GELU.name, cuda.GELU_BACKWARD.name, cuda.SOFTMAX_ROWS.name,
-                          cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name, cuda.LAYER_NORM_ROWS_BACKWARD.name},
+                          cuda.SOFTMAX_ROWS_BACKWARD.name, cuda.LAYER_NORM_ROWS.name,
+                          cuda.LAYER_NORM_ROWS_BACKWARD.name,
+                          "cublas.gemmStridedBatched"},  # attention's products, its operands read in place
     "lstm": EVERY_MODEL | {cuda.EMBEDDING_ROWS.name, cuda.LSTM_STEP.name, cuda.LSTM_STEP_BACKWARD.name},
 }
 

@@ -76,6 +76,6 @@ def fused_gpu(*arrays):
 
 
 def __getattr__(name):  # kernels.cpu, kernels.cuda, ...: numba is imported on first use
-    if name in ("cpu", "cpu_sequence", "cuda", "cuda_attention", "threads"):
+    if name in ("cpu", "cpu_sequence", "cuda", "cuda_attention", "cuda_products", "threads"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mnn.kernels' has no attribute {name!r}")

@@ -43,7 +43,10 @@ class MultiHeadAttention(CompositeLayer):
     gradient with no special case. All heads and the whole batch go through each step as
     one stacked product of shape $(B, h, T, \cdot)$. On a GPU (``mnn.kernels.cuda``) the scale,
     the mask and the softmax of Eq. (2) are one launch, reading $QK^\top$ once and writing
-    $A$ once, and Eq. (6) with the scale of Eq. (7) another.
+    $A$ once, and Eq. (6) with the scale of Eq. (7) another. There $Q$, $K$ and $V$ are copied
+    out of the projection once, each into a stack of contiguous heads, and so is
+    $\partial L/\partial O$: cuBLAS then reads every operand of Eqs. (2), (5) and (7) in place,
+    transposed or not (``MatrixProduct``), where CuPy would copy each head it could not.
 
     **Attention dropout** (``dropout`` $= p > 0$, as nanoGPT's): in training Eq. (2) mixes the
     values with a dropped-out copy of the weights, $O = \tilde A V$ with
@@ -124,6 +127,24 @@ class MultiHeadAttention(CompositeLayer):
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.heads, -1).transpose(0, 2, 1, 3)
 
+    def split_qkv(self, qkv):
+        """(B, T, 3C) -> Q, K, V, each (B, h, T, d): views, or on a GPU each a contiguous stack of heads,
+        made by one copy (one stack's heads lie at two distances from each other in the projection)."""
+        batch, length, _ = qkv.shape
+        parts = qkv.reshape(batch, length, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        if kernels.fused_gpu(qkv):
+            parts = backend.array_module(qkv).ascontiguousarray(parts)
+        return parts[0], parts[1], parts[2]
+
+    def merge_qkv(self, d_q, d_k, d_v):
+        """Q's, K's and V's gradients, each (B, h, T, d), written into one (B, T, 3C) array."""
+        xp = backend.array_module(d_q)
+        batch, _, length, _ = d_q.shape
+        d_qkv = xp.empty((batch, length, 3 * self.dim), dtype=xp.result_type(d_q, d_k, d_v))
+        parts = d_qkv.reshape(batch, length, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        parts[0], parts[1], parts[2] = d_q, d_k, d_v
+        return d_qkv
+
     def merge_heads(self, x):
         """(B, h, T, d) -> (B, T, C)."""
         batch, _, length, _ = x.shape
@@ -139,7 +160,7 @@ class MultiHeadAttention(CompositeLayer):
         scale = 1 / math.sqrt(self.dim // self.heads)
         if self.flash_applies(qkv):
             return self.proj.forward(self.flash_forward(xp.ascontiguousarray(qkv), scale))  # Eqs. (8)-(10), (3)
-        q, k, v = (self.split_heads(part) for part in xp.split(qkv, 3, axis=-1))
+        q, k, v = self.split_qkv(qkv)
         s = self.scores.forward(q, k.swapaxes(-1, -2))  # Eq. (2), scaled below: q k^T keeps views of qkv
         if kernels.fused_gpu(s):  # Eq. (2)'s scale, mask and softmax in one launch
             a = kernels.cuda.scaled_softmax(s, scale, self.causal)
@@ -177,8 +198,9 @@ class MultiHeadAttention(CompositeLayer):
             d_qkv = kernels.cuda_attention.flash_attention_backward(qkv, out, d_o, logsumexp, self.heads, scale,
                                                                      self.causal, dropout)  # Eqs. (11)-(12)
             return self.qkv.backward(d_qkv)
-        xp = backend.array_module(g)
         d_o = self.split_heads(self.proj.backward(g))  # Eq. (4)
+        if kernels.fused_gpu(d_o):  # read twice below: one copy into a contiguous stack rather than two
+            d_o = backend.array_module(d_o).ascontiguousarray(d_o)
         d_a, d_v = self.mix.backward(d_o)  # Eq. (5)
         if self.dropout:
             d_a = self.dropout.backward(d_a)  # DropoutLayer's Eq. (2)
@@ -188,6 +210,4 @@ class MultiHeadAttention(CompositeLayer):
         else:
             d_s = self.softmax.backward(d_a) * scale  # Eq. (6), and the scale of Eq. (7)
         d_q, d_k_t = self.scores.backward(d_s)  # Eq. (7)
-        d_qkv = xp.concatenate([self.merge_heads(d_q), self.merge_heads(d_k_t.swapaxes(-1, -2)),
-                                self.merge_heads(d_v)], axis=-1)
-        return self.qkv.backward(d_qkv)  # through Eq. (1)
+        return self.qkv.backward(self.merge_qkv(d_q, d_k_t.swapaxes(-1, -2), d_v))  # through Eq. (1)

@@ -3,7 +3,7 @@ import math
 
 import numpy
 
-from .. import backend
+from .. import backend, kernels
 from .base import Layer, check_flag, check_floating, check_size
 from .sums import add_column_sums, add_product
 
@@ -92,6 +92,10 @@ class MatrixProduct(Layer):
     the broadcast dimensions:
 
     $$\frac{\partial L}{\partial A} = \sum_{\text{broadcast}} G B^\top. \tag{4}$$
+
+    **On a GPU** each product of two stacks of one shape is one cuBLAS call that reads the
+    operands where they lie, transposed views included (``mnn.kernels.cuda_products``): CuPy's
+    ``matmul`` would first copy each operand of Eqs. (2) and (3) that ``swapaxes`` transposes.
     """
 
     def forward(self, a, b):
@@ -107,12 +111,21 @@ class MatrixProduct(Layer):
                              f"leading (stack) dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not "
                              "broadcast") from None
         self.save(a, b)
-        return a @ b  # Eq. (1)
+        return product(a, b)  # Eq. (1)
 
     def backward(self, g):
         a, b = self.saved()
-        grad_a, grad_b = g @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ g  # Eqs. (2), (3)
+        grad_a, grad_b = product(g, b.swapaxes(-1, -2)), product(a.swapaxes(-1, -2), g)  # Eqs. (2), (3)
         return sum_to_shape(grad_a, a.shape), sum_to_shape(grad_b, b.shape)  # Eq. (4)
+
+
+def product(a, b):
+    """``a @ b``; on a GPU, for stacks that cuBLAS reads where they lie, one call with no copy."""
+    if a.ndim > 2 and kernels.fused_gpu(a, b):
+        out = kernels.cuda_products.batched_product(a, b)
+        if out is not None:
+            return out
+    return a @ b
 
 
 def sum_to_shape(grad, shape):
