@@ -494,7 +494,9 @@ def test_an_npy_is_not_an_npz(tmp_path):
     (["--data", "{tmp}/d.npz", "--dataset", "mnist"], "--data is your own data set; leave out --dataset"),
     (["--data", "{tmp}/d.npz", "--data-dir", "{tmp}"], "--data is your own data set; leave out --data-dir"),
     (["--data", "{tmp}/d.npz", "--model", "gpt"], "d.npz is not UTF-8 text"),
-    (["--data", "{tmp}/d.npz", "--batch-size", "100"], "--batch-size 100 exceeds the 54 training samples"),
+    (["--data", "{tmp}/d.npz", "--batch-size", "100"],
+     "the batch size, 100, exceeds the 54 training samples left after the validation split: give --batch-size 54"),
+    (["--data", "{tmp}/d.npz"], "the batch size, 128, exceeds the 54 training samples"),  # the mlp's default
 ])
 def test_the_command_line_refuses_bad_data_in_one_line(tmp_path, rng, capsys, flags, message):
     write_npz(tmp_path / "d.npz", rng)

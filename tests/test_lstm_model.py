@@ -82,7 +82,8 @@ def test_cli_trains_an_lstm_then_generates_from_it(tmp_path, capsys):
 
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):
     assert cli.main(["train", "--model", "lstm", "--dataset", "mnist"]) == 2
-    assert "model 'lstm' trains on tinyshakespeare or text, not 'mnist'" in capsys.readouterr().err
+    assert ("model 'lstm' trains on tinyshakespeare or text, not 'mnist': choose --model mlp or --model cnn for "
+            "images") in capsys.readouterr().err
 
 
 def tiny_lstm():

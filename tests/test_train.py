@@ -190,8 +190,8 @@ def test_a_message_during_training_clears_the_progress_bar_first(monkeypatch):
 
 def test_a_model_and_a_dataset_that_do_not_fit(capsys):
     assert cli.main(["train", "--model", "cnn", "--dataset", "tinyshakespeare"]) == 2
-    assert ("model 'cnn' trains on fashion-mnist, mnist, cifar10 or your own images (--data), not 'tinyshakespeare'"
-            in capsys.readouterr().err)
+    assert ("model 'cnn' trains on fashion-mnist, mnist, cifar10 or your own images (--data), not 'tinyshakespeare':"
+            " choose --model gpt or --model lstm for text" in capsys.readouterr().err)
 
 
 def test_a_size_flag_the_model_does_not_take(capsys):

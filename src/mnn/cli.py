@@ -251,7 +251,7 @@ def parser():
     generate.add_argument("--tokens", type=count, default=500, help="characters to sample")
     generate.add_argument("--temperature", type=non_negative, default=0.8, help="0: always the likeliest")
     generate.add_argument("--top-k", type=count, default=0, help="sample among the k likeliest (0: all)")
-    generate.add_argument("--seed", type=count, default=0)
+    generate.add_argument("--seed", type=count, default=0, help="the same seed gives the same text")
     add_common_arguments(generate)
     predict = commands.add_parser("predict", help="classify image files or .npy arrays with a trained model",
                                   formatter_class=DefaultsShown)

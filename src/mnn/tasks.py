@@ -76,7 +76,9 @@ class ImageClassification:
         if limit:
             training, validation = training[:limit], validation[:max(limit // 5, 1)]
         if len(training) < batch_size:
-            raise ValueError(f"--batch-size {batch_size} exceeds the {len(training)} training samples")
+            left = " that --limit leaves" if limit else " left after the validation split"
+            raise ValueError(f"the batch size, {batch_size}, exceeds the {len(training)} training samples{left}: "
+                             f"give --batch-size {len(training)} or less")
         self.classes, self.model = full.classes, model
         try:
             self.normalizer = Normalizer.fit(full.images[training])

@@ -67,7 +67,8 @@ def make_task(config):
     if config.dataset not in fitting:
         names = [name if name != "custom" else "your own images (--data)" for name in fitting]
         names = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
-        raise ValueError(f"model {config.model!r} trains on {names}, not {config.dataset!r}")
+        other = "--model mlp or --model cnn for images" if text_model else "--model gpt or --model lstm for text"
+        raise ValueError(f"model {config.model!r} trains on {names}, not {config.dataset!r}: choose {other}")
     if text_model:
         from .text_task import TextTask
         return TextTask(config)
