@@ -346,6 +346,14 @@ def test_stacked_products_read_in_place_equal_the_reference(case, dtype, launche
     assert launched == ["cublas.gemmStridedBatched"] * in_place
 
 
+def test_stacks_of_another_dtype_than_float32_or_float64_are_left_to_matmul(launched):
+    """cuBLAS would read float16 or complex entries as float32 ones: not described to it at all."""
+    for dtype in (numpy.float16, numpy.complex64, numpy.int32):
+        a, b = numpy.ones((3, 4, 5), dtype=dtype), numpy.ones((3, 5, 6), dtype=dtype)
+        assert cuda_products.batched_product(a, b) is None
+    assert launched == []
+
+
 def test_the_stand_in_for_the_batched_product_refuses_a_stack_off_its_operand():
     """A wrong leading dimension or batch stride reads entries that are not the operand's: refused."""
     cublas = CublasOnCpu([])

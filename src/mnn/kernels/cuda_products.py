@@ -64,13 +64,18 @@ def matrix_spacing(stack, strides, default):
     return dims[-1][1] if dims else default
 
 
+CUBLAS_TYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
 def batched_product(a, b):
-    """``a @ b`` for CuPy stacks of one floating dtype and one stack shape, as one strided batched GEMM
-    reading both where they lie (Eq. (1)); None where ``stack_layout`` cannot describe one of them."""
-    layout_a, layout_b = stack_layout(a), stack_layout(b)
-    if layout_a is None or layout_b is None or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype:
-        return None
+    """``a @ b`` for CuPy stacks of one stack shape, both float32 or both float64, as one strided batched
+    GEMM reading both where they lie (Eq. (1)); None where ``stack_layout`` cannot describe one of them."""
     import cupy
+
+    layout_a, layout_b = stack_layout(a), stack_layout(b)
+    if layout_a is None or layout_b is None or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or \
+            a.dtype not in CUBLAS_TYPES:
+        return None
 
     rows, inner, cols = a.shape[-2], a.shape[-1], b.shape[-1]
     out = cupy.empty(a.shape[:-1] + (cols,), dtype=a.dtype)
