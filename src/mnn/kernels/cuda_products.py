@@ -76,7 +76,6 @@ def batched_product(a, b):
     if layout_a is None or layout_b is None or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or \
             a.dtype not in CUBLAS_TYPES:
         return None
-
     rows, inner, cols = a.shape[-2], a.shape[-1], b.shape[-1]
     out = cupy.empty(a.shape[:-1] + (cols,), dtype=a.dtype)
     count = math.prod(a.shape[:-2])

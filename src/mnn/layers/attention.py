@@ -46,7 +46,8 @@ class MultiHeadAttention(CompositeLayer):
     $A$ once, and Eq. (6) with the scale of Eq. (7) another. There $Q$, $K$ and $V$ are copied
     out of the projection once, each into a stack of contiguous heads, and so is
     $\partial L/\partial O$: cuBLAS then reads every operand of Eqs. (2), (5) and (7) in place,
-    transposed or not (``MatrixProduct``), where CuPy would copy each head it could not.
+    transposed or not (``MatrixProduct``), where CuPy's ``matmul`` would first copy each operand
+    that is not C-contiguous (nine copies a layer and step).
 
     **Attention dropout** (``dropout`` $= p > 0$, as nanoGPT's): in training Eq. (2) mixes the
     values with a dropped-out copy of the weights, $O = \tilde A V$ with
