@@ -489,7 +489,8 @@ def leading_dimension(operand):
 class CublasOnCpu:
     """``cupy.cublas``'s ``gemm`` and ``gemv`` on NumPy arrays, with CuPy's checks (dimensions, one dtype,
     shapes; ``gemv`` passes its vectors with stride 1, so they must be contiguous) and cuBLAS's (every
-    leading dimension at least 1: CuPy passes 0 for an empty operand, and cuBLAS refuses it)."""
+    leading dimension at least 1: CuPy passes 0 for an empty operand, and cuBLAS refuses it); and
+    ``cuda_products``' strided batched GEMM, read from memory as cuBLAS reads it."""
 
     def __init__(self, launched):
         self.launched = launched
@@ -510,7 +511,6 @@ class CublasOnCpu:
         assert leading_dimension(a) >= 1
         self.launched.append("cublas.gemv")
         y[...] = alpha * (op_a @ x) + beta * y
-
 
     def strided_batched_gemm(self, transpose_p, transpose_q, m, n, k, p, p_stack, q, q_stack, c, count):
         """``cuda_products.strided_batched_gemm``: cuBLAS's column-major ``C_i = op(P_i) op(Q_i)``, read from the
@@ -570,8 +570,9 @@ def run_gpu_lines_on_cpu(monkeypatch, lanes=False):
         return recorded(source.name, RawKernelOnCpu(source, entry, lanes=lanes or shares_memory))
 
     monkeypatch.setitem(sys.modules, "cupy", numpy)
-    monkeypatch.setattr(numpy, "cublas", CublasOnCpu(launched), raising=False)  # from cupy import cublas
-    monkeypatch.setattr(cuda_products, "strided_batched_gemm", CublasOnCpu(launched).strided_batched_gemm)
+    cublas = CublasOnCpu(launched)
+    monkeypatch.setattr(numpy, "cublas", cublas, raising=False)  # from cupy import cublas
+    monkeypatch.setattr(cuda_products, "strided_batched_gemm", cublas.strided_batched_gemm)
     monkeypatch.setattr(cuda, "compiled", compiled)
     monkeypatch.setattr(cuda, "compiled_raw", compiled_raw)
     monkeypatch.setattr(kernels, "fused", lambda *arrays: False)
