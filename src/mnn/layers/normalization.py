@@ -18,10 +18,10 @@ from .sums import add_column_sums, column_dots, column_sums
 from .windows import channels_first, channels_last
 
 
-def gradient_dtype(g, weight):
-    """The input gradient's dtype: the gradient's and the parameters' (float16 ones give float16 back, though
-    the statistics, ``backend.at_least_float32``, were float32)."""
-    return backend.array_module(g).result_type(g, weight)
+def in_dtype_of(values, array, weight):
+    """``values`` in the dtype the lines give back, ``array``'s and the parameters' (an output, a gradient):
+    float16 in gives float16 out, though the statistics, ``backend.at_least_float32``, were float32."""
+    return values.astype(backend.array_module(array).result_type(array, weight), copy=False)
 
 
 def normalize(x, axis, eps):
@@ -153,7 +153,7 @@ class BatchNormLayer(Layer):
         self.save(x_hat, inv_std, self.training, x.shape, count)
         y = x_hat * self.params["weight"]
         y += self.params["bias"]
-        y = y.astype(backend.array_module(x).result_type(x, self.params["weight"]), copy=False)  # float16 out
+        y = in_dtype_of(y, x, self.params["weight"])
         return self.from_rows(y, x.shape)
 
     def fused_kernels(self, rows, *saved):
@@ -203,7 +203,7 @@ class BatchNormLayer(Layer):
         grad = x_hat * (-scale * d_weight / count)  # Eq. (3), term by term
         grad += scale * -d_bias / count
         grad += g * scale
-        return self.from_rows(grad.astype(gradient_dtype(g, self.params["weight"]), copy=False), shape)
+        return self.from_rows(in_dtype_of(grad, g, self.params["weight"]), shape)
 
 
 class BatchNorm2dLayer(BatchNormLayer):
@@ -272,7 +272,7 @@ class LayerNormLayer(Layer):
         y = x_hat * self.params["weight"]
         if self.bias:
             y += self.params["bias"]
-        return y.astype(backend.array_module(x).result_type(x, weight), copy=False)  # float16 in, float16 out
+        return in_dtype_of(y, x, weight)
 
     def backward(self, g):
         x_hat, inv_std = self.saved()
@@ -294,7 +294,7 @@ class LayerNormLayer(Layer):
         if self.bias:
             self.grads["bias"] += g.reshape(-1, self.dim).sum(axis=0)
         grad = normalize_backward(g * self.params["weight"], x_hat, inv_std, -1)  # Eq. (3)
-        return grad.astype(gradient_dtype(g, self.params["weight"]), copy=False)
+        return in_dtype_of(grad, g, self.params["weight"])
 
 
 def check_eps(layer, eps):
